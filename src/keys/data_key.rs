@@ -1,0 +1,80 @@
+//! The plaintext data key (DEK): the one secret every block depends on.
+
+use aws_lc_rs::aead::{AES_256_GCM, LessSafeKey, UnboundKey};
+use zeroize::Zeroize;
+
+use crate::format::DEK_LEN;
+
+/// A 256-bit data key, ready to seal and open blocks.
+///
+/// No `Clone` and no derived `Debug`: the bytes are zeroized on drop, and the
+/// AES key schedule lives in AWS-LC memory that `OPENSSL_free` cleanses when
+/// the context is freed. Share it with `Arc`, never by copying.
+pub struct DataKey {
+    bytes: Box<[u8; DEK_LEN]>,
+    aead: LessSafeKey,
+}
+
+impl DataKey {
+    /// Takes ownership of raw key bytes, zeroizing the caller's copy.
+    pub fn from_bytes(raw: &mut [u8; DEK_LEN]) -> Self {
+        let mut bytes = Box::new([0u8; DEK_LEN]);
+        bytes.copy_from_slice(raw);
+        raw.zeroize();
+        // AES-256-GCM accepts every 32-byte key, so this cannot fail.
+        let aead = match UnboundKey::new(&AES_256_GCM, &bytes[..]) {
+            Ok(k) => LessSafeKey::new(k),
+            Err(_) => unreachable!("AES-256 accepts any 32-byte key"),
+        };
+        Self { bytes, aead }
+    }
+
+    /// Copies key bytes from a slice of exactly 32 bytes.
+    pub fn from_slice(raw: &[u8]) -> Option<Self> {
+        let mut arr: [u8; DEK_LEN] = raw.try_into().ok()?;
+        Some(Self::from_bytes(&mut arr))
+    }
+
+    /// A fresh random key from the system CSPRNG.
+    pub fn generate() -> Result<Self, crate::format::block::CodecError> {
+        let mut raw = [0u8; DEK_LEN];
+        crate::format::random_fill(&mut raw)?;
+        Ok(Self::from_bytes(&mut raw))
+    }
+
+    /// The raw bytes, for wrapping by a provider. Never log or store them.
+    pub fn expose_secret(&self) -> &[u8; DEK_LEN] {
+        &self.bytes
+    }
+
+    /// The prepared AEAD key.
+    pub(crate) fn aead(&self) -> &LessSafeKey {
+        &self.aead
+    }
+}
+
+impl Drop for DataKey {
+    #[inline(never)]
+    fn drop(&mut self) {
+        self.bytes.zeroize();
+    }
+}
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataKey(..)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_is_redacted() {
+        let mut raw = [0x41u8; 32];
+        let k = DataKey::from_bytes(&mut raw);
+        assert_eq!(raw, [0u8; 32], "caller copy is zeroized");
+        assert_eq!(format!("{k:?}"), "DataKey(..)");
+    }
+}

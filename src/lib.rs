@@ -1,0 +1,8 @@
+//! kmsfs: an encrypted FUSE filesystem with KMS envelope encryption.
+//!
+//! The core (`format`, `keys`, `file`, `fs`) is free of FUSE so unit tests can
+//! drive it without mounting; `fuse` is the thin adapter.
+#![deny(missing_docs)]
+
+pub mod format;
+pub mod keys;
