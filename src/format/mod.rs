@@ -4,8 +4,8 @@
 //! byte-level description and must be kept in step with this module.
 
 pub mod block;
-// pub mod header;
-// pub mod layout;
+pub mod header;
+pub mod layout;
 pub mod reader;
 
 /// First four bytes of every non-empty backing file.

@@ -5,10 +5,10 @@
 //! the filesystem calls them from its own worker threads, never while holding
 //! an inode lock.
 
-// pub mod cache;
+pub mod cache;
 pub mod data_key;
-// pub mod local;
-// pub mod pool;
+pub mod local;
+pub mod pool;
 pub mod stats;
 
 pub use data_key::DataKey;
