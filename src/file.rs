@@ -1,0 +1,436 @@
+//! An encrypted file over a backing file descriptor: read, write and resize
+//! at any offset, with read-modify-write of partial blocks.
+//!
+//! The object never calls a key provider. The caller fetches the key first
+//! (which may call KMS) without holding the inode lock, then calls in with it.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::format::block::{BlockAad, CodecError, is_hole, open_in_place, seal_in_place};
+use crate::format::header::{FileHeader, HeaderError};
+use crate::format::layout::Layout;
+use crate::format::{BLOCK_OVERHEAD, Id, NONCE_LEN, random_fill};
+use crate::keys::{DataKey, FreshKey, KeyContext};
+
+/// What went wrong in one file. Carries block indexes, never plaintext.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// The backing file failed.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// The header did not parse or did not verify.
+    #[error("header: {0}")]
+    Header(#[from] HeaderError),
+    /// A block failed authentication, or is missing.
+    #[error("block {index}: {what}")]
+    Block {
+        /// Zero-based block index.
+        index: u64,
+        /// What failed.
+        what: &'static str,
+    },
+    /// The backing size is impossible for this layout (torn write, tampering).
+    #[error("backing size {0} is not a valid kmsfs file size (truncated or torn)")]
+    BadSize(u64),
+    /// The caller passed the wrong kind of key; fetch again and retry.
+    #[error("file needs a different key (changed concurrently)")]
+    NeedKey,
+    /// The header belongs to another volume.
+    #[error("file belongs to another volume")]
+    ForeignVolume,
+    /// The header's block size differs from the volume's.
+    #[error("file block size 2^{0} differs from the volume's")]
+    ForeignBlockSize(u8),
+    /// The random generator failed.
+    #[error("random number generator failed")]
+    Random,
+    /// Offset arithmetic overflowed.
+    #[error("offset too large")]
+    TooLarge,
+}
+
+impl From<CodecError> for FileError {
+    fn from(e: CodecError) -> Self {
+        match e {
+            CodecError::Random => Self::Random,
+            CodecError::Auth => Self::Block { index: u64::MAX, what: "authentication failed" },
+            CodecError::Length(_) => Self::Block { index: u64::MAX, what: "invalid length" },
+        }
+    }
+}
+
+/// The key a mutating call needs.
+pub enum KeyArg<'a> {
+    /// The file's existing key (its header is present).
+    Existing(&'a DataKey),
+    /// A new key for a file that is empty (no header yet).
+    Fresh(&'a FreshKey),
+}
+
+/// What key an operation will need, computed under a read lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyNeed {
+    /// The file is empty; reads need nothing, writes need a fresh key.
+    Empty,
+    /// The header's wrapped key, with its context.
+    Existing(Box<FileHeader>),
+}
+
+/// Verification results for fsck.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Blocks that failed authentication.
+    pub bad_blocks: Vec<u64>,
+    /// Non-final blocks stored as all zeros (holes; an attacker can make them).
+    pub zero_blocks: Vec<u64>,
+    /// The backing size is invalid.
+    pub bad_size: bool,
+}
+
+/// One encrypted file.
+pub struct EncryptedFile {
+    file: File,
+    layout: Layout,
+    volume_id: Id,
+    header: Option<FileHeader>,
+    size: u64,
+    size_ok: bool,
+    verified: AtomicBool,
+}
+
+impl EncryptedFile {
+    /// Opens over a backing file; reads and parses the header, no key needed.
+    pub fn open(file: File, layout: Layout, volume_id: Id) -> Result<Self, FileError> {
+        let backing = file.metadata()?.len();
+        let (size, size_ok) = match layout.plain_size(backing) {
+            Ok(s) => (s, true),
+            Err((s, _)) => (s, false),
+        };
+        let header = if backing == 0 {
+            None
+        } else {
+            let mut buf = vec![0u8; layout.header_size() as usize];
+            read_exact_at(&file, &mut buf, 0).map_err(|_| HeaderError::Truncated)?;
+            let h = FileHeader::parse(&buf, buf.len())?;
+            if h.volume_id != volume_id {
+                return Err(FileError::ForeignVolume);
+            }
+            if h.block_log2 != layout.block_log2() {
+                return Err(FileError::ForeignBlockSize(h.block_log2));
+            }
+            Some(h)
+        };
+        Ok(Self { file, layout, volume_id, header, size, size_ok, verified: AtomicBool::new(false) })
+    }
+
+    /// Plaintext size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The parsed header, if the file is not empty.
+    pub fn header(&self) -> Option<&FileHeader> {
+        self.header.as_ref()
+    }
+
+    /// The backing file.
+    pub fn backing(&self) -> &File {
+        &self.file
+    }
+
+    /// What key the next operation needs.
+    pub fn key_need(&self) -> KeyNeed {
+        match &self.header {
+            None => KeyNeed::Empty,
+            Some(h) => KeyNeed::Existing(Box::new(h.clone())),
+        }
+    }
+
+    /// The context the header's wrapped key is bound to.
+    pub fn key_context(&self) -> Option<KeyContext> {
+        self.header.as_ref().map(|h| KeyContext { volume_id: h.volume_id, file_id: h.file_id })
+    }
+
+    fn check_key(&self, key: &DataKey) -> Result<&FileHeader, FileError> {
+        let h = self.header.as_ref().ok_or(FileError::NeedKey)?;
+        if !self.verified.load(Ordering::Relaxed) {
+            h.verify(key)?;
+            self.verified.store(true, Ordering::Relaxed);
+        }
+        Ok(h)
+    }
+
+    fn aad<'h>(&self, h: &'h FileHeader, index: u64, last: bool) -> BlockAad<'h> {
+        BlockAad { file_id: &h.file_id, block_log2: self.layout.block_log2(), index, last }
+    }
+
+    fn last_index(&self) -> Option<u64> {
+        (self.size > 0).then(|| (self.size - 1) >> self.layout.block_log2())
+    }
+
+    /// Opens one stored block into `out` (resized to its plaintext length).
+    fn open_stored(&self, h: &FileHeader, key: &DataKey, index: u64, stored: &mut [u8], out: &mut [u8]) -> Result<(), FileError> {
+        let last = Some(index) == self.last_index();
+        if !last && is_hole(stored) {
+            out.fill(0);
+            return Ok(());
+        }
+        let plain = open_in_place(key, &self.aad(h, index, last), stored)
+            .map_err(|_| FileError::Block { index, what: "authentication failed" })?;
+        if plain.len() != out.len() {
+            return Err(FileError::Block { index, what: "invalid length" });
+        }
+        out.copy_from_slice(plain);
+        Ok(())
+    }
+
+    /// Reads up to `len` bytes at `off`; short only at EOF.
+    pub fn read_at(&self, key: Option<&DataKey>, off: u64, len: usize) -> Result<Vec<u8>, FileError> {
+        if !self.size_ok && len > 0 {
+            // A torn or truncated tail (including a header with no blocks).
+            let backing = self.file.metadata()?.len();
+            return Err(FileError::BadSize(backing));
+        }
+        if off >= self.size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let key = key.ok_or(FileError::NeedKey)?;
+        let h = self.check_key(key)?;
+        let end = off.checked_add(len as u64).ok_or(FileError::TooLarge)?.min(self.size);
+        let bs = self.layout.block_size();
+        let (first, last) = (off / bs, (end - 1) / bs);
+        let start = self.layout.block_offset(first);
+        let stop = self.layout.block_offset(last) + self.layout.plain_len(self.size, last) + BLOCK_OVERHEAD as u64;
+        let mut stored = vec![0u8; (stop - start) as usize];
+        read_exact_at(&self.file, &mut stored, start)
+            .map_err(|_| FileError::Block { index: last, what: "missing (file truncated)" })?;
+        let mut out = vec![0u8; (end - off) as usize];
+        let mut plain = vec![0u8; bs as usize];
+        let mut pos = 0usize;
+        for i in first..=last {
+            let plen = self.layout.plain_len(self.size, i) as usize;
+            let slen = plen + BLOCK_OVERHEAD;
+            let chunk = &mut stored[pos..pos + slen];
+            pos += slen;
+            self.open_stored(h, key, i, chunk, &mut plain[..plen])?;
+            let bstart = i * bs;
+            let from = off.max(bstart) - bstart;
+            let to = end.min(bstart + plen as u64) - bstart;
+            let dst = (bstart + from - off) as usize;
+            out[dst..dst + (to - from) as usize].copy_from_slice(&plain[from as usize..to as usize]);
+        }
+        Ok(out)
+    }
+
+    /// Reads block `index` of the current file (old flags) into a B-sized buffer.
+    fn read_block(&self, h: &FileHeader, key: &DataKey, index: u64, buf: &mut [u8]) -> Result<usize, FileError> {
+        let plen = self.layout.plain_len(self.size, index) as usize;
+        if plen == 0 {
+            return Ok(0);
+        }
+        let mut stored = vec![0u8; plen + BLOCK_OVERHEAD];
+        read_exact_at(&self.file, &mut stored, self.layout.block_offset(index))
+            .map_err(|_| FileError::Block { index, what: "missing (file truncated)" })?;
+        self.open_stored(h, key, index, &mut stored, &mut buf[..plen])?;
+        Ok(plen)
+    }
+
+    /// Installs a header for an empty file, or checks the given key.
+    fn ensure_header(&mut self, key: KeyArg<'_>) -> Result<(), FileError> {
+        match (key, &self.header) {
+            (KeyArg::Fresh(f), None) => {
+                let mut h = FileHeader::new(
+                    self.layout.block_log2(),
+                    self.layout.header_size() as u16,
+                    self.volume_id,
+                    f.file_id,
+                    f.wrapped.clone(),
+                );
+                h.seal(&f.key)?;
+                let bytes = h.to_bytes()?;
+                self.file.write_all_at(&bytes, 0)?;
+                self.header = Some(h);
+                self.verified.store(true, Ordering::Relaxed);
+                self.size_ok = true;
+                Ok(())
+            }
+            (KeyArg::Existing(k), Some(_)) => self.check_key(k).map(|_| ()),
+            _ => Err(FileError::NeedKey),
+        }
+    }
+
+    fn key_of<'k>(key: &KeyArg<'k>) -> &'k DataKey {
+        match key {
+            KeyArg::Existing(k) => k,
+            KeyArg::Fresh(f) => &f.key,
+        }
+    }
+
+    /// Seals blocks `first..` held in `region` (plaintext at per-block slots)
+    /// for a file of `new_size` bytes and writes them in one pwrite.
+    fn seal_and_write(&self, key: &DataKey, first: u64, region: &mut [u8], new_size: u64) -> Result<(), FileError> {
+        let h = self.header.as_ref().ok_or(FileError::NeedKey)?;
+        let new_last = (new_size - 1) >> self.layout.block_log2();
+        let mut nonces = Vec::new();
+        let mut pos = 0usize;
+        let mut i = first;
+        // Count blocks first so all nonces come from one RNG call.
+        let mut n = 0usize;
+        while pos < region.len() {
+            pos += self.layout.plain_len(new_size, first + n as u64) as usize + BLOCK_OVERHEAD;
+            n += 1;
+        }
+        nonces.resize(n * NONCE_LEN, 0);
+        random_fill(&mut nonces).map_err(|_| FileError::Random)?;
+        pos = 0;
+        for nonce in nonces.chunks_exact(NONCE_LEN) {
+            let slen = self.layout.plain_len(new_size, i) as usize + BLOCK_OVERHEAD;
+            let mut nn = [0u8; NONCE_LEN];
+            nn.copy_from_slice(nonce);
+            seal_in_place(key, &self.aad(h, i, i == new_last), nn, &mut region[pos..pos + slen])?;
+            pos += slen;
+            i += 1;
+        }
+        self.file.write_all_at(region, self.layout.block_offset(first))?;
+        Ok(())
+    }
+
+    /// Re-seals the current last block as a full, non-final block (zero
+    /// padded), because the file is about to grow past it.
+    fn reseal_old_last(&self, key: &DataKey, new_size: u64) -> Result<(), FileError> {
+        let Some(old_last) = self.last_index() else { return Ok(()) };
+        let h = self.header.as_ref().ok_or(FileError::NeedKey)?;
+        let bs = self.layout.block_size() as usize;
+        let mut region = vec![0u8; bs + BLOCK_OVERHEAD];
+        self.read_block(h, key, old_last, &mut region[NONCE_LEN..NONCE_LEN + bs])?;
+        self.seal_and_write(key, old_last, &mut region, new_size)
+    }
+
+    /// Writes `data` at `off`, growing the file if needed.
+    pub fn write_at(&mut self, key: KeyArg<'_>, off: u64, data: &[u8]) -> Result<(), FileError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let k = Self::key_of(&key);
+        self.ensure_header(key)?;
+        let end = off.checked_add(data.len() as u64).ok_or(FileError::TooLarge)?;
+        let new_size = self.size.max(end);
+        let bs = self.layout.block_size();
+        let (first, last) = (off / bs, (end - 1) / bs);
+        let old_last = self.last_index();
+        let new_last = (new_size - 1) / bs;
+        if let Some(ol) = old_last
+            && new_last > ol
+            && ol < first
+        {
+            self.reseal_old_last(k, new_size)?;
+        }
+        let h = self.header.clone().ok_or(FileError::NeedKey)?;
+        let mut len = 0usize;
+        for i in first..=last {
+            len += self.layout.plain_len(new_size, i) as usize + BLOCK_OVERHEAD;
+        }
+        let mut region = vec![0u8; len];
+        let mut pos = 0usize;
+        for i in first..=last {
+            let plen = self.layout.plain_len(new_size, i) as usize;
+            let bstart = i * bs;
+            let slot = &mut region[pos + NONCE_LEN..pos + NONCE_LEN + plen];
+            let from = off.max(bstart) - bstart;
+            let to = end.min(bstart + plen as u64) - bstart;
+            let covers = from == 0 && to == plen as u64;
+            if !covers && old_last.is_some_and(|ol| i <= ol) {
+                let mut old = vec![0u8; bs as usize];
+                let n = self.read_block(&h, k, i, &mut old)?;
+                slot[..n].copy_from_slice(&old[..n]);
+            }
+            let src = (bstart + from - off) as usize;
+            slot[from as usize..to as usize].copy_from_slice(&data[src..src + (to - from) as usize]);
+            pos += plen + BLOCK_OVERHEAD;
+        }
+        self.seal_and_write(k, first, &mut region, new_size)?;
+        self.size = new_size;
+        Ok(())
+    }
+
+    /// Truncates or extends to `new_size`. Extending leaves a hole: the gap's
+    /// blocks are never written, so the backing file stays sparse.
+    pub fn set_len(&mut self, key: Option<KeyArg<'_>>, new_size: u64) -> Result<(), FileError> {
+        if new_size == 0 {
+            // A fresh file ID and DEK will be minted on the next write.
+            self.file.set_len(0)?;
+            self.header = None;
+            self.size = 0;
+            self.size_ok = true;
+            self.verified.store(false, Ordering::Relaxed);
+            return Ok(());
+        }
+        if new_size == self.size && self.size_ok {
+            return Ok(());
+        }
+        let key = key.ok_or(FileError::NeedKey)?;
+        let k = Self::key_of(&key);
+        self.ensure_header(key)?;
+        let bs = self.layout.block_size();
+        let new_last = (new_size - 1) / bs;
+        let h = self.header.clone().ok_or(FileError::NeedKey)?;
+        let mut region = vec![0u8; bs as usize + BLOCK_OVERHEAD];
+        let slot = &mut region[NONCE_LEN..NONCE_LEN + bs as usize];
+        match self.last_index() {
+            Some(ol) if new_size > self.size && new_last > ol => {
+                self.reseal_old_last(k, new_size)?;
+            }
+            Some(_) => {
+                // The new last block exists now: keep its head.
+                self.read_block(&h, k, new_last, slot)?;
+            }
+            None => {}
+        }
+        let plen = self.layout.plain_len(new_size, new_last) as usize;
+        slot[plen..].fill(0);
+        self.file.set_len(self.layout.backing_size(new_size))?;
+        self.seal_and_write(k, new_last, &mut region[..plen + BLOCK_OVERHEAD], new_size)?;
+        self.size = new_size;
+        self.size_ok = true;
+        Ok(())
+    }
+
+    /// Checks the header and every block; for fsck.
+    pub fn verify(&self, key: &DataKey) -> Result<VerifyReport, FileError> {
+        let mut r = VerifyReport { bad_size: !self.size_ok, ..Default::default() };
+        let Some(h) = self.header.as_ref() else { return Ok(r) };
+        h.verify(key)?;
+        let bs = self.layout.block_size() as usize;
+        let mut stored = vec![0u8; bs + BLOCK_OVERHEAD];
+        let mut plain = vec![0u8; bs];
+        let count = self.layout.block_count(self.size);
+        for i in 0..count {
+            let plen = self.layout.plain_len(self.size, i) as usize;
+            let s = &mut stored[..plen + BLOCK_OVERHEAD];
+            if read_exact_at(&self.file, s, self.layout.block_offset(i)).is_err() {
+                r.bad_blocks.push(i);
+                continue;
+            }
+            if Some(i) != self.last_index() && is_hole(s) {
+                r.zero_blocks.push(i);
+                continue;
+            }
+            if self.open_stored(h, key, i, s, &mut plain[..plen]).is_err() {
+                r.bad_blocks.push(i);
+            }
+        }
+        Ok(r)
+    }
+
+    /// fsync of the backing file.
+    pub fn sync(&self, data_only: bool) -> Result<(), FileError> {
+        if data_only { self.file.sync_data()? } else { self.file.sync_all()? }
+        Ok(())
+    }
+}
+
+fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+    f.read_exact_at(buf, off)
+}
