@@ -7,3 +7,10 @@
 pub mod format;
 pub mod keys;
 pub mod file;
+pub mod error;
+pub mod fs;
+pub mod sys;
+pub mod volume;
+pub mod fuse;
+pub mod ops;
+pub mod daemon;

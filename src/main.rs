@@ -1,1 +1,665 @@
-fn main() {}
+//! The `kmsfs` command line. Exit codes are documented in README.md.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use kmsfs::daemon::{self, Sig};
+use kmsfs::format::layout::Layout;
+use kmsfs::fs::{EncFs, FsOptions};
+use kmsfs::fuse::{FuseOptions, KmsFuse};
+use kmsfs::keys::KeyProvider;
+use kmsfs::keys::cache::{DEFAULT_CAPACITY, DEFAULT_MAX_AGE, KeyCache};
+use kmsfs::keys::local::LocalProvider;
+use kmsfs::keys::pool::KeyPool;
+use kmsfs::keys::stats::KeyStats;
+use kmsfs::volume::{ProviderKind, VolumeConfig};
+
+/// Exit codes (stable; documented in README.md).
+mod exit {
+    pub const ERROR: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const VOLUME: u8 = 3;
+    pub const KEY: u8 = 4;
+    pub const MOUNT: u8 = 5;
+    pub const DAMAGED: u8 = 6;
+}
+
+#[derive(Parser)]
+#[command(name = "kmsfs", version, about = "Encrypted FUSE filesystem with KMS envelope encryption")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a new volume in an empty CIPHERDIR.
+    Init {
+        /// The (empty) directory that will hold encrypted files.
+        cipherdir: PathBuf,
+        /// Use AWS KMS with this key ID, key ARN, alias/NAME or alias ARN.
+        #[arg(long, conflicts_with = "key_file")]
+        kms_key: Option<String>,
+        /// Local provider: where to create the key file (outside CIPHERDIR).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// Plaintext bytes per block: a power of two from 4096 to 1048576.
+        #[arg(long, default_value_t = 4096)]
+        block_size: u32,
+    },
+    /// Mount CIPHERDIR's plaintext view at MOUNTPOINT.
+    Mount(MountArgs),
+    /// Unmount a kmsfs mount.
+    Unmount {
+        /// The mount point.
+        mountpoint: PathBuf,
+    },
+    /// Encrypt one file (or '-' for stdin) into the per-file format.
+    Encrypt {
+        /// Use this volume's key and geometry (the output can be dropped into it).
+        #[arg(long)]
+        volume: Option<PathBuf>,
+        /// AWS KMS key reference, without a volume.
+        #[arg(long, conflicts_with_all = ["volume", "key_file"])]
+        kms_key: Option<String>,
+        /// Local key file, without a volume (or overriding the volume's).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// Input file or '-'.
+        input: PathBuf,
+        /// Output file or '-'.
+        output: PathBuf,
+    },
+    /// Decrypt one encrypted file (or '-') to plaintext.
+    Decrypt {
+        /// The volume the file belongs to (for its key provider).
+        #[arg(long)]
+        volume: Option<PathBuf>,
+        /// Local key file.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// Input file or '-'.
+        input: PathBuf,
+        /// Output file or '-'.
+        output: PathBuf,
+    },
+    /// Print an encrypted file's header (no key needed).
+    Inspect {
+        /// A backing file.
+        file: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-wrap every file's data key under a new key (manual rotation).
+    Rewrap {
+        /// The cipher dir (must not be mounted).
+        cipherdir: PathBuf,
+        /// New AWS KMS key reference.
+        #[arg(long, conflicts_with = "to_key_file")]
+        to_key: Option<String>,
+        /// New local key file (created if missing).
+        #[arg(long)]
+        to_key_file: Option<PathBuf>,
+        /// The current local key file, if not the recorded one.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// Show what would change, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Verify every header and block of a volume.
+    Fsck {
+        /// The cipher dir.
+        cipherdir: PathBuf,
+        /// Local key file, if not the recorded one.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show live key-cache and KMS statistics of a mount.
+    Stats {
+        /// The mount point.
+        mountpoint: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct MountArgs {
+    /// The cipher dir.
+    cipherdir: PathBuf,
+    /// Where to show the plaintext.
+    mountpoint: PathBuf,
+    /// Stay in the foreground (for systemd and debugging).
+    #[arg(short, long)]
+    foreground: bool,
+    /// Mount options: ro, allow_other, allow_root, default_permissions,
+    /// auto_unmount, key_file=PATH, fsname=NAME, noatime, nodev, nosuid,
+    /// noexec, no_writeback; nofail and _netdev are accepted and ignored.
+    #[arg(short = 'o', value_delimiter = ',')]
+    options: Vec<String>,
+    /// Local key file, if not the recorded one.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Key cache capacity (number of data keys).
+    #[arg(long, default_value_t = DEFAULT_CAPACITY)]
+    cache_size: usize,
+    /// Key cache max age in seconds.
+    #[arg(long, default_value_t = DEFAULT_MAX_AGE.as_secs())]
+    cache_max_age: u64,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 8)]
+    threads: usize,
+    /// Log to this file instead of stderr (foreground) or syslog (daemon).
+    #[arg(long)]
+    log_file: Option<PathBuf>,
+}
+
+struct Failure(u8, String);
+
+impl<E: std::fmt::Display> From<(u8, E)> for Failure {
+    fn from((c, e): (u8, E)) -> Self {
+        Failure(c, e.to_string())
+    }
+}
+
+fn init_logging(to: Option<&Path>, syslog: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("KMSFS_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    if let Some(p) = to
+        && let Ok(f) = std::fs::OpenOptions::new().create(true).append(true).open(p)
+    {
+        let _ = b.with_ansi(false).with_writer(Arc::new(f)).try_init();
+    } else if syslog {
+        let _ = b.with_ansi(false).without_time().with_writer(daemon::Syslog::open()).try_init();
+    } else {
+        let _ = b.with_writer(std::io::stderr).try_init();
+    }
+}
+
+fn main() -> ExitCode {
+    // mount.fuse3 runs `kmsfs CIPHERDIR MOUNTPOINT -o opts`: accept that form.
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let known = ["init", "mount", "unmount", "encrypt", "decrypt", "inspect", "rewrap", "fsck", "stats", "help"];
+    if args.len() >= 3 && args[1].to_str().is_none_or(|a| !known.contains(&a) && !a.starts_with('-')) {
+        args.insert(1, "mount".into());
+    }
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { 0 });
+        }
+    };
+    if let Cmd::Mount(_) = &cli.cmd {
+        // Before any thread exists, so only the main thread sees signals.
+        daemon::block_signals();
+    } else {
+        init_logging(None, false);
+    }
+    match run(cli.cmd) {
+        Ok(code) => ExitCode::from(code),
+        Err(Failure(code, msg)) => {
+            eprintln!("kmsfs: {msg}");
+            daemon::report_ready(&format!("kmsfs: {msg}"));
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn load(cipherdir: &Path) -> Result<VolumeConfig, Failure> {
+    VolumeConfig::load(cipherdir).map_err(|e| Failure(exit::VOLUME, e.to_string()))
+}
+
+fn provider_of(cfg: &VolumeConfig, key_file: Option<&Path>) -> Result<Arc<dyn KeyProvider>, Failure> {
+    cfg.provider(key_file).map_err(|e| Failure(exit::KEY, e.to_string()))
+}
+
+fn layout_of(cfg: &VolumeConfig) -> Result<Layout, Failure> {
+    cfg.layout().ok_or_else(|| Failure(exit::VOLUME, "invalid block or header size in volume config".into()))
+}
+
+fn progress(label: &'static str) -> impl FnMut(u64, u64) {
+    let tty = std::io::stderr().is_terminal();
+    move |done, total| {
+        if tty && total > 0 {
+            let w = 30;
+            let fill = (done * w / total) as usize;
+            eprint!("\r{label} [{}{}] {done}/{total}", "#".repeat(fill), " ".repeat(w as usize - fill));
+            if done == total {
+                eprintln!();
+            }
+        }
+    }
+}
+
+fn open_in(p: &Path) -> Result<Box<dyn std::io::Read>, Failure> {
+    if p == Path::new("-") {
+        return Ok(Box::new(std::io::stdin().lock()));
+    }
+    let f = std::fs::File::open(p).map_err(|e| Failure(exit::ERROR, format!("{}: {e}", p.display())))?;
+    Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, f)))
+}
+
+fn open_out(p: &Path) -> Result<Box<dyn Write>, Failure> {
+    if p == Path::new("-") {
+        return Ok(Box::new(std::io::stdout().lock()));
+    }
+    let f = std::fs::File::create(p).map_err(|e| Failure(exit::ERROR, format!("{}: {e}", p.display())))?;
+    Ok(Box::new(std::io::BufWriter::with_capacity(1 << 20, f)))
+}
+
+fn run(cmd: Cmd) -> Result<u8, Failure> {
+    match cmd {
+        Cmd::Init { cipherdir, kms_key, key_file, block_size } => init(&cipherdir, kms_key, key_file, block_size),
+        Cmd::Mount(m) => mount(m),
+        Cmd::Unmount { mountpoint } => unmount(&mountpoint),
+        Cmd::Inspect { file, json } => {
+            let v = kmsfs::ops::inspect(&file).map_err(|e| Failure(exit::DAMAGED, e.to_string()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else if let Some(o) = v.as_object() {
+                for (k, val) in o {
+                    println!("{k:16} {}", val.as_str().map(str::to_owned).unwrap_or_else(|| val.to_string()));
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Encrypt { volume, kms_key, key_file, input, output } => {
+            let (provider, layout, vid): (Arc<dyn KeyProvider>, Layout, _) = if let Some(v) = &volume {
+                let cfg = load(v)?;
+                (provider_of(&cfg, key_file.as_deref())?, layout_of(&cfg)?, cfg.volume_id())
+            } else if let Some(k) = kms_key {
+                let p = kmsfs::keys::open_aws_kms(&k).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+                let l = Layout::new(kmsfs::volume::KMS_HEADER_SIZE, 12).ok_or(Failure(exit::ERROR, "layout".into()))?;
+                (p, l, kmsfs::format::random_id().map_err(|e| Failure(exit::ERROR, e.to_string()))?)
+            } else if let Some(k) = key_file {
+                let p = LocalProvider::open(&k).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+                let l = Layout::new(kmsfs::volume::LOCAL_HEADER_SIZE, 12).ok_or(Failure(exit::ERROR, "layout".into()))?;
+                (Arc::new(p), l, kmsfs::format::random_id().map_err(|e| Failure(exit::ERROR, e.to_string()))?)
+            } else {
+                return Err(Failure(exit::USAGE, "encrypt needs --volume, --kms-key or --key-file".into()));
+            };
+            let mut i = open_in(&input)?;
+            let mut o = open_out(&output)?;
+            kmsfs::ops::encrypt_stream(&mut i, &mut o, layout, vid, provider.as_ref())
+                .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+            Ok(0)
+        }
+        Cmd::Decrypt { volume, key_file, input, output } => {
+            let provider: Arc<dyn KeyProvider> = if let Some(v) = &volume {
+                provider_of(&load(v)?, key_file.as_deref())?
+            } else if let Some(k) = &key_file {
+                Arc::new(LocalProvider::open(k).map_err(|e| Failure(exit::KEY, e.to_string()))?)
+            } else {
+                // No volume: the header names the KMS key.
+                let v = kmsfs::ops::inspect(&input).map_err(|e| Failure(exit::DAMAGED, e.to_string()))?;
+                let key = v["key_id"].as_str().unwrap_or_default().to_string();
+                if v["provider"] != "aws-kms" {
+                    return Err(Failure(exit::USAGE, "a local-provider file needs --key-file or --volume".into()));
+                }
+                kmsfs::keys::open_aws_kms(&key).map_err(|e| Failure(exit::KEY, e.to_string()))?
+            };
+            let mut i = open_in(&input)?;
+            // Decrypt into a temp file and rename, so a failed authentication
+            // never leaves partial plaintext under the output name.
+            if output == Path::new("-") {
+                let mut o = open_out(&output)?;
+                kmsfs::ops::decrypt_stream(&mut i, &mut o, provider.as_ref())
+                    .map_err(|e| Failure(exit::DAMAGED, e.to_string()))?;
+            } else {
+                let tmp = output.with_extension("kmsfs-partial");
+                let mut o = open_out(&tmp)?;
+                let r = kmsfs::ops::decrypt_stream(&mut i, &mut o, provider.as_ref());
+                drop(o);
+                if let Err(e) = r {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(Failure(exit::DAMAGED, e.to_string()));
+                }
+                std::fs::rename(&tmp, &output).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+            }
+            Ok(0)
+        }
+        Cmd::Fsck { cipherdir, key_file, json } => {
+            let cfg = load(&cipherdir)?;
+            let p = provider_of(&cfg, key_file.as_deref())?;
+            let r = kmsfs::ops::fsck(&cipherdir, layout_of(&cfg)?, cfg.volume_id(), p.as_ref(), progress("fsck"))
+                .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                for d in &r.damaged {
+                    let blocks = if d.bad_blocks.is_empty() { String::new() } else { format!(" (blocks {:?})", d.bad_blocks) };
+                    println!("DAMAGED {}: {}{blocks}", d.path, d.error);
+                }
+                for (p, z) in &r.zeroed {
+                    println!("ZEROED  {p}: {} all-zero block(s) read as holes, first {:?}", z.len(), &z[..z.len().min(5)]);
+                }
+                println!("{} files, {} blocks checked, {} damaged, {} with zeroed blocks", r.files, r.blocks, r.damaged.len(), r.zeroed.len());
+            }
+            Ok(if r.damaged.is_empty() { 0 } else { exit::DAMAGED })
+        }
+        Cmd::Rewrap { cipherdir, to_key, to_key_file, key_file, dry_run } => {
+            rewrap(&cipherdir, to_key, to_key_file, key_file, dry_run)
+        }
+        Cmd::Stats { mountpoint, json } => {
+            let v = read_stats(&mountpoint).map_err(|e| Failure(exit::ERROR, format!("{}: {e}", mountpoint.display())))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                let c = &v["cache"];
+                println!("key cache: {} keys, {} hits, {} misses, {} evictions", c["size"], c["hits"], c["misses"], c["evictions"]);
+                if let Some(ops) = v["provider_calls"].as_object() {
+                    for (op, s) in ops {
+                        println!(
+                            "{op:18} calls {:>6}  errors {:>4}  mean {} us  p99 <= {} us",
+                            s["calls"], s["errors"], s["latency_us"]["mean"], s["latency_us"]["p99_le"]
+                        );
+                    }
+                }
+                println!("pool ready: {}  inodes: {}  handles: {}", v["pool_ready"], v["inodes"], v["handles"]);
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn read_stats(mnt: &Path) -> std::io::Result<serde_json::Value> {
+    let c = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    // SAFETY: valid C strings and buffer.
+    let n = unsafe {
+        libc::getxattr(c.as_ptr(), c"user.kmsfs.stats".as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+    };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(e.kind(), format!("not a kmsfs mount ({e})")));
+    }
+    buf.truncate(n as usize);
+    serde_json::from_slice(&buf).map_err(std::io::Error::other)
+}
+
+fn init(cipherdir: &Path, kms_key: Option<String>, key_file: Option<PathBuf>, block_size: u32) -> Result<u8, Failure> {
+    if !(4096..=1 << 20).contains(&block_size) || !block_size.is_power_of_two() {
+        return Err(Failure(exit::USAGE, "--block-size must be a power of two from 4096 to 1048576".into()));
+    }
+    std::fs::create_dir_all(cipherdir).map_err(|e| Failure(exit::ERROR, format!("{}: {e}", cipherdir.display())))?;
+    let mut entries = std::fs::read_dir(cipherdir).map_err(|e| Failure(exit::ERROR, format!("{}: {e}", cipherdir.display())))?;
+    if entries.next().is_some() {
+        let what = if cipherdir.join(kmsfs::volume::CONFIG_NAME).exists() { "is already a kmsfs volume" } else { "is not empty" };
+        return Err(Failure(exit::VOLUME, format!("{} {what}", cipherdir.display())));
+    }
+    let cfg = if let Some(k) = kms_key {
+        let p = kmsfs::keys::open_aws_kms(&k).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+        p.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;
+        VolumeConfig::new(ProviderKind::AwsKms, k, None, block_size).map_err(|e| Failure(exit::ERROR, e.to_string()))?
+    } else {
+        let mut cfg = VolumeConfig::new(ProviderKind::Local, String::new(), None, block_size)
+            .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+        let path = key_file.unwrap_or_else(|| LocalProvider::default_path(&cfg.volume_id));
+        let abs = std::path::absolute(&path).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+        let cd = std::fs::canonicalize(cipherdir).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+        let parent_canon = abs.parent().and_then(|p| std::fs::canonicalize(p).ok());
+        if abs.starts_with(&cd) || parent_canon.is_some_and(|p| p.starts_with(&cd)) {
+            return Err(Failure(exit::USAGE, "the key file must live outside the cipher dir".into()));
+        }
+        let p = LocalProvider::create_key_file(&abs).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+        cfg.key_id = p.key_id();
+        cfg.key_file = Some(abs.clone());
+        eprintln!("Created key file {} (mode 0600). Back it up: without it the data cannot be decrypted.", abs.display());
+        cfg
+    };
+    cfg.store(cipherdir).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+    eprintln!("Initialized kmsfs volume {} in {} ({:?} provider, {} byte blocks)", cfg.volume_id, cipherdir.display(), cfg.provider, cfg.block_size);
+    Ok(0)
+}
+
+fn is_mounted(mnt: &Path) -> bool {
+    let Ok(abs) = std::fs::canonicalize(mnt) else { return false };
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
+        m.lines().any(|l| {
+            let mut f = l.split(' ');
+            let (_src, dst, ty) = (f.next(), f.next(), f.next());
+            dst == Some(&abs.to_string_lossy()) && ty.is_some_and(|t| t == "fuse" || t.starts_with("fuse."))
+        })
+    })
+}
+
+fn unmount(mnt: &Path) -> Result<u8, Failure> {
+    if !is_mounted(mnt) {
+        return Err(Failure(exit::MOUNT, format!("{} is not a FUSE mount", mnt.display())));
+    }
+    let st = std::process::Command::new("fusermount3").arg("-u").arg(mnt).status();
+    match st {
+        Ok(s) if s.success() => Ok(0),
+        _ => {
+            let c = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+            // SAFETY: valid C string.
+            if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+                Ok(0)
+            } else {
+                Err(Failure(exit::MOUNT, format!("cannot unmount {}: {}", mnt.display(), std::io::Error::last_os_error())))
+            }
+        }
+    }
+}
+
+fn rewrap(
+    cipherdir: &Path,
+    to_key: Option<String>,
+    to_key_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    dry_run: bool,
+) -> Result<u8, Failure> {
+    let mut cfg = load(cipherdir)?;
+    let cd = std::fs::canonicalize(cipherdir).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+    let mounted = std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
+        m.lines().any(|l| l.split(' ').next() == Some(&cd.to_string_lossy()) && l.contains(" fuse"))
+    });
+    if mounted {
+        return Err(Failure(exit::MOUNT, format!("{} is mounted: unmount it before rewrap", cipherdir.display())));
+    }
+    let source = provider_of(&cfg, key_file.as_deref())?;
+    let (dest, kind, key_id, kf): (Arc<dyn KeyProvider>, ProviderKind, String, Option<PathBuf>) = if let Some(k) = to_key {
+        let p = kmsfs::keys::open_aws_kms(&k).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+        p.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;
+        (p, ProviderKind::AwsKms, k, None)
+    } else if let Some(f) = to_key_file {
+        let p = if f.exists() { LocalProvider::open(&f) } else { LocalProvider::create_key_file(&f) }
+            .map_err(|e| Failure(exit::KEY, e.to_string()))?;
+        let id = p.key_id();
+        let abs = std::path::absolute(&f).unwrap_or(f);
+        (Arc::new(p), ProviderKind::Local, id, Some(abs))
+    } else {
+        return Err(Failure(exit::USAGE, "rewrap needs --to-key or --to-key-file".into()));
+    };
+    let r = kmsfs::ops::rewrap(cipherdir, layout_of(&cfg)?, source.as_ref(), dest.as_ref(), dry_run, progress("rewrap"))
+        .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+    for (p, e) in &r.failed {
+        println!("FAILED {p}: {e}");
+    }
+    println!(
+        "{}{} re-wrapped, {} already under the new key, {} empty, {} failed",
+        if dry_run { "dry run: " } else { "" },
+        r.rewrapped,
+        r.already,
+        r.empty,
+        r.failed.len()
+    );
+    if !r.failed.is_empty() {
+        println!("The volume still uses the old key for new files; fix the failures and run rewrap again (it resumes).");
+        return Ok(exit::ERROR);
+    }
+    if !dry_run {
+        cfg.provider = kind;
+        cfg.key_id = key_id;
+        cfg.key_file = kf;
+        cfg.store(cipherdir).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+        println!("Volume now uses {} for new files.", cfg.key_id);
+    }
+    Ok(0)
+}
+
+struct MountPlan {
+    fuse: fuser::Config,
+    read_only: bool,
+    writeback: bool,
+    key_file: Option<PathBuf>,
+}
+
+fn parse_options(m: &MountArgs) -> Result<MountPlan, Failure> {
+    use fuser::MountOption as O;
+    let mut opts = vec![
+        O::FSName(std::fs::canonicalize(&m.cipherdir).unwrap_or(m.cipherdir.clone()).display().to_string()),
+        O::Subtype("kmsfs".into()),
+    ];
+    let (mut read_only, mut writeback, mut key_file) = (false, true, m.key_file.clone());
+    let mut acl = fuser::SessionACL::Owner;
+    for o in m.options.iter().filter(|o| !o.is_empty()) {
+        match o.as_str() {
+            "ro" => {
+                read_only = true;
+                opts.push(O::RO);
+            }
+            "rw" => opts.push(O::RW),
+            "allow_other" => acl = fuser::SessionACL::All,
+            "allow_root" => acl = fuser::SessionACL::RootAndOwner,
+            "default_permissions" => opts.push(O::DefaultPermissions),
+            "auto_unmount" => opts.push(O::AutoUnmount),
+            "noatime" => opts.push(O::NoAtime),
+            "nodev" => opts.push(O::NoDev),
+            "nosuid" => opts.push(O::NoSuid),
+            "noexec" => opts.push(O::NoExec),
+            "dev" => opts.push(O::Dev),
+            "suid" => opts.push(O::Suid),
+            "exec" => opts.push(O::Exec),
+            "no_writeback" => writeback = false,
+            // For mount(8) and fstab, not for the kernel.
+            "nofail" | "_netdev" | "auto" | "noauto" | "user" | "users" | "defaults" => {}
+            s if s.starts_with("key_file=") => key_file = Some(PathBuf::from(&s["key_file=".len()..])),
+            s if s.starts_with("fsname=") => opts[0] = O::FSName(s["fsname=".len()..].into()),
+            s if s.starts_with("x-") || s.starts_with("comment=") => {}
+            s => return Err(Failure(exit::USAGE, format!("unknown mount option {s:?}"))),
+        }
+    }
+    let mut fuse = fuser::Config::default();
+    fuse.mount_options = opts;
+    fuse.acl = acl;
+    fuse.n_threads = Some(m.threads.max(1));
+    fuse.clone_fd = true;
+    Ok(MountPlan { fuse, read_only, writeback, key_file })
+}
+
+fn mount(m: MountArgs) -> Result<u8, Failure> {
+    let plan = parse_options(&m)?;
+    let in_child = std::env::var_os(daemon::READY_FD_ENV).is_some();
+    if !m.foreground && !in_child {
+        // Daemon mode: re-run ourselves in the foreground, detached, and
+        // return once the child says the mount serves.
+        init_logging(m.log_file.as_deref(), false);
+        let cfg = load(&m.cipherdir)?;
+        // Fail early in the parent for the errors a user is most likely to hit.
+        provider_of(&cfg, plan.key_file.as_deref())?;
+        if is_mounted(&m.mountpoint) {
+            return Err(Failure(exit::MOUNT, format!("{} is already mounted", m.mountpoint.display())));
+        }
+        let (r, w) = daemon::pipe().map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+        let exe = std::env::current_exe().map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+        use std::os::fd::AsRawFd;
+        let mut args: Vec<std::ffi::OsString> = vec!["mount".into(), "--foreground".into()];
+        args.extend(std::env::args_os().skip(1).filter(|a| a != "mount"));
+        let mut cmd = std::process::Command::new(exe);
+        cmd.args(args)
+            .env(daemon::READY_FD_ENV, w.as_raw_fd().to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let child = cmd.spawn().map_err(|e| Failure(exit::MOUNT, format!("cannot start the daemon: {e}")))?;
+        drop(w);
+        return match daemon::wait_ready(r) {
+            Ok(()) => Ok(0),
+            Err(msg) => {
+                let _ = child.id();
+                Err(Failure(exit::MOUNT, msg.trim_start_matches("kmsfs: ").to_string()))
+            }
+        };
+    }
+    if in_child {
+        daemon::detach();
+        init_logging(m.log_file.as_deref(), m.log_file.is_none());
+    } else {
+        init_logging(m.log_file.as_deref(), false);
+    }
+    daemon::harden_memory();
+    daemon::raise_nofile();
+    // SAFETY: umask never fails; backing files get exactly the modes asked for.
+    unsafe { libc::umask(0) };
+    let cfg = load(&m.cipherdir)?;
+    let layout = layout_of(&cfg)?;
+    let provider = provider_of(&cfg, plan.key_file.as_deref())?;
+    provider.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;
+    let stats = Arc::new(KeyStats::default());
+    let max_age = Duration::from_secs(m.cache_max_age.max(1));
+    let cache = Arc::new(KeyCache::new(provider.clone(), m.cache_size, max_age, stats.clone()));
+    // Look-ahead only pays for a remote provider; local generation is ~1 us.
+    let (target, workers) = if cfg.provider == ProviderKind::AwsKms { (32, 8) } else { (0, 0) };
+    let pool = KeyPool::start(provider, cfg.volume_id(), target, workers, max_age, stats);
+    let fs = Arc::new(
+        EncFs::new(&m.cipherdir, layout, cfg.volume_id(), cache.clone(), pool, FsOptions { read_only: plan.read_only })
+            .map_err(|e| Failure(exit::MOUNT, format!("{}: {e}", m.cipherdir.display())))?,
+    );
+    let adapter = KmsFuse::new(fs.clone(), FuseOptions { writeback_cache: plan.writeback && !plan.read_only });
+    let session = fuser::spawn_mount(adapter, &m.mountpoint, &plan.fuse)
+        .map_err(|e| Failure(exit::MOUNT, format!("cannot mount {}: {e}", m.mountpoint.display())))?;
+    // The mount serves once a stat through it answers.
+    std::fs::metadata(&m.mountpoint).map_err(|e| Failure(exit::MOUNT, format!("mount does not answer: {e}")))?;
+    tracing::info!("mounted {} at {}", m.cipherdir.display(), m.mountpoint.display());
+    daemon::report_ready("ready");
+    daemon::sd_notify("READY=1");
+    let sweeper_cache = cache.clone();
+    let _ = std::thread::Builder::new().name("kmsfs-sweep".into()).spawn(move || loop {
+        std::thread::sleep(Duration::from_secs(5));
+        sweeper_cache.sweep();
+    });
+    loop {
+        match daemon::wait_signal(Duration::from_millis(500)) {
+            Some(Sig::Stop) => {
+                tracing::info!("signal received: unmounting");
+                daemon::sd_notify("STOPPING=1");
+                break;
+            }
+            Some(Sig::Stats) => tracing::info!("stats: {}", fs.stats_json()),
+            None if session.guard.is_finished() => {
+                tracing::info!("unmounted externally");
+                fs.shutdown();
+                return Ok(0);
+            }
+            None => {}
+        }
+    }
+    let r = session.umount_and_join();
+    fs.shutdown();
+    match r {
+        Ok(()) => Ok(0),
+        Err(e) => {
+            // Busy: detach lazily so the service can stop; writes were synchronous.
+            tracing::warn!("unmount failed ({e}); detaching lazily");
+            let c = std::ffi::CString::new(m.mountpoint.as_os_str().as_encoded_bytes()).unwrap_or_default();
+            // SAFETY: valid C string.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Process plumbing for the mount daemon: readiness pipe, sd_notify, signal
+//! waiting, syslog logging and key-memory hygiene.
+#![allow(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+/// Environment variable carrying the readiness pipe's fd to the daemon child.
+pub const READY_FD_ENV: &str = "KMSFS_READY_FD";
+
+/// A pipe: (read end, write end). The read end is close-on-exec.
+pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: valid out-array of two fds.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptors we own.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: plain fcntl on an owned fd.
+    unsafe { libc::fcntl(fds[0], libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok((r, w))
+}
+
+/// Reads the daemon child's verdict: `Ok` on "ready", else its message.
+pub fn wait_ready(read_end: OwnedFd) -> Result<(), String> {
+    let mut f = std::fs::File::from(read_end);
+    let mut s = String::new();
+    let _ = f.read_to_string(&mut s);
+    let s = s.trim();
+    if s == "ready" {
+        Ok(())
+    } else if s.is_empty() {
+        Err("the mount daemon exited before the mount was ready (see the system log)".into())
+    } else {
+        Err(s.to_string())
+    }
+}
+
+/// Tells the parent (daemon mode) how the mount went, then closes the pipe.
+pub fn report_ready(msg: &str) {
+    if let Some(fd) = std::env::var(READY_FD_ENV).ok().and_then(|v| v.parse::<RawFd>().ok()) {
+        // SAFETY: the parent passed us this fd; we take ownership once.
+        let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+        let _ = f.write_all(msg.as_bytes());
+        // SAFETY: plain call; unset so a second report cannot reuse the fd.
+        unsafe { std::env::remove_var(READY_FD_ENV) };
+    }
+}
+
+/// Sends a state string to systemd when NOTIFY_SOCKET is set.
+pub fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Ok(sock) = UnixDatagram::unbound() else { return };
+    let bytes = path.as_encoded_bytes();
+    let res = if let Some(abs) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abs).and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), &path)
+    };
+    if let Err(e) = res {
+        tracing::warn!("sd_notify {state:?} failed: {e}");
+    }
+}
+
+/// Signals the daemon handles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sig {
+    /// SIGTERM / SIGINT / SIGHUP: unmount and exit.
+    Stop,
+    /// SIGUSR1: log statistics.
+    Stats,
+}
+
+fn sigset() -> libc::sigset_t {
+    // SAFETY: sigset operations on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1] {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Blocks the handled signals in this thread and all threads spawned later,
+/// so only `wait_signal` sees them. Call first thing in `main`.
+pub fn block_signals() {
+    let set = sigset();
+    // SAFETY: valid set pointer.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+/// Waits up to `timeout` for a handled signal.
+pub fn wait_signal(timeout: Duration) -> Option<Sig> {
+    let set = sigset();
+    let ts = libc::timespec { tv_sec: timeout.as_secs() as i64, tv_nsec: timeout.subsec_nanos() as i64 };
+    // SAFETY: valid pointers; info may be null.
+    let s = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
+    match s {
+        libc::SIGUSR1 => Some(Sig::Stats),
+        s if s > 0 => Some(Sig::Stop),
+        _ => None,
+    }
+}
+
+/// Detaches from the terminal: new session, stdio to /dev/null.
+pub fn detach() {
+    // SAFETY: plain syscalls; failures are harmless here.
+    unsafe {
+        libc::setsid();
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::dup2(null, 1);
+            libc::dup2(null, 2);
+            if null > 2 {
+                libc::close(null);
+            }
+        }
+    }
+}
+
+/// Keeps key material out of core dumps and swap where the system allows.
+pub fn harden_memory() {
+    // SAFETY: plain prctl.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        tracing::warn!("cannot disable core dumps: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: valid out-pointer.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer.
+    unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
+    if lim.rlim_cur == libc::RLIM_INFINITY {
+        // Only with an unlimited MEMLOCK: MCL_FUTURE under a finite limit
+        // would make later allocations fail.
+        // SAFETY: plain call.
+        if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) } != 0 {
+            tracing::warn!("cannot lock memory, keys may be swapped: {}", std::io::Error::last_os_error());
+        }
+    } else {
+        tracing::info!(
+            "RLIMIT_MEMLOCK is {} bytes: key memory is not locked and may be swapped (set LimitMEMLOCK=infinity)",
+            lim.rlim_cur
+        );
+    }
+}
+
+/// Raises the open-file limit to its hard maximum: each known inode holds
+/// one O_PATH descriptor.
+pub fn raise_nofile() {
+    // SAFETY: valid out-pointer.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// A tracing writer that sends each line to syslog (journald picks it up).
+#[derive(Clone, Copy)]
+pub struct Syslog;
+
+impl Syslog {
+    /// Opens the syslog connection.
+    pub fn open() -> Self {
+        // SAFETY: static ident string.
+        unsafe { libc::openlog(c"kmsfs".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
+        Syslog
+    }
+}
+
+impl Write for Syslog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            let pri = if line.contains("ERROR") {
+                libc::LOG_ERR
+            } else if line.contains("WARN") {
+                libc::LOG_WARNING
+            } else {
+                libc::LOG_INFO
+            };
+            if let Ok(c) = std::ffi::CString::new(line.replace('\0', "")) {
+                // SAFETY: "%s" with a valid C string.
+                unsafe { libc::syslog(pri, c"%s".as_ptr(), c.as_ptr()) };
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Syslog {
+    type Writer = Syslog;
+    fn make_writer(&'a self) -> Self::Writer {
+        *self
+    }
+}

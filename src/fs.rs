@@ -1,0 +1,973 @@
+//! The filesystem logic, free of FUSE: inodes, handles and operations that
+//! return `Result<_, FsError>`. `fuse.rs` translates to and from the kernel.
+//!
+//! Each inode holds an O_PATH descriptor of its backing file, so renames and
+//! hard links need no path bookkeeping (as in libfuse's passthrough_hp), and
+//! holding it keeps the backing inode number unique while the kernel knows it.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::error::FsError;
+use crate::file::{EncryptedFile, FileError, KeyArg, KeyNeed};
+use crate::format::Id;
+use crate::format::layout::Layout;
+use crate::keys::cache::KeyCache;
+use crate::keys::pool::KeyPool;
+use crate::keys::{DataKey, FreshKey, KeyContext};
+use crate::sys;
+use crate::volume::CONFIG_NAME;
+
+/// Inode number of the mount root, as FUSE expects.
+pub const ROOT_INO: u64 = 1;
+/// Reserved xattr on the root that returns live statistics as JSON.
+pub const STATS_XATTR: &str = "user.kmsfs.stats";
+
+/// Kinds of inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Regular file.
+    File,
+    /// Directory.
+    Dir,
+    /// Symbolic link.
+    Symlink,
+    /// Named pipe.
+    Fifo,
+    /// Unix socket.
+    Socket,
+    /// Character device.
+    CharDev,
+    /// Block device.
+    BlockDev,
+}
+
+impl Kind {
+    fn from_mode(mode: u32) -> Self {
+        match mode & libc::S_IFMT {
+            libc::S_IFDIR => Self::Dir,
+            libc::S_IFLNK => Self::Symlink,
+            libc::S_IFIFO => Self::Fifo,
+            libc::S_IFSOCK => Self::Socket,
+            libc::S_IFCHR => Self::CharDev,
+            libc::S_IFBLK => Self::BlockDev,
+            _ => Self::File,
+        }
+    }
+}
+
+/// Attributes of an inode, with the plaintext size.
+#[derive(Clone, Copy, Debug)]
+pub struct Attr {
+    /// Inode number as the kernel sees it.
+    pub ino: u64,
+    /// Plaintext size.
+    pub size: u64,
+    /// 512-byte blocks allocated in the backing file.
+    pub blocks: u64,
+    /// Access time.
+    pub atime: SystemTime,
+    /// Modification time.
+    pub mtime: SystemTime,
+    /// Change time.
+    pub ctime: SystemTime,
+    /// Kind.
+    pub kind: Kind,
+    /// Permission bits (incl. setuid/setgid/sticky).
+    pub perm: u16,
+    /// Link count.
+    pub nlink: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Device number.
+    pub rdev: u32,
+    /// Preferred I/O size.
+    pub blksize: u32,
+}
+
+/// A time to set.
+#[derive(Clone, Copy, Debug)]
+pub enum SetTime {
+    /// The current time.
+    Now,
+    /// A given time.
+    At(SystemTime),
+}
+
+/// Who is asking (from the FUSE request).
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    /// User ID.
+    pub uid: u32,
+    /// Group ID.
+    pub gid: u32,
+}
+
+/// A directory entry.
+#[derive(Clone, Debug)]
+pub struct DirEntry {
+    /// Inode number.
+    pub ino: u64,
+    /// Kind.
+    pub kind: Kind,
+    /// Name.
+    pub name: OsString,
+}
+
+/// Options of a mounted filesystem.
+#[derive(Clone, Debug)]
+pub struct FsOptions {
+    /// Refuse every change.
+    pub read_only: bool,
+}
+
+struct OpenState {
+    enc: EncryptedFile,
+    handles: usize,
+}
+
+struct Node {
+    ino: u64,
+    fd: OwnedFd,
+    kind: Kind,
+    lookups: AtomicU64,
+    /// (parent ino, name) of the last name we saw, for log lines and symlink utimens.
+    name: Mutex<(u64, OsString)>,
+    open: RwLock<Option<OpenState>>,
+    /// Serializes minting the first key of an empty file, so concurrent
+    /// first writes make one GenerateDataKey, not one each.
+    first_key: Mutex<()>,
+}
+
+enum Handle {
+    File(Arc<Node>),
+    Dir(Vec<DirEntry>),
+}
+
+enum Obtained {
+    None,
+    Existing(Arc<DataKey>),
+    Fresh(FreshKey),
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+fn rlock<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
+}
+fn wlock<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|p| p.into_inner())
+}
+
+fn ts(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+fn timespec(t: Option<SetTime>) -> libc::timespec {
+    match t {
+        None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+        Some(SetTime::Now) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+        Some(SetTime::At(t)) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => libc::timespec { tv_sec: d.as_secs() as i64, tv_nsec: d.subsec_nanos() as i64 },
+            Err(e) => {
+                let d = e.duration();
+                let (mut s, mut n) = (-(d.as_secs() as i64), -(d.subsec_nanos() as i64));
+                if n < 0 {
+                    s -= 1;
+                    n += 1_000_000_000;
+                }
+                libc::timespec { tv_sec: s, tv_nsec: n }
+            }
+        },
+    }
+}
+
+
+/// The filesystem.
+pub struct EncFs {
+    root_path: PathBuf,
+    root_st_ino: u64,
+    layout: Layout,
+    volume_id: Id,
+    keys: Arc<KeyCache>,
+    pool: Arc<KeyPool>,
+    opts: FsOptions,
+    nodes: RwLock<HashMap<u64, Arc<Node>>>,
+    handles: RwLock<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+    euid_root: bool,
+}
+
+impl EncFs {
+    /// A filesystem over `cipherdir`.
+    pub fn new(
+        cipherdir: &Path,
+        layout: Layout,
+        volume_id: Id,
+        keys: Arc<KeyCache>,
+        pool: Arc<KeyPool>,
+        opts: FsOptions,
+    ) -> Result<Self, FsError> {
+        let fd = sys::openat(libc::AT_FDCWD, cipherdir.as_os_str(), libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        let st = sys::fstat(fd.as_raw_fd())?;
+        let root = Arc::new(Node {
+            ino: ROOT_INO,
+            fd,
+            kind: Kind::Dir,
+            lookups: AtomicU64::new(1),
+            name: Mutex::new((ROOT_INO, OsString::new())),
+            open: RwLock::new(None),
+            first_key: Mutex::new(()),
+        });
+        let mut nodes = HashMap::new();
+        nodes.insert(ROOT_INO, root);
+        // SAFETY: geteuid cannot fail.
+        let euid_root = unsafe { libc::geteuid() } == 0;
+        Ok(Self {
+            root_path: cipherdir.to_path_buf(),
+            root_st_ino: st.st_ino,
+            layout,
+            volume_id,
+            keys,
+            pool,
+            opts,
+            nodes: RwLock::new(nodes),
+            handles: RwLock::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            euid_root,
+        })
+    }
+
+    /// The key cache (for stats and unmount).
+    pub fn keys(&self) -> &Arc<KeyCache> {
+        &self.keys
+    }
+
+    /// Drops every cached and pre-generated key (unmount).
+    pub fn shutdown(&self) {
+        self.pool.shutdown();
+        self.keys.clear();
+    }
+
+    // Backing inode numbers become FUSE inode numbers; the backing root and
+    // inode 1 swap places so the root is always 1.
+    fn to_fuse_ino(&self, st_ino: u64) -> u64 {
+        if st_ino == self.root_st_ino {
+            ROOT_INO
+        } else if st_ino == ROOT_INO {
+            self.root_st_ino
+        } else {
+            st_ino
+        }
+    }
+
+    fn node(&self, ino: u64) -> Result<Arc<Node>, FsError> {
+        rlock(&self.nodes).get(&ino).cloned().ok_or(FsError::NotFound)
+    }
+
+    fn dir(&self, ino: u64) -> Result<Arc<Node>, FsError> {
+        let n = self.node(ino)?;
+        if n.kind != Kind::Dir {
+            return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::ENOTDIR)));
+        }
+        Ok(n)
+    }
+
+    /// Plaintext path of an inode, for log lines.
+    pub fn path_of(&self, ino: u64) -> String {
+        let mut parts = Vec::new();
+        let mut cur = ino;
+        let nodes = rlock(&self.nodes);
+        for _ in 0..4096 {
+            if cur == ROOT_INO {
+                break;
+            }
+            let Some(n) = nodes.get(&cur) else { break };
+            let (parent, name) = lock(&n.name).clone();
+            parts.push(name.to_string_lossy().into_owned());
+            cur = parent;
+        }
+        parts.reverse();
+        format!("/{}", parts.join("/"))
+    }
+
+    fn check_name(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
+        if name.len() > 255 {
+            return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG)));
+        }
+        if parent == ROOT_INO && self.is_reserved(name) {
+            return Err(FsError::Reserved);
+        }
+        Ok(())
+    }
+
+    fn is_reserved(&self, name: &OsStr) -> bool {
+        let b = name.as_bytes();
+        b == CONFIG_NAME.as_bytes() || b.starts_with(b".kmsfs")
+    }
+
+    fn writable(&self) -> Result<(), FsError> {
+        if self.opts.read_only { Err(FsError::ReadOnly) } else { Ok(()) }
+    }
+
+    fn attr_of(&self, ino: u64, st: &libc::stat, node: Option<&Node>) -> Attr {
+        let kind = Kind::from_mode(st.st_mode);
+        let size = if kind == Kind::File {
+            let open = node.map(|n| rlock(&n.open).as_ref().map(|o| o.enc.size()));
+            match open {
+                Some(Some(s)) => s,
+                _ => match self.layout.plain_size(st.st_size as u64) {
+                    Ok(s) => s,
+                    Err((s, _)) => s,
+                },
+            }
+        } else {
+            st.st_size as u64
+        };
+        Attr {
+            ino,
+            size,
+            blocks: st.st_blocks as u64,
+            atime: ts(st.st_atime, st.st_atime_nsec),
+            mtime: ts(st.st_mtime, st.st_mtime_nsec),
+            ctime: ts(st.st_ctime, st.st_ctime_nsec),
+            kind,
+            perm: (st.st_mode & 0o7777) as u16,
+            nlink: st.st_nlink as u32,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            rdev: st.st_rdev as u32,
+            blksize: 4096,
+        }
+    }
+
+    /// Looks up `name` in `parent`, adding one kernel reference.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr, FsError> {
+        if parent == ROOT_INO && self.is_reserved(name) {
+            return Err(FsError::NotFound);
+        }
+        let p = self.dir(parent)?;
+        let fd = sys::open_path(p.fd.as_raw_fd(), name).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOENT) { FsError::NotFound } else { FsError::Io(e) }
+        })?;
+        self.adopt(parent, name, fd)
+    }
+
+    fn adopt(&self, parent: u64, name: &OsStr, fd: OwnedFd) -> Result<Attr, FsError> {
+        let st = sys::fstat(fd.as_raw_fd())?;
+        let ino = self.to_fuse_ino(st.st_ino);
+        let node = {
+            let mut nodes = wlock(&self.nodes);
+            match nodes.get(&ino) {
+                Some(n) => {
+                    n.lookups.fetch_add(1, Ordering::Relaxed);
+                    *lock(&n.name) = (parent, name.to_owned());
+                    n.clone()
+                }
+                None => {
+                    let n = Arc::new(Node {
+                        ino,
+                        fd,
+                        kind: Kind::from_mode(st.st_mode),
+                        lookups: AtomicU64::new(1),
+                        name: Mutex::new((parent, name.to_owned())),
+                        open: RwLock::new(None),
+                        first_key: Mutex::new(()),
+                    });
+                    nodes.insert(ino, n.clone());
+                    n
+                }
+            }
+        };
+        Ok(self.attr_of(ino, &st, Some(&node)))
+    }
+
+    /// Drops `n` kernel references.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let mut nodes = wlock(&self.nodes);
+        if let Some(node) = nodes.get(&ino) {
+            let prev = node.lookups.fetch_sub(n.min(node.lookups.load(Ordering::Relaxed)), Ordering::Relaxed);
+            if prev <= n {
+                nodes.remove(&ino);
+            }
+        }
+    }
+
+    /// Attributes of an inode.
+    pub fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
+        let n = self.node(ino)?;
+        let st = sys::fstat(n.fd.as_raw_fd())?;
+        Ok(self.attr_of(ino, &st, Some(&n)))
+    }
+
+    /// chmod / chown / truncate / utimens.
+    #[allow(clippy::too_many_arguments)]
+    pub fn setattr(
+        &self,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<SetTime>,
+        mtime: Option<SetTime>,
+    ) -> Result<Attr, FsError> {
+        self.writable()?;
+        let n = self.node(ino)?;
+        if let Some(size) = size {
+            if n.kind == Kind::Dir {
+                return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EISDIR)));
+            }
+            self.truncate(&n, size)?;
+        }
+        if let Some(mode) = mode
+            && n.kind != Kind::Symlink
+        {
+            sys::chmod(&n.fd, mode & 0o7777)?;
+        }
+        if uid.is_some() || gid.is_some() {
+            sys::chown(n.fd.as_raw_fd(), uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
+        }
+        if atime.is_some() || mtime.is_some() {
+            let times = [timespec(atime), timespec(mtime)];
+            if n.kind == Kind::Symlink {
+                let (parent, name) = lock(&n.name).clone();
+                let p = self.node(parent)?;
+                sys::utimens(p.fd.as_raw_fd(), &name, &times, true)?;
+            } else {
+                sys::utimens(libc::AT_FDCWD, sys::proc_path(&n.fd).as_os_str(), &times, false)?;
+            }
+        }
+        self.getattr(ino)
+    }
+
+    fn reopen(&self, n: &Node, write: bool) -> Result<File, FsError> {
+        let path = sys::proc_path(&n.fd);
+        let rw = std::fs::OpenOptions::new().read(true).write(true).open(&path);
+        match rw {
+            Ok(f) => Ok(f),
+            // A read-only backing file (non-root daemon): reads still work.
+            Err(e) if !write && e.raw_os_error() == Some(libc::EACCES) => {
+                Ok(std::fs::OpenOptions::new().read(true).open(&path)?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn open_enc(&self, n: &Node, write: bool) -> Result<EncryptedFile, FsError> {
+        let f = self.reopen(n, write)?;
+        EncryptedFile::open(f, self.layout, self.volume_id).map_err(|e| self.file_error(n.ino, e))
+    }
+
+    /// Logs an integrity error once, naming the plaintext path, and maps it.
+    fn file_error(&self, ino: u64, e: FileError) -> FsError {
+        let err = FsError::from_file(e, || self.path_of(ino));
+        if let FsError::Integrity { path, detail } = &err {
+            tracing::error!(path = %path, "integrity error: {detail}");
+        }
+        err
+    }
+
+    fn obtain(&self, need: &KeyNeed, fresh_if_empty: bool) -> Result<Obtained, FsError> {
+        match need {
+            KeyNeed::Empty if fresh_if_empty => Ok(Obtained::Fresh(self.pool.take()?)),
+            KeyNeed::Empty => Ok(Obtained::None),
+            KeyNeed::Existing(h) => {
+                let ctx = KeyContext { volume_id: h.volume_id, file_id: h.file_id };
+                Ok(Obtained::Existing(self.keys.get(&h.wrapped, &ctx)?))
+            }
+        }
+    }
+
+    /// Runs a mutating file operation with the right key, fetched without
+    /// holding the inode lock; retries if the file changed meanwhile.
+    fn with_key_mut<T>(
+        &self,
+        n: &Node,
+        fresh_if_empty: bool,
+        mut op: impl FnMut(&mut EncryptedFile, Option<KeyArg<'_>>) -> Result<T, FileError>,
+    ) -> Result<T, FsError> {
+        for _ in 0..8 {
+            let mut need = match rlock(&n.open).as_ref() {
+                Some(o) => o.enc.key_need(),
+                None => return Err(FsError::BadHandle),
+            };
+            let _gate = if need == KeyNeed::Empty && fresh_if_empty {
+                let g = lock(&n.first_key);
+                // Another writer may have minted the key while we waited.
+                need = match rlock(&n.open).as_ref() {
+                    Some(o) => o.enc.key_need(),
+                    None => return Err(FsError::BadHandle),
+                };
+                Some(g)
+            } else {
+                None
+            };
+            let got = self.obtain(&need, fresh_if_empty)?;
+            let mut g = wlock(&n.open);
+            let Some(o) = g.as_mut() else { return Err(FsError::BadHandle) };
+            if o.enc.key_need() != need {
+                continue;
+            }
+            let arg = match &got {
+                Obtained::None => None,
+                Obtained::Existing(k) => Some(KeyArg::Existing(k)),
+                Obtained::Fresh(f) => Some(KeyArg::Fresh(f)),
+            };
+            let res = op(&mut o.enc, arg).map_err(|e| self.file_error(n.ino, e));
+            let used_fresh = o.enc.header().map(|h| h.file_id);
+            drop(g);
+            if let Obtained::Fresh(f) = got
+                && used_fresh == Some(f.file_id)
+            {
+                self.keys.insert(f.file_id, f.key);
+            }
+            return res;
+        }
+        Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EAGAIN)))
+    }
+
+    /// Attaches open state to a node (shared by all its handles).
+    fn attach(&self, n: &Arc<Node>, write: bool) -> Result<(), FsError> {
+        let mut g = wlock(&n.open);
+        match g.as_mut() {
+            Some(o) => o.handles += 1,
+            None => *g = Some(OpenState { enc: self.open_enc(n, write)?, handles: 1 }),
+        }
+        Ok(())
+    }
+
+    fn detach(&self, n: &Node) {
+        let mut g = wlock(&n.open);
+        if let Some(o) = g.as_mut() {
+            o.handles -= 1;
+            if o.handles == 0 {
+                *g = None;
+            }
+        }
+    }
+
+    fn truncate(&self, n: &Arc<Node>, size: u64) -> Result<(), FsError> {
+        self.attach(n, true)?;
+        let r = self.with_key_mut(n, size > 0, |enc, key| {
+            if let (0, Some(h)) = (size, enc.header()) {
+                self.keys.forget(&h.file_id);
+            }
+            enc.set_len(key, size)
+        });
+        self.detach(n);
+        r
+    }
+
+    fn new_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        wlock(&self.handles).insert(fh, Arc::new(h));
+        fh
+    }
+
+    fn handle(&self, fh: u64) -> Result<Arc<Handle>, FsError> {
+        rlock(&self.handles).get(&fh).cloned().ok_or(FsError::BadHandle)
+    }
+
+    fn file_handle(&self, fh: u64) -> Result<Arc<Node>, FsError> {
+        match &*self.handle(fh)? {
+            Handle::File(n) => Ok(n.clone()),
+            Handle::Dir(_) => Err(FsError::BadHandle),
+        }
+    }
+
+    /// Opens a file; `flags` are open(2) flags.
+    pub fn open(&self, ino: u64, flags: i32) -> Result<u64, FsError> {
+        let n = self.node(ino)?;
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        if write {
+            self.writable()?;
+        }
+        if n.kind == Kind::Dir {
+            return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EISDIR)));
+        }
+        self.attach(&n, write)?;
+        if flags & libc::O_TRUNC != 0
+            && write
+            && let Err(e) = self.with_key_mut(&n, false, |enc, key| {
+                if let Some(h) = enc.header() {
+                    self.keys.forget(&h.file_id);
+                }
+                enc.set_len(key, 0)
+            })
+        {
+            self.detach(&n);
+            return Err(e);
+        }
+        Ok(self.new_handle(Handle::File(n)))
+    }
+
+    fn set_owner(&self, fd: &OwnedFd, parent: &Node, caller: Caller) -> Result<(), FsError> {
+        // A root daemon creates files as root; give them to the caller, as
+        // the kernel would. A setgid parent passes on its group instead.
+        if !self.euid_root {
+            return Ok(());
+        }
+        let pst = sys::fstat(parent.fd.as_raw_fd())?;
+        let gid = if pst.st_mode & libc::S_ISGID != 0 { pst.st_gid } else { caller.gid };
+        sys::chown(fd.as_raw_fd(), caller.uid, gid)?;
+        Ok(())
+    }
+
+    /// Creates and opens a regular file.
+    pub fn create(&self, parent: u64, name: &OsStr, mode: u32, flags: i32, caller: Caller) -> Result<(Attr, u64), FsError> {
+        self.writable()?;
+        self.check_name(parent, name)?;
+        let p = self.dir(parent)?;
+        let excl = flags & libc::O_EXCL != 0;
+        let f = sys::openat(
+            p.fd.as_raw_fd(),
+            name,
+            libc::O_CREAT | libc::O_RDWR | libc::O_NOFOLLOW | if excl { libc::O_EXCL } else { 0 },
+            mode & 0o7777,
+        )?;
+        let st = sys::fstat(f.as_raw_fd())?;
+        if st.st_nlink > 0 && st.st_size == 0 {
+            self.set_owner(&f, &p, caller)?;
+        }
+        drop(f);
+        let fd = sys::open_path(p.fd.as_raw_fd(), name)?;
+        self.adopt(parent, name, fd)?;
+        let attr_ino = self.to_fuse_ino(st.st_ino);
+        let fh = self.open(attr_ino, (flags & !libc::O_CREAT & !libc::O_EXCL) | libc::O_RDWR)?;
+        Ok((self.getattr(attr_ino)?, fh))
+    }
+
+    /// mknod: regular files, FIFOs and sockets.
+    pub fn mknod(&self, parent: u64, name: &OsStr, mode: u32, rdev: u32, caller: Caller) -> Result<Attr, FsError> {
+        self.writable()?;
+        self.check_name(parent, name)?;
+        let p = self.dir(parent)?;
+        sys::mknodat(p.fd.as_raw_fd(), name, mode, rdev.into())?;
+        let fd = sys::open_path(p.fd.as_raw_fd(), name)?;
+        self.set_owner(&fd, &p, caller)?;
+        self.adopt(parent, name, fd)
+    }
+
+    /// mkdir.
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr, FsError> {
+        self.writable()?;
+        self.check_name(parent, name)?;
+        let p = self.dir(parent)?;
+        sys::mkdirat(p.fd.as_raw_fd(), name, mode & 0o7777)?;
+        let fd = sys::open_path(p.fd.as_raw_fd(), name)?;
+        self.set_owner(&fd, &p, caller)?;
+        // mkdir(2) masks setgid/sticky by umask rules; restore what was asked.
+        let st = sys::fstat(fd.as_raw_fd())?;
+        if (st.st_mode & 0o7777) != (mode & 0o7777) {
+            let keep_sgid = st.st_mode & libc::S_ISGID;
+            let _ = sys::chmod(&fd, (mode & 0o7777) | keep_sgid);
+        }
+        self.adopt(parent, name, fd)
+    }
+
+    /// symlink.
+    pub fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> Result<Attr, FsError> {
+        self.writable()?;
+        self.check_name(parent, name)?;
+        let p = self.dir(parent)?;
+        sys::symlinkat(target, p.fd.as_raw_fd(), name)?;
+        let fd = sys::open_path(p.fd.as_raw_fd(), name)?;
+        self.set_owner(&fd, &p, caller)?;
+        self.adopt(parent, name, fd)
+    }
+
+    /// readlink.
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>, FsError> {
+        let n = self.node(ino)?;
+        Ok(sys::readlink(n.fd.as_raw_fd())?)
+    }
+
+    /// link: a new name for an existing inode.
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr, FsError> {
+        self.writable()?;
+        self.check_name(newparent, newname)?;
+        let n = self.node(ino)?;
+        let p = self.dir(newparent)?;
+        sys::link_fd(&n.fd, p.fd.as_raw_fd(), newname)?;
+        let fd = sys::open_path(p.fd.as_raw_fd(), newname)?;
+        self.adopt(newparent, newname, fd)
+    }
+
+    /// unlink.
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
+        self.writable()?;
+        self.check_name(parent, name)?;
+        let p = self.dir(parent)?;
+        Ok(sys::unlinkat(p.fd.as_raw_fd(), name, 0)?)
+    }
+
+    /// rmdir.
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
+        self.writable()?;
+        self.check_name(parent, name)?;
+        let p = self.dir(parent)?;
+        Ok(sys::unlinkat(p.fd.as_raw_fd(), name, libc::AT_REMOVEDIR)?)
+    }
+
+    /// rename, with RENAME_NOREPLACE and RENAME_EXCHANGE passed through.
+    pub fn rename(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32) -> Result<(), FsError> {
+        self.writable()?;
+        self.check_name(parent, name)?;
+        self.check_name(newparent, newname)?;
+        let (p, q) = (self.dir(parent)?, self.dir(newparent)?);
+        sys::renameat2(p.fd.as_raw_fd(), name, q.fd.as_raw_fd(), newname, flags)?;
+        // Keep log names current; the O_PATH descriptors follow the inode.
+        if let Ok(st) = sys::statat(q.fd.as_raw_fd(), newname)
+            && let Some(n) = rlock(&self.nodes).get(&self.to_fuse_ino(st.st_ino))
+        {
+            *lock(&n.name) = (newparent, newname.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Reads from an open file.
+    pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        let n = self.file_handle(fh)?;
+        for _ in 0..8 {
+            let need = match rlock(&n.open).as_ref() {
+                Some(o) => o.enc.key_need(),
+                None => return Err(FsError::BadHandle),
+            };
+            let key = match self.obtain(&need, false)? {
+                Obtained::Existing(k) => Some(k),
+                _ => None,
+            };
+            let g = rlock(&n.open);
+            let Some(o) = g.as_ref() else { return Err(FsError::BadHandle) };
+            if o.enc.key_need() != need {
+                continue;
+            }
+            return o.enc.read_at(key.as_deref(), off, size as usize).map_err(|e| self.file_error(n.ino, e));
+        }
+        Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EAGAIN)))
+    }
+
+    /// Writes to an open file; returns bytes written.
+    pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32, FsError> {
+        self.writable()?;
+        let n = self.file_handle(fh)?;
+        self.with_key_mut(&n, true, |enc, key| match key {
+            Some(k) => enc.write_at(k, off, data),
+            None => Err(FileError::NeedKey),
+        })?;
+        Ok(data.len() as u32)
+    }
+
+    /// fsync / fdatasync.
+    pub fn fsync(&self, fh: u64, datasync: bool) -> Result<(), FsError> {
+        let n = self.file_handle(fh)?;
+        let g = rlock(&n.open);
+        match g.as_ref() {
+            Some(o) => o.enc.sync(datasync).map_err(|e| self.file_error(n.ino, e)),
+            None => Err(FsError::BadHandle),
+        }
+    }
+
+    /// Closes a file or directory handle.
+    pub fn release(&self, fh: u64) -> Result<(), FsError> {
+        let h = wlock(&self.handles).remove(&fh).ok_or(FsError::BadHandle)?;
+        if let Handle::File(n) = &*h {
+            self.detach(n);
+        }
+        Ok(())
+    }
+
+    /// fallocate: mode 0 extends, KEEP_SIZE alone is a no-op (blocks are
+    /// written on demand), PUNCH_HOLE zeroes a range.
+    pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> Result<(), FsError> {
+        self.writable()?;
+        let n = self.file_handle(fh)?;
+        let end = off.checked_add(len).ok_or(FsError::TooLarge)?;
+        const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        match mode {
+            0 => self.with_key_mut(&n, true, |enc, key| {
+                if end > enc.size() { enc.set_len(key, end) } else { Ok(()) }
+            }),
+            libc::FALLOC_FL_KEEP_SIZE => Ok(()),
+            PUNCH | libc::FALLOC_FL_ZERO_RANGE | 0x11 => self.with_key_mut(&n, false, |enc, key| {
+                let size = enc.size();
+                let stop = if mode & libc::FALLOC_FL_KEEP_SIZE != 0 { end.min(size) } else { end };
+                if stop <= off {
+                    return Ok(());
+                }
+                let Some(key) = key else { return if stop > size { Err(FileError::NeedKey) } else { Ok(()) } };
+                let zeros = vec![0u8; (stop - off).min(1 << 20) as usize];
+                let mut pos = off;
+                let k = match key {
+                    KeyArg::Existing(k) => k,
+                    KeyArg::Fresh(_) => return Err(FileError::NeedKey),
+                };
+                while pos < stop {
+                    let l = (stop - pos).min(zeros.len() as u64) as usize;
+                    enc.write_at(KeyArg::Existing(k), pos, &zeros[..l])?;
+                    pos += l as u64;
+                }
+                Ok(())
+            }),
+            _ => Err(FsError::Unsupported),
+        }
+    }
+
+    /// SEEK_DATA / SEEK_HOLE, mapped through the block layout.
+    pub fn lseek(&self, fh: u64, off: u64, whence: i32) -> Result<u64, FsError> {
+        let n = self.file_handle(fh)?;
+        let g = rlock(&n.open);
+        let o = g.as_ref().ok_or(FsError::BadHandle)?;
+        let size = o.enc.size();
+        if off >= size {
+            return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::ENXIO)));
+        }
+        let l = self.layout;
+        let bs = l.block_size();
+        let fd = o.enc.backing().as_raw_fd();
+        let block_at = |c: u64| (c.saturating_sub(l.header_size())) / l.stored_block();
+        match whence {
+            libc::SEEK_DATA => {
+                let c = sys::lseek(fd, l.block_offset(off / bs), libc::SEEK_DATA)?;
+                Ok(off.max(block_at(c) * bs).min(size))
+            }
+            libc::SEEK_HOLE => {
+                let c = sys::lseek(fd, l.block_offset(off / bs), libc::SEEK_HOLE)?;
+                let blk = (c.saturating_sub(l.header_size())).div_ceil(l.stored_block());
+                Ok(off.max(blk * bs).min(size))
+            }
+            _ => Err(FsError::Invalid),
+        }
+    }
+
+    /// Opens a directory, snapshotting its entries.
+    pub fn opendir(&self, ino: u64) -> Result<u64, FsError> {
+        let n = self.dir(ino)?;
+        let mut entries = vec![
+            DirEntry { ino, kind: Kind::Dir, name: ".".into() },
+            DirEntry { ino: lock(&n.name).0, kind: Kind::Dir, name: "..".into() },
+        ];
+        for e in std::fs::read_dir(sys::proc_path(&n.fd))? {
+            let e = e?;
+            let name = e.file_name();
+            if ino == ROOT_INO && self.is_reserved(&name) {
+                continue;
+            }
+            use std::os::unix::fs::{DirEntryExt, FileTypeExt};
+            let ft = e.file_type()?;
+            let kind = if ft.is_dir() {
+                Kind::Dir
+            } else if ft.is_symlink() {
+                Kind::Symlink
+            } else if ft.is_fifo() {
+                Kind::Fifo
+            } else if ft.is_socket() {
+                Kind::Socket
+            } else if ft.is_char_device() {
+                Kind::CharDev
+            } else if ft.is_block_device() {
+                Kind::BlockDev
+            } else {
+                Kind::File
+            };
+            entries.push(DirEntry { ino: self.to_fuse_ino(e.ino()), kind, name });
+        }
+        Ok(self.new_handle(Handle::Dir(entries)))
+    }
+
+    /// Entries of an open directory from index `offset`.
+    pub fn readdir(&self, fh: u64, offset: u64) -> Result<Vec<DirEntry>, FsError> {
+        match &*self.handle(fh)? {
+            Handle::Dir(entries) => Ok(entries.iter().skip(offset as usize).cloned().collect()),
+            Handle::File(_) => Err(FsError::BadHandle),
+        }
+    }
+
+    /// fsync of a directory.
+    pub fn fsyncdir(&self, ino: u64) -> Result<(), FsError> {
+        let n = self.dir(ino)?;
+        File::open(sys::proc_path(&n.fd))?.sync_all()?;
+        Ok(())
+    }
+
+    /// statfs of the backing filesystem.
+    pub fn statfs(&self) -> Result<libc::statvfs, FsError> {
+        Ok(sys::statvfs(&self.root_path)?)
+    }
+
+    fn xattr_name_ok(name: &OsStr) -> Result<(), FsError> {
+        // Only user.* is passed through: trusted/security names would act on
+        // the backing files with the daemon's privileges.
+        if name.as_bytes().starts_with(b"user.") { Ok(()) } else { Err(FsError::Unsupported) }
+    }
+
+    /// getxattr; `size == 0` asks for the length.
+    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Vec<u8>, FsError> {
+        if ino == ROOT_INO && name == STATS_XATTR {
+            let v = serde_json::to_vec(&self.stats_json()).map_err(|_| FsError::Invalid)?;
+            if size != 0 && (size as usize) < v.len() {
+                return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::ERANGE)));
+            }
+            return Ok(if size == 0 { vec![0; v.len()] } else { v });
+        }
+        Self::xattr_name_ok(name).map_err(|_| FsError::Io(std::io::Error::from_raw_os_error(libc::ENODATA)))?;
+        let n = self.node(ino)?;
+        Ok(sys::xattr::get(&n.fd, name, size as usize)?)
+    }
+
+    /// setxattr.
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<(), FsError> {
+        self.writable()?;
+        Self::xattr_name_ok(name)?;
+        let n = self.node(ino)?;
+        Ok(sys::xattr::set(&n.fd, name, value, flags)?)
+    }
+
+    /// listxattr.
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>, FsError> {
+        let n = self.node(ino)?;
+        let raw = sys::xattr::list(&n.fd)?;
+        let mut out = Vec::new();
+        for name in raw.split(|&b| b == 0).filter(|s| s.starts_with(b"user.")) {
+            out.extend_from_slice(name);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    /// removexattr.
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> Result<(), FsError> {
+        self.writable()?;
+        Self::xattr_name_ok(name)?;
+        let n = self.node(ino)?;
+        Ok(sys::xattr::remove(&n.fd, name)?)
+    }
+
+    /// Live statistics.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let mut v = self.keys.stats().to_json();
+        v["cache"]["size"] = self.keys.len().into();
+        v["pool_ready"] = self.pool.ready().into();
+        v["inodes"] = rlock(&self.nodes).len().into();
+        v["handles"] = rlock(&self.handles).len().into();
+        v
+    }
+}

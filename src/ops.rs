@@ -1,0 +1,380 @@
+//! Offline volume operations: encrypt, decrypt, inspect, fsck and rewrap.
+//! No FUSE here; the CLI calls these and prints their results.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::file::{EncryptedFile, FileError};
+use crate::format::block::{BlockAad, is_hole, open_in_place, seal_in_place};
+use crate::format::header::{FileHeader, KEY_SECTION};
+use crate::format::layout::Layout;
+use crate::format::{BLOCK_OVERHEAD, Id, NONCE_LEN, hex, random_fill};
+use crate::keys::{KeyContext, KeyError, KeyProvider};
+use crate::volume::CONFIG_NAME;
+
+/// Errors of offline operations.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// I/O on a named file.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is damaged or not a kmsfs file.
+    #[error("{path}: {detail}")]
+    Corrupt {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A key provider error.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> OpError + '_ {
+    move |source| OpError::Io { path: path.display().to_string(), source }
+}
+
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Streams `input` into the per-file format in constant memory.
+pub fn encrypt_stream(
+    input: &mut dyn Read,
+    output: &mut dyn Write,
+    layout: Layout,
+    volume_id: Id,
+    provider: &dyn KeyProvider,
+) -> Result<u64, OpError> {
+    let io = |source| OpError::Io { path: "stream".into(), source };
+    let bs = layout.block_size() as usize;
+    let mut cur = vec![0u8; bs + BLOCK_OVERHEAD];
+    let mut next = vec![0u8; bs + BLOCK_OVERHEAD];
+    let mut n = read_full(input, &mut cur[NONCE_LEN..NONCE_LEN + bs]).map_err(io)?;
+    if n == 0 {
+        return Ok(0); // An empty file has no header.
+    }
+    let file_id = crate::format::random_id().map_err(|e| KeyError::Other(e.to_string()))?;
+    let (key, wrapped) = provider.generate(&KeyContext { volume_id, file_id })?;
+    let mut h = FileHeader::new(layout.block_log2(), layout.header_size() as u16, volume_id, file_id, wrapped);
+    h.seal(&key).map_err(|e| OpError::Corrupt { path: "header".into(), detail: e.to_string() })?;
+    let hb = h.to_bytes().map_err(|e| OpError::Corrupt { path: "header".into(), detail: e.to_string() })?;
+    output.write_all(&hb).map_err(io)?;
+    let mut index = 0u64;
+    let mut total = 0u64;
+    loop {
+        let m = if n == bs { read_full(input, &mut next[NONCE_LEN..NONCE_LEN + bs]).map_err(io)? } else { 0 };
+        let last = m == 0;
+        let mut nonce = [0u8; NONCE_LEN];
+        random_fill(&mut nonce).map_err(|e| KeyError::Other(e.to_string()))?;
+        let aad = BlockAad { file_id: &file_id, block_log2: layout.block_log2(), index, last };
+        let sealed = &mut cur[..n + BLOCK_OVERHEAD];
+        seal_in_place(&key, &aad, nonce, sealed).map_err(|e| KeyError::Other(e.to_string()))?;
+        output.write_all(sealed).map_err(io)?;
+        total += n as u64;
+        if last {
+            break;
+        }
+        std::mem::swap(&mut cur, &mut next);
+        n = m;
+        index += 1;
+    }
+    output.flush().map_err(io)?;
+    Ok(total)
+}
+
+/// Reads a header slot from the start of a stream or file prefix.
+pub fn peek_header(prefix: &[u8]) -> Result<FileHeader, String> {
+    if prefix.len() < 8 {
+        return Err("too short for a kmsfs header".into());
+    }
+    let hs = usize::from(u16::from_be_bytes([prefix[6], prefix[7]]));
+    FileHeader::parse(prefix, hs).map_err(|e| e.to_string())
+}
+
+/// Streams a backing file back to plaintext in constant memory. Every block
+/// is authenticated before its plaintext is written.
+pub fn decrypt_stream(input: &mut dyn Read, output: &mut dyn Write, provider: &dyn KeyProvider) -> Result<u64, OpError> {
+    let io = |source| OpError::Io { path: "stream".into(), source };
+    let corrupt = |d: String| OpError::Corrupt { path: "input".into(), detail: d };
+    let mut head = vec![0u8; 8];
+    let got = read_full(input, &mut head).map_err(io)?;
+    if got == 0 {
+        return Ok(0);
+    }
+    if got < 8 {
+        return Err(corrupt("too short for a kmsfs header".into()));
+    }
+    let hs = usize::from(u16::from_be_bytes([head[6], head[7]]));
+    head.resize(hs.max(8), 0);
+    if read_full(input, &mut head[8..]).map_err(io)? != hs.saturating_sub(8) {
+        return Err(corrupt("header truncated".into()));
+    }
+    let h = peek_header(&head).map_err(corrupt)?;
+    let ctx = KeyContext { volume_id: h.volume_id, file_id: h.file_id };
+    let key = provider.unwrap(&h.wrapped, &ctx)?;
+    h.verify(&key).map_err(|e| corrupt(e.to_string()))?;
+    let layout = Layout::new(h.header_size, h.block_log2).ok_or_else(|| corrupt("bad geometry".into()))?;
+    let sb = layout.stored_block() as usize;
+    let mut cur = vec![0u8; sb];
+    let mut next = vec![0u8; sb];
+    let mut n = read_full(input, &mut cur).map_err(io)?;
+    let mut index = 0u64;
+    let mut total = 0u64;
+    if n == 0 {
+        return Err(corrupt("block 0: missing (header without blocks: truncated)".into()));
+    }
+    loop {
+        let m = if n == sb { read_full(input, &mut next).map_err(io)? } else { 0 };
+        let last = m == 0;
+        if n <= BLOCK_OVERHEAD {
+            return Err(corrupt(format!("block {index}: truncated")));
+        }
+        let chunk = &mut cur[..n];
+        if !last && is_hole(chunk) {
+            let zeros = vec![0u8; n - BLOCK_OVERHEAD];
+            output.write_all(&zeros).map_err(io)?;
+            total += zeros.len() as u64;
+        } else {
+            let aad = BlockAad { file_id: &h.file_id, block_log2: h.block_log2, index, last };
+            let plain = open_in_place(&key, &aad, chunk).map_err(|_| corrupt(format!("block {index}: authentication failed")))?;
+            output.write_all(plain).map_err(io)?;
+            total += plain.len() as u64;
+        }
+        if last {
+            break;
+        }
+        std::mem::swap(&mut cur, &mut next);
+        n = m;
+        index += 1;
+    }
+    output.flush().map_err(io)?;
+    Ok(total)
+}
+
+/// `kmsfs inspect`: the header as JSON, no key needed.
+pub fn inspect(path: &Path) -> Result<serde_json::Value, OpError> {
+    let f = File::open(path).map_err(io_err(path))?;
+    let len = f.metadata().map_err(io_err(path))?.len();
+    if len == 0 {
+        return Ok(serde_json::json!({"empty": true, "plaintext_size": 0, "header_size": 0}));
+    }
+    let mut prefix = vec![0u8; (len as usize).min(65_536)];
+    f.read_exact_at(&mut prefix, 0).map_err(io_err(path))?;
+    let h = peek_header(&prefix).map_err(|d| OpError::Corrupt { path: path.display().to_string(), detail: d })?;
+    let layout = Layout::new(h.header_size, h.block_log2);
+    let (plain, size_ok) = match layout.map(|l| l.plain_size(len)) {
+        Some(Ok(s)) => (s, true),
+        Some(Err((s, _))) => (s, false),
+        None => (0, false),
+    };
+    Ok(serde_json::json!({
+        "version": crate::format::FORMAT_VERSION,
+        "volume_id": hex(&h.volume_id),
+        "file_id": hex(&h.file_id),
+        "provider": h.wrapped.provider,
+        "key_id": h.wrapped.key_id,
+        "block_size": 1u64 << h.block_log2,
+        "header_size": h.header_size,
+        "plaintext_size": plain,
+        "backing_size": len,
+        "size_valid": size_ok,
+        "wrapped_key_len": h.wrapped.blob.len(),
+    }))
+}
+
+/// Every regular file of a cipher dir, except kmsfs's own.
+pub fn walk(cipherdir: &Path) -> Result<Vec<PathBuf>, OpError> {
+    let mut out = Vec::new();
+    let mut stack = vec![cipherdir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let e = e.map_err(io_err(&dir))?;
+            let p = e.path();
+            let ft = e.file_type().map_err(io_err(&p))?;
+            let name = e.file_name();
+            let nb = name.as_encoded_bytes();
+            if dir == cipherdir && (nb == CONFIG_NAME.as_bytes() || nb.starts_with(b".kmsfs")) {
+                continue;
+            }
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// One damaged file in an fsck report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Damage {
+    /// Path relative to the cipher dir (names are plaintext in this version).
+    pub path: String,
+    /// What is wrong.
+    pub error: String,
+    /// Blocks failing authentication.
+    pub bad_blocks: Vec<u64>,
+}
+
+/// fsck results.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct FsckReport {
+    /// Files checked.
+    pub files: u64,
+    /// Blocks checked.
+    pub blocks: u64,
+    /// Damaged files.
+    pub damaged: Vec<Damage>,
+    /// Files with all-zero (hole) blocks: path and block indexes.
+    pub zeroed: Vec<(String, Vec<u64>)>,
+}
+
+/// Verifies every header and every block of every file.
+pub fn fsck(
+    cipherdir: &Path,
+    layout: Layout,
+    volume_id: Id,
+    provider: &dyn KeyProvider,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<FsckReport, OpError> {
+    let files = walk(cipherdir)?;
+    let mut r = FsckReport::default();
+    let total = files.len() as u64;
+    for (i, p) in files.iter().enumerate() {
+        progress(i as u64, total);
+        let rel = p.strip_prefix(cipherdir).unwrap_or(p).display().to_string();
+        r.files += 1;
+        let mut damage = |error: String, bad: Vec<u64>| r.damaged.push(Damage { path: rel.clone(), error, bad_blocks: bad });
+        let f = match File::open(p) {
+            Ok(f) => f,
+            Err(e) => {
+                damage(e.to_string(), vec![]);
+                continue;
+            }
+        };
+        let enc = match EncryptedFile::open(f, layout, volume_id) {
+            Ok(e) => e,
+            Err(e) => {
+                damage(e.to_string(), vec![]);
+                continue;
+            }
+        };
+        let Some(h) = enc.header() else { continue };
+        let ctx = KeyContext { volume_id: h.volume_id, file_id: h.file_id };
+        let key = match provider.unwrap(&h.wrapped, &ctx) {
+            Ok(k) => k,
+            Err(e) => {
+                damage(format!("header: {e}"), vec![]);
+                continue;
+            }
+        };
+        r.blocks += layout.block_count(enc.size());
+        match enc.verify(&key) {
+            Ok(v) => {
+                if v.bad_size || !v.bad_blocks.is_empty() {
+                    let what = if v.bad_size { "invalid size (truncated or torn tail)" } else { "blocks failed authentication" };
+                    damage(what.into(), v.bad_blocks);
+                }
+                if !v.zero_blocks.is_empty() {
+                    r.zeroed.push((rel.clone(), v.zero_blocks));
+                }
+            }
+            Err(FileError::Header(e)) => damage(format!("header: {e}"), vec![]),
+            Err(e) => damage(e.to_string(), vec![]),
+        }
+    }
+    progress(total, total);
+    Ok(r)
+}
+
+/// rewrap results.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct RewrapReport {
+    /// Files re-wrapped now.
+    pub rewrapped: u64,
+    /// Files already under the target key (a resumed run).
+    pub already: u64,
+    /// Empty files (no header).
+    pub empty: u64,
+    /// Files that failed, with the reason.
+    pub failed: Vec<(String, String)>,
+}
+
+/// Re-wraps every header's DEK under `dest`'s key. Data blocks are not
+/// touched. Each header update is one pwrite inside the first 512-byte sector
+/// (header slots are at most 512 bytes), followed by fsync.
+pub fn rewrap(
+    cipherdir: &Path,
+    layout: Layout,
+    source: &dyn KeyProvider,
+    dest: &dyn KeyProvider,
+    dry_run: bool,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<RewrapReport, OpError> {
+    let files = walk(cipherdir)?;
+    let dest_key = dest.key_id();
+    let mut r = RewrapReport::default();
+    let total = files.len() as u64;
+    for (i, p) in files.iter().enumerate() {
+        progress(i as u64, total);
+        let rel = p.strip_prefix(cipherdir).unwrap_or(p).display().to_string();
+        let res = (|| -> Result<bool, OpError> {
+            let f = OpenOptions::new().read(true).write(!dry_run).open(p).map_err(io_err(p))?;
+            if f.metadata().map_err(io_err(p))?.len() == 0 {
+                return Ok(false);
+            }
+            let mut buf = vec![0u8; layout.header_size() as usize];
+            f.read_exact_at(&mut buf, 0).map_err(io_err(p))?;
+            let mut h = FileHeader::parse(&buf, buf.len())
+                .map_err(|e| OpError::Corrupt { path: rel.clone(), detail: e.to_string() })?;
+            if h.wrapped.key_id == dest_key && h.wrapped.provider == dest.name() {
+                r.already += 1;
+                return Ok(true);
+            }
+            let ctx = KeyContext { volume_id: h.volume_id, file_id: h.file_id };
+            let new = if source.name() == dest.name() && dest.name() != crate::keys::local::NAME {
+                dest.rewrap(&h.wrapped, &ctx)?
+            } else {
+                let key = source.unwrap(&h.wrapped, &ctx)?;
+                h.verify(&key).map_err(|e| OpError::Corrupt { path: rel.clone(), detail: e.to_string() })?;
+                dest.wrap(&key, &ctx)?
+            };
+            h.wrapped = new;
+            let section = h.key_section_bytes().map_err(|e| OpError::Corrupt { path: rel.clone(), detail: e.to_string() })?;
+            if !dry_run {
+                f.write_all_at(&section, KEY_SECTION as u64).map_err(io_err(p))?;
+                f.sync_data().map_err(io_err(p))?;
+            }
+            r.rewrapped += 1;
+            Ok(true)
+        })();
+        match res {
+            Ok(true) => {}
+            Ok(false) => r.empty += 1,
+            Err(e) => r.failed.push((rel, e.to_string())),
+        }
+    }
+    progress(total, total);
+    Ok(r)
+}
+
