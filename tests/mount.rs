@@ -1,0 +1,400 @@
+//! Real FUSE mounts through the kmsfs binary.
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use common::*;
+
+#[test]
+fn round_trips_by_size() {
+    if !fuse_available("round_trips_by_size") {
+        return;
+    }
+    let v = Volume::new();
+    let m = v.mount("m", &[]);
+    let sizes = [0usize, 1, 4095, 4096, 4097, 65_536 + 3, 1 << 20, (5 << 20) + 7, 20 << 20];
+    for (i, &n) in sizes.iter().enumerate() {
+        let data = random_bytes(n, i as u64);
+        let src = v.tmp.path().join(format!("src{i}"));
+        std::fs::write(&src, &data).unwrap();
+        let (ok, out) = sh(&format!("cp {} {}", src.display(), m.path(&format!("f{i}")).display()));
+        assert!(ok, "{out}");
+        let back = std::fs::read(m.path(&format!("f{i}"))).unwrap();
+        assert!(back == data, "size {n} differs");
+        assert_eq!(std::fs::metadata(m.path(&format!("f{i}"))).unwrap().len(), n as u64);
+    }
+    drop(m);
+    // And after a remount (nothing served from the page cache).
+    let m = v.mount("m2", &[]);
+    for (i, &n) in sizes.iter().enumerate() {
+        let back = std::fs::read(m.path(&format!("f{i}"))).unwrap();
+        assert!(back == random_bytes(n, i as u64), "size {n} differs after remount");
+    }
+}
+
+#[test]
+fn marker_never_reaches_backing_dir() {
+    if !fuse_available("marker_never_reaches_backing_dir") {
+        return;
+    }
+    let v = Volume::new();
+    let m = v.mount("m", &[]);
+    let marker = b"KMSFS-MARKER-4f1c2a";
+    let mut data = marker.repeat(1000);
+    data.extend_from_slice(&random_bytes(10_000, 1));
+    data.extend_from_slice(marker);
+    std::fs::write(m.path("a.txt"), &data).unwrap();
+    std::fs::write(m.path("small"), marker).unwrap();
+    drop(m);
+    for e in walk(&v.cipher) {
+        let bytes = std::fs::read(&e).unwrap();
+        assert!(!bytes.windows(marker.len()).any(|w| w == marker), "marker in {}", e.display());
+    }
+}
+
+fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(p).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&e.path()));
+        } else if e.file_type().unwrap().is_file() {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+#[test]
+fn random_io_matches_model() {
+    if !fuse_available("random_io_matches_model") {
+        return;
+    }
+    let v = Volume::new();
+    let m = v.mount("m", &[]);
+    let p = m.path("model");
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p).unwrap();
+    let mut model: Vec<u8> = Vec::new();
+    let mut x = 12345u64;
+    let mut next = |m: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % m
+    };
+    for step in 0..400 {
+        match next(4) {
+            0 | 1 => {
+                let off = next(300_000) as usize;
+                let len = 1 + next(20_000) as usize;
+                let d = random_bytes(len, step);
+                f.write_all_at(&d, off as u64).unwrap();
+                if model.len() < off + len {
+                    model.resize(off + len, 0);
+                }
+                model[off..off + len].copy_from_slice(&d);
+            }
+            2 => {
+                let n = next(300_000) as usize;
+                f.set_len(n as u64).unwrap();
+                model.resize(n, 0);
+            }
+            _ => {
+                let off = next(320_000) as usize;
+                let len = next(30_000) as usize;
+                let mut buf = vec![0u8; len];
+                let mut got = 0;
+                while got < len {
+                    let k = f.read_at(&mut buf[got..], (off + got) as u64).unwrap();
+                    if k == 0 {
+                        break;
+                    }
+                    got += k;
+                }
+                let s = off.min(model.len());
+                let e = (off + len).min(model.len());
+                assert_eq!(&buf[..got], &model[s..e], "step {step}");
+            }
+        }
+    }
+    drop(f);
+    assert!(std::fs::read(&p).unwrap() == model);
+}
+
+#[test]
+fn concurrent_writers_and_readers() {
+    if !fuse_available("concurrent_writers_and_readers") {
+        return;
+    }
+    let v = Volume::new();
+    let m = v.mount("m", &[]);
+    let p = m.path("shared");
+    const CHUNK: usize = 10_000; // not block aligned on purpose
+    std::fs::File::create(&p).unwrap().set_len((8 * 40 * CHUNK) as u64).unwrap();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+                for i in 0..40 {
+                    let off = (i * 8 + t) * CHUNK;
+                    f.write_all_at(&vec![(t as u8) + 1; CHUNK], off as u64).unwrap();
+                }
+            })
+        })
+        .collect();
+    let reader = {
+        let p = p.clone();
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&p).unwrap();
+            let mut buf = vec![0u8; CHUNK];
+            for _ in 0..200 {
+                f.read_exact_at(&mut buf, 3 * CHUNK as u64).unwrap();
+                // Never torn: each chunk is all zeros or all one writer's byte.
+                assert!(buf.iter().all(|&b| b == buf[0]), "torn read");
+            }
+        })
+    };
+    for t in threads {
+        t.join().unwrap();
+    }
+    reader.join().unwrap();
+    let all = std::fs::read(&p).unwrap();
+    for (c, chunk) in all.chunks(CHUNK).enumerate() {
+        assert!(chunk.iter().all(|&b| b == (c % 8) as u8 + 1), "chunk {c}");
+    }
+    // Many files at once.
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let dir = m.path("");
+            std::thread::spawn(move || {
+                for i in 0..25 {
+                    let d = random_bytes(1000 + i * 97, (t * 100 + i) as u64);
+                    let f = dir.join(format!("t{t}-{i}"));
+                    std::fs::write(&f, &d).unwrap();
+                    assert!(std::fs::read(&f).unwrap() == d);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn mmap_read_and_write() {
+    if !fuse_available("mmap_read_and_write") {
+        return;
+    }
+    let v = Volume::new();
+    let m = v.mount("m", &[]);
+    let p = m.path("mm");
+    let n = 3 * 4096 + 100;
+    std::fs::write(&p, random_bytes(n, 9)).unwrap();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: mapping a file we own, within its size; unmapped below.
+    unsafe {
+        let ptr = libc::mmap(std::ptr::null_mut(), n, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, f.as_raw_fd(), 0);
+        assert_ne!(ptr, libc::MAP_FAILED);
+        let s = std::slice::from_raw_parts_mut(ptr as *mut u8, n);
+        assert!(s == &random_bytes(n, 9)[..], "mmap read");
+        s[5000..5010].copy_from_slice(b"MMAPWRITE!");
+        assert_eq!(libc::msync(ptr, n, libc::MS_SYNC), 0);
+        libc::munmap(ptr, n);
+    }
+    drop(f);
+    drop(m);
+    let m = v.mount("m2", &[]);
+    let back = std::fs::read(m.path("mm")).unwrap();
+    assert_eq!(&back[5000..5010], b"MMAPWRITE!");
+}
+
+#[test]
+fn rename_link_symlink() {
+    if !fuse_available("rename_link_symlink") {
+        return;
+    }
+    let v = Volume::new();
+    let m = v.mount("m", &[]);
+    std::fs::create_dir_all(m.path("a/b")).unwrap();
+    std::fs::write(m.path("a/b/f"), b"content").unwrap();
+    std::fs::rename(m.path("a/b/f"), m.path("a/g")).unwrap();
+    assert_eq!(std::fs::read(m.path("a/g")).unwrap(), b"content");
+    std::fs::rename(m.path("a"), m.path("z")).unwrap();
+    assert_eq!(std::fs::read(m.path("z/g")).unwrap(), b"content");
+    std::fs::hard_link(m.path("z/g"), m.path("hl")).unwrap();
+    let (a, b) = (std::fs::metadata(m.path("z/g")).unwrap(), std::fs::metadata(m.path("hl")).unwrap());
+    assert_eq!(a.ino(), b.ino());
+    assert_eq!(a.nlink(), 2);
+    std::fs::write(m.path("hl"), b"changed via link").unwrap();
+    assert_eq!(std::fs::read(m.path("z/g")).unwrap(), b"changed via link");
+    std::os::unix::fs::symlink("z/g", m.path("sl")).unwrap();
+    assert_eq!(std::fs::read_link(m.path("sl")).unwrap().to_str(), Some("z/g"));
+    assert_eq!(std::fs::read(m.path("sl")).unwrap(), b"changed via link");
+    // RENAME_EXCHANGE and RENAME_NOREPLACE.
+    std::fs::write(m.path("x1"), b"one").unwrap();
+    std::fs::write(m.path("x2"), b"two").unwrap();
+    let (ok, out) = sh(&format!("mv --exchange {} {} 2>&1 || echo NOEXCHANGE", m.path("x1").display(), m.path("x2").display()));
+    if !out.contains("NOEXCHANGE") && !out.contains("unrecognized") {
+        assert!(ok);
+        assert_eq!(std::fs::read(m.path("x1")).unwrap(), b"two");
+    }
+    let (_, out) = sh(&format!("mv -n {} {}; cat {}", m.path("x1").display(), m.path("x2").display(), m.path("x2").display()));
+    assert!(out.contains("one") || out.contains("two"));
+    // The volume config is invisible and untouchable.
+    assert!(!m.path("kmsfs.conf").exists());
+    assert!(std::fs::write(m.path("kmsfs.conf"), b"x").is_err());
+}
+
+#[test]
+fn sparse_file_stays_sparse() {
+    if !fuse_available("sparse_file_stays_sparse") {
+        return;
+    }
+    let v = Volume::new();
+    let m = v.mount("m", &[]);
+    let mut f = std::fs::File::create(m.path("sparse")).unwrap();
+    f.write_all(b"start").unwrap();
+    f.seek(SeekFrom::Start(1 << 30)).unwrap();
+    f.write_all(b"end").unwrap();
+    drop(f);
+    let st = std::fs::metadata(v.cipher.join("sparse")).unwrap();
+    assert!(st.blocks() * 512 < 4 << 20, "backing uses {} bytes", st.blocks() * 512);
+    let mut f = std::fs::File::open(m.path("sparse")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    f.seek(SeekFrom::Start(512 << 20)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    assert_eq!(std::fs::metadata(m.path("sparse")).unwrap().len(), (1 << 30) + 3);
+}
+
+#[test]
+fn corrupted_backing_file_gives_eio() {
+    if !fuse_available("corrupted_backing_file_gives_eio") {
+        return;
+    }
+    let v = Volume::new();
+    let m = v.mount("m", &[]);
+    std::fs::write(m.path("victim"), random_bytes(20_000, 5)).unwrap();
+    drop(m);
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(v.cipher.join("victim")).unwrap();
+    let mut b = [0u8];
+    let off = 256 + 4124 + 100; // inside block 1
+    f.read_exact_at(&mut b, off).unwrap();
+    f.write_all_at(&[b[0] ^ 1], off).unwrap();
+    drop(f);
+    let m = v.mount("m2", &[]);
+    let err = std::fs::read(m.path("victim")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    // Block 0 still reads: damage is contained to the block.
+    let mut head = vec![0u8; 4096];
+    std::fs::File::open(m.path("victim")).unwrap().read_exact_at(&mut head, 0).unwrap();
+    assert!(head == random_bytes(20_000, 5)[..4096]);
+    let log = m.log();
+    assert!(log.contains("/victim") && log.contains("block 1"), "log names file and block: {log}");
+}
+
+#[test]
+fn kill9_then_remount_keeps_fsynced_files() {
+    if !fuse_available("kill9_then_remount_keeps_fsynced_files") {
+        return;
+    }
+    let v = Volume::new();
+    let mut m = v.mount("m", &[]);
+    let mut synced = vec![];
+    for i in 0..20 {
+        let d = random_bytes(50_000 + i * 1000, i as u64);
+        let mut f = std::fs::File::create(m.path(&format!("s{i}"))).unwrap();
+        f.write_all(&d).unwrap();
+        f.sync_all().unwrap();
+        synced.push(d);
+    }
+    // Unsynced writes in flight while the daemon dies.
+    let dir = m.path("");
+    let writer = std::thread::spawn(move || {
+        for i in 0..1000 {
+            if std::fs::write(dir.join(format!("u{i}")), random_bytes(30_000, 1000 + i)).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    m.kill9();
+    let _ = writer.join();
+    let m = v.mount("m2", &[]);
+    for (i, d) in synced.iter().enumerate() {
+        assert!(std::fs::read(m.path(&format!("s{i}"))).unwrap() == *d, "s{i} damaged");
+    }
+}
+
+#[test]
+fn two_mounts_share_one_cipher_dir() {
+    if !fuse_available("two_mounts_share_one_cipher_dir") {
+        return;
+    }
+    let v = Volume::new();
+    let a = v.mount("a", &[]);
+    let b = v.mount("b", &[]);
+    let d = random_bytes(300_000, 77);
+    std::fs::write(a.path("from-a"), &d).unwrap();
+    assert!(std::fs::read(b.path("from-a")).unwrap() == d);
+    std::fs::write(b.path("from-b"), b"hello from b").unwrap();
+    assert_eq!(std::fs::read(a.path("from-b")).unwrap(), b"hello from b");
+}
+
+#[test]
+fn ordinary_tools_work() {
+    if !fuse_available("ordinary_tools_work") {
+        return;
+    }
+    let v = Volume::new();
+    let m = v.mount("m", &[]);
+    let mp = m.mnt.display().to_string();
+    let src = v.tmp.path().join("src");
+    std::fs::create_dir_all(src.join("sub/deeper")).unwrap();
+    for i in 0..50 {
+        std::fs::write(src.join(format!("sub/f{i}")), random_bytes(i * 300, i as u64)).unwrap();
+    }
+    std::fs::write(src.join("sub/deeper/x"), b"x").unwrap();
+    let s = src.display();
+    for (what, cmd) in [
+        ("tar", format!("tar -C {s} -cf {mp}/t.tar . && mkdir {mp}/untar && tar -C {mp}/untar -xf {mp}/t.tar && diff -r {s} {mp}/untar")),
+        ("rsync", format!("command -v rsync >/dev/null || exit 0; rsync -a {s}/ {mp}/rs/ && diff -r {s} {mp}/rs")),
+        ("sed -i", format!("printf 'a\\nb\\n' > {mp}/sed.txt && sed -i s/a/A/ {mp}/sed.txt && grep -q A {mp}/sed.txt")),
+        ("cp -a", format!("cp -a {s} {mp}/cpa && diff -r {s} {mp}/cpa")),
+        (
+            "git",
+            format!(
+                "command -v git >/dev/null || exit 0; cd {mp} && git init -q repo && cd repo && cp -r {s}/sub . && git add -A && git -c user.email=t@t -c user.name=t commit -qm c && git fsck >/dev/null 2>&1 && git status --porcelain | wc -l | grep -qx 0"
+            ),
+        ),
+        (
+            "sqlite3",
+            format!(
+                "command -v sqlite3 >/dev/null || exit 0; sqlite3 {mp}/db.sqlite 'create table t(x); insert into t values(1),(2),(3);' && test $(sqlite3 {mp}/db.sqlite 'select sum(x) from t') = 6 && sqlite3 {mp}/db.sqlite 'pragma integrity_check' | grep -q ok"
+            ),
+        ),
+    ] {
+        let (ok, out) = sh(&cmd);
+        assert!(ok, "{what} failed: {out}");
+    }
+}
+
+#[test]
+fn disabled_on_read_only_mount() {
+    if !fuse_available("disabled_on_read_only_mount") {
+        return;
+    }
+    let v = Volume::new();
+    let m = v.mount("m", &[]);
+    std::fs::write(m.path("f"), b"data").unwrap();
+    drop(m);
+    let m = v.mount("ro", &["ro"]);
+    assert_eq!(std::fs::read(m.path("f")).unwrap(), b"data");
+    let e = std::fs::write(m.path("g"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+}
