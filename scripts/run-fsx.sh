@@ -28,7 +28,7 @@ ROOT=$PWD
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 usage() { sed -n '2,24p' "$0" >&2; exit 2; }
-[ $# -ge 1 ] && [ $# -le 3 ] || usage
+if [ $# -lt 1 ] || [ $# -gt 3 ]; then usage; fi
 case "$1" in -h|--help) usage ;; esac
 FILE=$1
 OPS=${2:-${FSX_OPS:-100000}}

@@ -68,12 +68,9 @@ impl FsError {
         match self {
             Self::Integrity { .. } | Self::Key(_) | Self::TooLarge => true,
             Self::Io(e) => matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::ENOSPC) | None),
-            Self::NotFound
-            | Self::BadHandle
-            | Self::Invalid
-            | Self::Reserved
-            | Self::Unsupported
-            | Self::ReadOnly => false,
+            Self::NotFound | Self::BadHandle | Self::Invalid | Self::Reserved | Self::Unsupported | Self::ReadOnly => {
+                false
+            }
         }
     }
 

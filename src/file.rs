@@ -171,7 +171,14 @@ impl EncryptedFile {
     }
 
     /// Opens one stored block into `out` (resized to its plaintext length).
-    fn open_stored(&self, h: &FileHeader, key: &DataKey, index: u64, stored: &mut [u8], out: &mut [u8]) -> Result<(), FileError> {
+    fn open_stored(
+        &self,
+        h: &FileHeader,
+        key: &DataKey,
+        index: u64,
+        stored: &mut [u8],
+        out: &mut [u8],
+    ) -> Result<(), FileError> {
         let last = Some(index) == self.last_index();
         if !last && is_hole(stored) {
             out.fill(0);
@@ -426,7 +433,11 @@ impl EncryptedFile {
 
     /// fsync of the backing file.
     pub fn sync(&self, data_only: bool) -> Result<(), FileError> {
-        if data_only { self.file.sync_data()? } else { self.file.sync_all()? }
+        if data_only {
+            self.file.sync_data()?
+        } else {
+            self.file.sync_all()?
+        }
         Ok(())
     }
 }

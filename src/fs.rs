@@ -196,7 +196,6 @@ fn timespec(t: Option<SetTime>) -> libc::timespec {
     }
 }
 
-
 /// The filesystem.
 pub struct EncFs {
     root_path: PathBuf,
@@ -361,9 +360,8 @@ impl EncFs {
             return Err(FsError::NotFound);
         }
         let p = self.dir(parent)?;
-        let fd = sys::open_path(p.fd.as_raw_fd(), name).map_err(|e| {
-            if e.raw_os_error() == Some(libc::ENOENT) { FsError::NotFound } else { FsError::Io(e) }
-        })?;
+        let fd = sys::open_path(p.fd.as_raw_fd(), name)
+            .map_err(|e| if e.raw_os_error() == Some(libc::ENOENT) { FsError::NotFound } else { FsError::Io(e) })?;
         self.adopt(parent, name, fd)
     }
 
@@ -632,7 +630,14 @@ impl EncFs {
     }
 
     /// Creates and opens a regular file.
-    pub fn create(&self, parent: u64, name: &OsStr, mode: u32, flags: i32, caller: Caller) -> Result<(Attr, u64), FsError> {
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> Result<(Attr, u64), FsError> {
         self.writable()?;
         self.check_name(parent, name)?;
         let p = self.dir(parent)?;
@@ -728,7 +733,14 @@ impl EncFs {
     }
 
     /// rename, with RENAME_NOREPLACE and RENAME_EXCHANGE passed through.
-    pub fn rename(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32) -> Result<(), FsError> {
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> Result<(), FsError> {
         self.writable()?;
         self.check_name(parent, name)?;
         self.check_name(newparent, newname)?;
@@ -803,9 +815,7 @@ impl EncFs {
         let end = off.checked_add(len).ok_or(FsError::TooLarge)?;
         const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         match mode {
-            0 => self.with_key_mut(&n, true, |enc, key| {
-                if end > enc.size() { enc.set_len(key, end) } else { Ok(()) }
-            }),
+            0 => self.with_key_mut(&n, true, |enc, key| if end > enc.size() { enc.set_len(key, end) } else { Ok(()) }),
             libc::FALLOC_FL_KEEP_SIZE => Ok(()),
             PUNCH | libc::FALLOC_FL_ZERO_RANGE | 0x11 => self.with_key_mut(&n, false, |enc, key| {
                 let size = enc.size();

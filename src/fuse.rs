@@ -168,7 +168,16 @@ impl Filesystem for KmsFuse {
         }
     }
 
-    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, rdev: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
         match self.fs.mknod(parent.0, name, mode, rdev, caller(req)) {
             Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
             Err(e) => reply.error(errno("mknod", &e)),

@@ -4,13 +4,13 @@
 //! drive it without mounting; `fuse` is the thin adapter.
 #![deny(missing_docs)]
 
-pub mod format;
-pub mod keys;
-pub mod file;
+pub mod daemon;
 pub mod error;
+pub mod file;
+pub mod format;
 pub mod fs;
+pub mod fuse;
+pub mod keys;
+pub mod ops;
 pub mod sys;
 pub mod volume;
-pub mod fuse;
-pub mod ops;
-pub mod daemon;

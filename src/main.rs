@@ -287,7 +287,8 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                 (p, l, kmsfs::format::random_id().map_err(|e| Failure(exit::ERROR, e.to_string()))?)
             } else if let Some(k) = key_file {
                 let p = LocalProvider::open(&k).map_err(|e| Failure(exit::KEY, e.to_string()))?;
-                let l = Layout::new(kmsfs::volume::LOCAL_HEADER_SIZE, 12).ok_or(Failure(exit::ERROR, "layout".into()))?;
+                let l =
+                    Layout::new(kmsfs::volume::LOCAL_HEADER_SIZE, 12).ok_or(Failure(exit::ERROR, "layout".into()))?;
                 (Arc::new(p), l, kmsfs::format::random_id().map_err(|e| Failure(exit::ERROR, e.to_string()))?)
             } else {
                 return Err(Failure(exit::USAGE, "encrypt needs --volume, --kms-key or --key-file".into()));
@@ -341,13 +342,24 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
             } else {
                 for d in &r.damaged {
-                    let blocks = if d.bad_blocks.is_empty() { String::new() } else { format!(" (blocks {:?})", d.bad_blocks) };
+                    let blocks =
+                        if d.bad_blocks.is_empty() { String::new() } else { format!(" (blocks {:?})", d.bad_blocks) };
                     println!("DAMAGED {}: {}{blocks}", d.path, d.error);
                 }
                 for (p, z) in &r.zeroed {
-                    println!("ZEROED  {p}: {} all-zero block(s) read as holes, first {:?}", z.len(), &z[..z.len().min(5)]);
+                    println!(
+                        "ZEROED  {p}: {} all-zero block(s) read as holes, first {:?}",
+                        z.len(),
+                        &z[..z.len().min(5)]
+                    );
                 }
-                println!("{} files, {} blocks checked, {} damaged, {} with zeroed blocks", r.files, r.blocks, r.damaged.len(), r.zeroed.len());
+                println!(
+                    "{} files, {} blocks checked, {} damaged, {} with zeroed blocks",
+                    r.files,
+                    r.blocks,
+                    r.damaged.len(),
+                    r.zeroed.len()
+                );
             }
             Ok(if r.damaged.is_empty() { 0 } else { exit::DAMAGED })
         }
@@ -355,12 +367,16 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
             rewrap(&cipherdir, to_key, to_key_file, key_file, dry_run)
         }
         Cmd::Stats { mountpoint, json } => {
-            let v = read_stats(&mountpoint).map_err(|e| Failure(exit::ERROR, format!("{}: {e}", mountpoint.display())))?;
+            let v =
+                read_stats(&mountpoint).map_err(|e| Failure(exit::ERROR, format!("{}: {e}", mountpoint.display())))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
                 let c = &v["cache"];
-                println!("key cache: {} keys, {} hits, {} misses, {} evictions", c["size"], c["hits"], c["misses"], c["evictions"]);
+                println!(
+                    "key cache: {} keys, {} hits, {} misses, {} evictions",
+                    c["size"], c["hits"], c["misses"], c["evictions"]
+                );
                 if let Some(ops) = v["provider_calls"].as_object() {
                     for (op, s) in ops {
                         println!(
@@ -380,9 +396,7 @@ fn read_stats(mnt: &Path) -> std::io::Result<serde_json::Value> {
     let c = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
     let mut buf = vec![0u8; 64 * 1024];
     // SAFETY: valid C strings and buffer.
-    let n = unsafe {
-        libc::getxattr(c.as_ptr(), c"user.kmsfs.stats".as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-    };
+    let n = unsafe { libc::getxattr(c.as_ptr(), c"user.kmsfs.stats".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
         let e = std::io::Error::last_os_error();
         return Err(std::io::Error::new(e.kind(), format!("not a kmsfs mount ({e})")));
@@ -396,9 +410,14 @@ fn init(cipherdir: &Path, kms_key: Option<String>, key_file: Option<PathBuf>, bl
         return Err(Failure(exit::USAGE, "--block-size must be a power of two from 4096 to 1048576".into()));
     }
     std::fs::create_dir_all(cipherdir).map_err(|e| Failure(exit::ERROR, format!("{}: {e}", cipherdir.display())))?;
-    let mut entries = std::fs::read_dir(cipherdir).map_err(|e| Failure(exit::ERROR, format!("{}: {e}", cipherdir.display())))?;
+    let mut entries =
+        std::fs::read_dir(cipherdir).map_err(|e| Failure(exit::ERROR, format!("{}: {e}", cipherdir.display())))?;
     if entries.next().is_some() {
-        let what = if cipherdir.join(kmsfs::volume::CONFIG_NAME).exists() { "is already a kmsfs volume" } else { "is not empty" };
+        let what = if cipherdir.join(kmsfs::volume::CONFIG_NAME).exists() {
+            "is already a kmsfs volume"
+        } else {
+            "is not empty"
+        };
         return Err(Failure(exit::VOLUME, format!("{} {what}", cipherdir.display())));
     }
     let cfg = if let Some(k) = kms_key {
@@ -418,11 +437,20 @@ fn init(cipherdir: &Path, kms_key: Option<String>, key_file: Option<PathBuf>, bl
         let p = LocalProvider::create_key_file(&abs).map_err(|e| Failure(exit::KEY, e.to_string()))?;
         cfg.key_id = p.key_id();
         cfg.key_file = Some(abs.clone());
-        eprintln!("Created key file {} (mode 0600). Back it up: without it the data cannot be decrypted.", abs.display());
+        eprintln!(
+            "Created key file {} (mode 0600). Back it up: without it the data cannot be decrypted.",
+            abs.display()
+        );
         cfg
     };
     cfg.store(cipherdir).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
-    eprintln!("Initialized kmsfs volume {} in {} ({:?} provider, {} byte blocks)", cfg.volume_id, cipherdir.display(), cfg.provider, cfg.block_size);
+    eprintln!(
+        "Initialized kmsfs volume {} in {} ({:?} provider, {} byte blocks)",
+        cfg.volume_id,
+        cipherdir.display(),
+        cfg.provider,
+        cfg.block_size
+    );
     Ok(0)
 }
 
@@ -445,12 +473,16 @@ fn unmount(mnt: &Path) -> Result<u8, Failure> {
     match st {
         Ok(s) if s.success() => Ok(0),
         _ => {
-            let c = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+            let c = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes())
+                .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
             // SAFETY: valid C string.
             if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
                 Ok(0)
             } else {
-                Err(Failure(exit::MOUNT, format!("cannot unmount {}: {}", mnt.display(), std::io::Error::last_os_error())))
+                Err(Failure(
+                    exit::MOUNT,
+                    format!("cannot unmount {}: {}", mnt.display(), std::io::Error::last_os_error()),
+                ))
             }
         }
     }
@@ -465,28 +497,29 @@ fn rewrap(
 ) -> Result<u8, Failure> {
     let mut cfg = load(cipherdir)?;
     let cd = std::fs::canonicalize(cipherdir).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
-    let mounted = std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
-        m.lines().any(|l| l.split(' ').next() == Some(&cd.to_string_lossy()) && l.contains(" fuse"))
-    });
+    let mounted = std::fs::read_to_string("/proc/self/mounts")
+        .is_ok_and(|m| m.lines().any(|l| l.split(' ').next() == Some(&cd.to_string_lossy()) && l.contains(" fuse")));
     if mounted {
         return Err(Failure(exit::MOUNT, format!("{} is mounted: unmount it before rewrap", cipherdir.display())));
     }
     let source = provider_of(&cfg, key_file.as_deref())?;
-    let (dest, kind, key_id, kf): (Arc<dyn KeyProvider>, ProviderKind, String, Option<PathBuf>) = if let Some(k) = to_key {
-        let p = kmsfs::keys::open_aws_kms(&k).map_err(|e| Failure(exit::KEY, e.to_string()))?;
-        p.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;
-        (p, ProviderKind::AwsKms, k, None)
-    } else if let Some(f) = to_key_file {
-        let p = if f.exists() { LocalProvider::open(&f) } else { LocalProvider::create_key_file(&f) }
-            .map_err(|e| Failure(exit::KEY, e.to_string()))?;
-        let id = p.key_id();
-        let abs = std::path::absolute(&f).unwrap_or(f);
-        (Arc::new(p), ProviderKind::Local, id, Some(abs))
-    } else {
-        return Err(Failure(exit::USAGE, "rewrap needs --to-key or --to-key-file".into()));
-    };
-    let r = kmsfs::ops::rewrap(cipherdir, layout_of(&cfg)?, source.as_ref(), dest.as_ref(), dry_run, progress("rewrap"))
-        .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+    let (dest, kind, key_id, kf): (Arc<dyn KeyProvider>, ProviderKind, String, Option<PathBuf>) =
+        if let Some(k) = to_key {
+            let p = kmsfs::keys::open_aws_kms(&k).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+            p.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;
+            (p, ProviderKind::AwsKms, k, None)
+        } else if let Some(f) = to_key_file {
+            let p = if f.exists() { LocalProvider::open(&f) } else { LocalProvider::create_key_file(&f) }
+                .map_err(|e| Failure(exit::KEY, e.to_string()))?;
+            let id = p.key_id();
+            let abs = std::path::absolute(&f).unwrap_or(f);
+            (Arc::new(p), ProviderKind::Local, id, Some(abs))
+        } else {
+            return Err(Failure(exit::USAGE, "rewrap needs --to-key or --to-key-file".into()));
+        };
+    let r =
+        kmsfs::ops::rewrap(cipherdir, layout_of(&cfg)?, source.as_ref(), dest.as_ref(), dry_run, progress("rewrap"))
+            .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
     for (p, e) in &r.failed {
         println!("FAILED {p}: {e}");
     }
@@ -499,7 +532,9 @@ fn rewrap(
         r.failed.len()
     );
     if !r.failed.is_empty() {
-        println!("The volume still uses the old key for new files; fix the failures and run rewrap again (it resumes).");
+        println!(
+            "The volume still uses the old key for new files; fix the failures and run rewrap again (it resumes)."
+        );
         return Ok(exit::ERROR);
     }
     if !dry_run {
@@ -629,9 +664,11 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
     daemon::report_ready("ready");
     daemon::sd_notify("READY=1");
     let sweeper_cache = cache.clone();
-    let _ = std::thread::Builder::new().name("kmsfs-sweep".into()).spawn(move || loop {
-        std::thread::sleep(Duration::from_secs(5));
-        sweeper_cache.sweep();
+    let _ = std::thread::Builder::new().name("kmsfs-sweep".into()).spawn(move || {
+        loop {
+            std::thread::sleep(Duration::from_secs(5));
+            sweeper_cache.sweep();
+        }
     });
     loop {
         match daemon::wait_signal(Duration::from_millis(500)) {

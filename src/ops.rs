@@ -111,7 +111,11 @@ pub fn peek_header(prefix: &[u8]) -> Result<FileHeader, String> {
 
 /// Streams a backing file back to plaintext in constant memory. Every block
 /// is authenticated before its plaintext is written.
-pub fn decrypt_stream(input: &mut dyn Read, output: &mut dyn Write, provider: &dyn KeyProvider) -> Result<u64, OpError> {
+pub fn decrypt_stream(
+    input: &mut dyn Read,
+    output: &mut dyn Write,
+    provider: &dyn KeyProvider,
+) -> Result<u64, OpError> {
     let io = |source| OpError::Io { path: "stream".into(), source };
     let corrupt = |d: String| OpError::Corrupt { path: "input".into(), detail: d };
     let mut head = vec![0u8; 8];
@@ -154,7 +158,8 @@ pub fn decrypt_stream(input: &mut dyn Read, output: &mut dyn Write, provider: &d
             total += zeros.len() as u64;
         } else {
             let aad = BlockAad { file_id: &h.file_id, block_log2: h.block_log2, index, last };
-            let plain = open_in_place(&key, &aad, chunk).map_err(|_| corrupt(format!("block {index}: authentication failed")))?;
+            let plain = open_in_place(&key, &aad, chunk)
+                .map_err(|_| corrupt(format!("block {index}: authentication failed")))?;
             output.write_all(plain).map_err(io)?;
             total += plain.len() as u64;
         }
@@ -264,7 +269,8 @@ pub fn fsck(
         progress(i as u64, total);
         let rel = p.strip_prefix(cipherdir).unwrap_or(p).display().to_string();
         r.files += 1;
-        let mut damage = |error: String, bad: Vec<u64>| r.damaged.push(Damage { path: rel.clone(), error, bad_blocks: bad });
+        let mut damage =
+            |error: String, bad: Vec<u64>| r.damaged.push(Damage { path: rel.clone(), error, bad_blocks: bad });
         let f = match File::open(p) {
             Ok(f) => f,
             Err(e) => {
@@ -292,7 +298,11 @@ pub fn fsck(
         match enc.verify(&key) {
             Ok(v) => {
                 if v.bad_size || !v.bad_blocks.is_empty() {
-                    let what = if v.bad_size { "invalid size (truncated or torn tail)" } else { "blocks failed authentication" };
+                    let what = if v.bad_size {
+                        "invalid size (truncated or torn tail)"
+                    } else {
+                        "blocks failed authentication"
+                    };
                     damage(what.into(), v.bad_blocks);
                 }
                 if !v.zero_blocks.is_empty() {
@@ -360,7 +370,8 @@ pub fn rewrap(
                 dest.wrap(&key, &ctx)?
             };
             h.wrapped = new;
-            let section = h.key_section_bytes().map_err(|e| OpError::Corrupt { path: rel.clone(), detail: e.to_string() })?;
+            let section =
+                h.key_section_bytes().map_err(|e| OpError::Corrupt { path: rel.clone(), detail: e.to_string() })?;
             if !dry_run {
                 f.write_all_at(&section, KEY_SECTION as u64).map_err(io_err(p))?;
                 f.sync_data().map_err(io_err(p))?;
@@ -377,4 +388,3 @@ pub fn rewrap(
     progress(total, total);
     Ok(r)
 }
-

@@ -174,7 +174,12 @@ pub mod xattr {
         let mut buf = vec![0u8; size];
         // SAFETY: buffer valid for `size` bytes (null when 0).
         let r = unsafe {
-            libc::getxattr(p.as_ptr(), n.as_ptr(), if size == 0 { std::ptr::null_mut() } else { buf.as_mut_ptr().cast() }, size)
+            libc::getxattr(
+                p.as_ptr(),
+                n.as_ptr(),
+                if size == 0 { std::ptr::null_mut() } else { buf.as_mut_ptr().cast() },
+                size,
+            )
         };
         if r < 0 {
             return Err(io::Error::last_os_error());

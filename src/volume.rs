@@ -131,7 +131,12 @@ impl VolumeConfig {
     }
 
     /// A new config with a random volume ID.
-    pub fn new(provider: ProviderKind, key_id: String, key_file: Option<PathBuf>, block_size: u32) -> Result<Self, VolumeError> {
+    pub fn new(
+        provider: ProviderKind,
+        key_id: String,
+        key_file: Option<PathBuf>,
+        block_size: u32,
+    ) -> Result<Self, VolumeError> {
         let id = crate::format::random_id()
             .map_err(|e| VolumeError::Invalid { path: String::new(), detail: e.to_string() })?;
         let header_size = match provider {
@@ -155,7 +160,10 @@ impl VolumeConfig {
         match self.provider {
             ProviderKind::Local => {
                 let path = key_file.map(Path::to_path_buf).or_else(|| self.key_file.clone()).ok_or_else(|| {
-                    VolumeError::Invalid { path: CONFIG_NAME.into(), detail: "no key_file recorded; pass --key-file".into() }
+                    VolumeError::Invalid {
+                        path: CONFIG_NAME.into(),
+                        detail: "no key_file recorded; pass --key-file".into(),
+                    }
                 })?;
                 let p = LocalProvider::open(&path)?;
                 if p.key_id() != self.key_id {

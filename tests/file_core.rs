@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The encrypted file object without a mount: round trips, a model test
 //! against a plain Vec<u8>, and one test per attack on the backing bytes.
 

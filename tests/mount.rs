@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Real FUSE mounts through the kmsfs binary.
 
 mod common;
@@ -198,7 +199,8 @@ fn mmap_read_and_write() {
     use std::os::fd::AsRawFd;
     // SAFETY: mapping a file we own, within its size; unmapped below.
     unsafe {
-        let ptr = libc::mmap(std::ptr::null_mut(), n, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, f.as_raw_fd(), 0);
+        let ptr =
+            libc::mmap(std::ptr::null_mut(), n, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, f.as_raw_fd(), 0);
         assert_ne!(ptr, libc::MAP_FAILED);
         let s = std::slice::from_raw_parts_mut(ptr as *mut u8, n);
         assert!(s == &random_bytes(n, 9)[..], "mmap read");
@@ -238,12 +240,14 @@ fn rename_link_symlink() {
     // RENAME_EXCHANGE and RENAME_NOREPLACE.
     std::fs::write(m.path("x1"), b"one").unwrap();
     std::fs::write(m.path("x2"), b"two").unwrap();
-    let (ok, out) = sh(&format!("mv --exchange {} {} 2>&1 || echo NOEXCHANGE", m.path("x1").display(), m.path("x2").display()));
+    let (ok, out) =
+        sh(&format!("mv --exchange {} {} 2>&1 || echo NOEXCHANGE", m.path("x1").display(), m.path("x2").display()));
     if !out.contains("NOEXCHANGE") && !out.contains("unrecognized") {
         assert!(ok);
         assert_eq!(std::fs::read(m.path("x1")).unwrap(), b"two");
     }
-    let (_, out) = sh(&format!("mv -n {} {}; cat {}", m.path("x1").display(), m.path("x2").display(), m.path("x2").display()));
+    let (_, out) =
+        sh(&format!("mv -n {} {}; cat {}", m.path("x1").display(), m.path("x2").display(), m.path("x2").display()));
     assert!(out.contains("one") || out.contains("two"));
     // The volume config is invisible and untouchable.
     assert!(!m.path("kmsfs.conf").exists());
@@ -362,7 +366,12 @@ fn ordinary_tools_work() {
     std::fs::write(src.join("sub/deeper/x"), b"x").unwrap();
     let s = src.display();
     for (what, cmd) in [
-        ("tar", format!("tar -C {s} -cf {mp}/t.tar . && mkdir {mp}/untar && tar -C {mp}/untar -xf {mp}/t.tar && diff -r {s} {mp}/untar")),
+        (
+            "tar",
+            format!(
+                "tar -C {s} -cf {mp}/t.tar . && mkdir {mp}/untar && tar -C {mp}/untar -xf {mp}/t.tar && diff -r {s} {mp}/untar"
+            ),
+        ),
         ("rsync", format!("command -v rsync >/dev/null || exit 0; rsync -a {s}/ {mp}/rs/ && diff -r {s} {mp}/rs")),
         ("sed -i", format!("printf 'a\\nb\\n' > {mp}/sed.txt && sed -i s/a/A/ {mp}/sed.txt && grep -q A {mp}/sed.txt")),
         ("cp -a", format!("cp -a {s} {mp}/cpa && diff -r {s} {mp}/cpa")),

@@ -83,11 +83,7 @@ pub fn seal_in_place(
 }
 
 /// Opens a sealed block in place and returns the plaintext slice within it.
-pub fn open_in_place<'b>(
-    key: &DataKey,
-    aad: &BlockAad<'_>,
-    sealed: &'b mut [u8],
-) -> Result<&'b mut [u8], CodecError> {
+pub fn open_in_place<'b>(key: &DataKey, aad: &BlockAad<'_>, sealed: &'b mut [u8]) -> Result<&'b mut [u8], CodecError> {
     let n = sealed.len();
     if n < BLOCK_OVERHEAD {
         return Err(CodecError::Length(n));
@@ -99,11 +95,7 @@ pub fn open_in_place<'b>(
     };
     let plain = key
         .aead()
-        .open_in_place(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad.bytes()),
-            rest,
-        )
+        .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad.bytes()), rest)
         .map_err(|_| CodecError::Auth)?;
     Ok(plain)
 }

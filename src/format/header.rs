@@ -110,15 +110,7 @@ pub struct FileHeader {
 impl FileHeader {
     /// A new, not yet sealed header.
     pub fn new(block_log2: u8, header_size: u16, volume_id: Id, file_id: Id, wrapped: WrappedKey) -> Self {
-        Self {
-            block_log2,
-            header_size,
-            volume_id,
-            file_id,
-            nonce: [0; NONCE_LEN],
-            tag: [0; TAG_LEN],
-            wrapped,
-        }
+        Self { block_log2, header_size, volume_id, file_id, nonce: [0; NONCE_LEN], tag: [0; TAG_LEN], wrapped }
     }
 
     /// Parses exactly one header slot of `expected_size` bytes from `buf`.
@@ -162,8 +154,8 @@ impl FileHeader {
         if klen == 0 || klen > MAX_KEY_ID_LEN {
             return Err(HeaderError::BadField("key id"));
         }
-        let key_id = std::str::from_utf8(r.take(klen).ok_or(t.clone())?)
-            .map_err(|_| HeaderError::BadField("key id"))?;
+        let key_id =
+            std::str::from_utf8(r.take(klen).ok_or(t.clone())?).map_err(|_| HeaderError::BadField("key id"))?;
         let wlen = usize::from(r.u16().ok_or(t.clone())?);
         if wlen == 0 || wlen > MAX_WRAPPED_LEN {
             return Err(HeaderError::BadField("wrapped key"));

@@ -119,8 +119,7 @@ impl KeyCache {
     /// their max age in memory.
     pub fn sweep(&self) -> usize {
         let mut map = lock(&self.map);
-        let expired: Vec<Id> =
-            map.iter().filter(|(_, e)| e.born.elapsed() >= self.max_age).map(|(k, _)| *k).collect();
+        let expired: Vec<Id> = map.iter().filter(|(_, e)| e.born.elapsed() >= self.max_age).map(|(k, _)| *k).collect();
         for k in &expired {
             map.pop(k);
         }

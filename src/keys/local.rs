@@ -82,7 +82,8 @@ impl LocalProvider {
         let trimmed = text.strip_suffix(b"\n").unwrap_or(&text);
         let s = std::str::from_utf8(trimmed).map_err(|_| kf_err(path, "not a kmsfs key file"))?;
         let mut raw = Zeroizing::new(
-            crate::format::unhex::<DEK_LEN>(s).ok_or_else(|| kf_err(path, "not a kmsfs key file (want 64 hex digits)"))?,
+            crate::format::unhex::<DEK_LEN>(s)
+                .ok_or_else(|| kf_err(path, "not a kmsfs key file (want 64 hex digits)"))?,
         );
         let p = Self::from_raw(&raw);
         raw.zeroize();

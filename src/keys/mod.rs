@@ -28,10 +28,7 @@ pub struct KeyContext {
 impl KeyContext {
     /// Key/value pairs for a KMS EncryptionContext.
     pub fn pairs(&self) -> [(&'static str, String); 2] {
-        [
-            ("kmsfs:volume", hex(&self.volume_id)),
-            ("kmsfs:file", hex(&self.file_id)),
-        ]
+        [("kmsfs:volume", hex(&self.volume_id)), ("kmsfs:file", hex(&self.file_id))]
     }
 
     /// Bytes bound as AAD by providers that wrap locally.
@@ -146,10 +143,7 @@ impl KeyError {
     /// Whether this error means "the key refuses", as opposed to a transient
     /// or infrastructure fault. Maps to EACCES rather than EIO.
     pub fn is_denied(&self) -> bool {
-        matches!(
-            self,
-            Self::Disabled { .. } | Self::InvalidState { .. } | Self::AccessDenied { .. }
-        )
+        matches!(self, Self::Disabled { .. } | Self::InvalidState { .. } | Self::AccessDenied { .. })
     }
 }
 

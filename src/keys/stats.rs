@@ -107,7 +107,7 @@ impl KeyStats {
                     "calls": calls,
                     "errors": self.errors[i].load(Relaxed),
                     "latency_us": {
-                        "mean": if calls > 0 { sum / calls } else { 0 },
+                        "mean": sum.checked_div(calls).unwrap_or(0),
                         "p50_le": pct(0.5),
                         "p99_le": pct(0.99),
                         "max": self.lat_max_us[i].load(Relaxed),

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Real-mount test helpers: a guard that mounts a fresh volume with the
 //! kmsfs binary and unmounts (and reaps the daemon) on drop.
 #![allow(dead_code)]
