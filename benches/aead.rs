@@ -1,0 +1,141 @@
+//! AEAD throughput per core: the kmsfs block codec (aws-lc-rs underneath)
+//! beside raw AES-256-GCM from aws-lc-rs, ring and RustCrypto aes-gcm, on the
+//! same buffers, for each block size. Run: `cargo bench --bench aead`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use kmsfs::format::block::{BlockAad, open_in_place, seal_in_place};
+use kmsfs::format::{BLOCK_OVERHEAD, NONCE_LEN, random_fill};
+use kmsfs::keys::DataKey;
+
+const TOTAL: usize = 256 << 20; // bytes processed per measurement
+
+fn mbps(bytes: usize, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e6
+}
+
+fn measure(mut f: impl FnMut()) -> Duration {
+    f(); // warm up
+    let mut best = Duration::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed());
+    }
+    best
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let total = if quick { TOTAL / 16 } else { TOTAL };
+    println!("{:>8} {:>22} {:>10} {:>10}", "block", "implementation", "seal MB/s", "open MB/s");
+    for log2 in [12u8, 14, 16, 20] {
+        let bs = 1usize << log2;
+        let n = total / bs;
+        let key = DataKey::from_bytes(&mut [7u8; 32]);
+        let fid = [1u8; 16];
+        let mut buf = vec![0u8; bs + BLOCK_OVERHEAD];
+        random_fill(&mut buf).unwrap();
+        let sealed_template = {
+            let mut b = buf.clone();
+            seal_in_place(&key, &BlockAad { file_id: &fid, block_log2: log2, index: 0, last: false }, [0; 12], &mut b)
+                .unwrap();
+            b
+        };
+        // kmsfs codec, including per-block AAD and a fresh random nonce.
+        let seal = measure(|| {
+            let mut nonce = [0u8; NONCE_LEN];
+            for i in 0..n {
+                random_fill(&mut nonce).unwrap();
+                let aad = BlockAad { file_id: &fid, block_log2: log2, index: i as u64, last: false };
+                seal_in_place(&key, &aad, nonce, &mut buf).unwrap();
+            }
+            black_box(&buf);
+        });
+        let mut work = sealed_template.clone();
+        let open = measure(|| {
+            for _ in 0..n {
+                work.copy_from_slice(&sealed_template);
+                let aad = BlockAad { file_id: &fid, block_log2: log2, index: 0, last: false };
+                black_box(open_in_place(&key, &aad, &mut work).unwrap());
+            }
+        });
+        println!("{bs:>8} {:>22} {:>10.0} {:>10.0}", "kmsfs codec (aws-lc)", mbps(n * bs, seal), mbps(n * bs, open));
+
+        // Raw aws-lc-rs.
+        {
+            use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+            let k = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[7u8; 32]).unwrap());
+            let mut data = vec![0u8; bs];
+            let s = measure(|| {
+                for _ in 0..n {
+                    let t = k
+                        .seal_in_place_separate_tag(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), &mut data)
+                        .unwrap();
+                    black_box(t);
+                }
+            });
+            let mut ct = vec![0u8; bs];
+            let tag = k.seal_in_place_separate_tag(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), &mut ct).unwrap();
+            ct.extend_from_slice(tag.as_ref());
+            let mut w = ct.clone();
+            let o = measure(|| {
+                for _ in 0..n {
+                    w.copy_from_slice(&ct);
+                    black_box(k.open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), &mut w).unwrap());
+                }
+            });
+            println!("{bs:>8} {:>22} {:>10.0} {:>10.0}", "raw aws-lc-rs", mbps(n * bs, s), mbps(n * bs, o));
+        }
+        // Raw ring.
+        {
+            use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+            let k = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[7u8; 32]).unwrap());
+            let mut data = vec![0u8; bs];
+            let s = measure(|| {
+                for _ in 0..n {
+                    let t = k
+                        .seal_in_place_separate_tag(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), &mut data)
+                        .unwrap();
+                    black_box(t);
+                }
+            });
+            let mut ct = vec![0u8; bs];
+            let tag = k.seal_in_place_separate_tag(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), &mut ct).unwrap();
+            ct.extend_from_slice(tag.as_ref());
+            let mut w = ct.clone();
+            let o = measure(|| {
+                for _ in 0..n {
+                    w.copy_from_slice(&ct);
+                    black_box(k.open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), &mut w).unwrap());
+                }
+            });
+            println!("{bs:>8} {:>22} {:>10.0} {:>10.0}", "raw ring", mbps(n * bs, s), mbps(n * bs, o));
+        }
+        // Raw RustCrypto aes-gcm.
+        {
+            use aes_gcm::aead::{AeadInOut, KeyInit};
+            use aes_gcm::{Aes256Gcm, Nonce};
+            let c = Aes256Gcm::new_from_slice(&[7u8; 32]).unwrap();
+            let nonce = Nonce::from([0u8; 12]);
+            let mut data = vec![0u8; bs];
+            let s = measure(|| {
+                for _ in 0..n {
+                    black_box(c.encrypt_inout_detached(&nonce, b"", data.as_mut_slice().into()).unwrap());
+                }
+            });
+            let mut ct = vec![0u8; bs];
+            let tag = c.encrypt_inout_detached(&nonce, b"", ct.as_mut_slice().into()).unwrap();
+            let mut w = ct.clone();
+            let o = measure(|| {
+                for _ in 0..n {
+                    w.copy_from_slice(&ct);
+                    c.decrypt_inout_detached(&nonce, b"", w.as_mut_slice().into(), &tag).unwrap();
+                }
+            });
+            println!("{bs:>8} {:>22} {:>10.0} {:>10.0}", "raw aes-gcm 0.11", mbps(n * bs, s), mbps(n * bs, o));
+        }
+    }
+}
