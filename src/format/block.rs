@@ -147,24 +147,42 @@ mod tests {
     fn round_trip_and_binding() {
         let k = key();
         let fid = [1u8; 16];
-        let aad = BlockAad { file_id: &fid, block_log2: 12, index: 3, last: false };
+        let aad = BlockAad {
+            file_id: &fid,
+            block_log2: 12,
+            index: 3,
+            last: false,
+        };
         let sealed = seal_block(&k, &aad, b"hello").unwrap();
         assert_eq!(sealed.len(), 5 + BLOCK_OVERHEAD);
         assert_eq!(open_block(&k, &aad, &sealed).unwrap(), b"hello");
         for other in [
             BlockAad { index: 4, ..aad },
             BlockAad { last: true, ..aad },
-            BlockAad { block_log2: 13, ..aad },
-            BlockAad { file_id: &[2u8; 16], ..aad },
+            BlockAad {
+                block_log2: 13,
+                ..aad
+            },
+            BlockAad {
+                file_id: &[2u8; 16],
+                ..aad
+            },
         ] {
             assert_eq!(open_block(&k, &other, &sealed), Err(CodecError::Auth));
         }
         for i in 0..sealed.len() {
             let mut bad = sealed.clone();
             bad[i] ^= 1;
-            assert_eq!(open_block(&k, &aad, &bad), Err(CodecError::Auth), "flip at {i}");
+            assert_eq!(
+                open_block(&k, &aad, &bad),
+                Err(CodecError::Auth),
+                "flip at {i}"
+            );
         }
-        assert_eq!(open_block(&k, &aad, &sealed[..27]), Err(CodecError::Length(27)));
+        assert_eq!(
+            open_block(&k, &aad, &sealed[..27]),
+            Err(CodecError::Length(27))
+        );
     }
 
     #[test]

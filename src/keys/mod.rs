@@ -6,6 +6,7 @@
 //! an inode lock.
 
 // pub mod cache;
+pub mod aws_kms;
 pub mod data_key;
 // pub mod local;
 // pub mod pool;
@@ -62,7 +63,9 @@ pub struct WrappedKey {
 #[non_exhaustive]
 pub enum KeyError {
     /// KMS DisabledException.
-    #[error("KMS key {key} is disabled: enable it (aws kms enable-key) to read or write this volume")]
+    #[error(
+        "KMS key {key} is disabled: enable it (aws kms enable-key) to read or write this volume"
+    )]
     Disabled {
         /// Key ID or ARN.
         key: String,

@@ -19,7 +19,18 @@ pub enum Op {
 
 const OPS: usize = 4;
 // Latency histogram bucket upper bounds in microseconds; the last is open.
-const BUCKETS_US: [u64; 10] = [100, 500, 1_000, 5_000, 10_000, 50_000, 100_000, 500_000, 1_000_000, u64::MAX];
+const BUCKETS_US: [u64; 10] = [
+    100,
+    500,
+    1_000,
+    5_000,
+    10_000,
+    50_000,
+    100_000,
+    500_000,
+    1_000_000,
+    u64::MAX,
+];
 
 /// Lock-free counters shared by the cache, the pool and the daemon.
 #[derive(Default)]
@@ -57,7 +68,10 @@ impl KeyStats {
         }
         self.lat_sum_us[i].fetch_add(us, Relaxed);
         self.lat_max_us[i].fetch_max(us, Relaxed);
-        let b = BUCKETS_US.iter().position(|&ub| us <= ub).unwrap_or(BUCKETS_US.len() - 1);
+        let b = BUCKETS_US
+            .iter()
+            .position(|&ub| us <= ub)
+            .unwrap_or(BUCKETS_US.len() - 1);
         self.lat_buckets[i][b].fetch_add(1, Relaxed);
     }
     /// Number of provider calls of one kind so far.
@@ -85,7 +99,10 @@ impl KeyStats {
             let i = op as usize;
             let calls = self.calls[i].load(Relaxed);
             let sum = self.lat_sum_us[i].load(Relaxed);
-            let counts: Vec<u64> = self.lat_buckets[i].iter().map(|c| c.load(Relaxed)).collect();
+            let counts: Vec<u64> = self.lat_buckets[i]
+                .iter()
+                .map(|c| c.load(Relaxed))
+                .collect();
             let pct = |p: f64| -> Option<u64> {
                 let total: u64 = counts.iter().sum();
                 if total == 0 {
