@@ -20,8 +20,9 @@ request to moto and
                                                 KMSInternalException (not forwarded)
       GET  /__proxy/counts[?key=ID]             per-operation call counts (JSON),
                                                 all calls or those on one key
-      POST /__proxy/reset                       counts, latency and pending faults
-      POST /__proxy/reset-counts                counts only
+      POST /__proxy/reset-counts                zero the counts
+      POST /__proxy/clear-faults                latency 0, pending faults dropped
+      POST /__proxy/reset                       both of the above
       GET  /__proxy/keys                        tracked key states
 
     OP is the operation name from X-Amz-Target (TrentService.Decrypt ->
@@ -234,6 +235,11 @@ class Handler(BaseHTTPRequestHandler):
             if what == "reset-counts":
                 with st.lock:
                     st.reset_counts()
+                return self._send_json(200, {"ok": True})
+            if what == "clear-faults":
+                with st.lock:
+                    st.latency_ms = 0
+                    st.faults = []
                 return self._send_json(200, {"ok": True})
             if what == "keys":
                 with st.lock:
