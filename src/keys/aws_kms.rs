@@ -594,9 +594,8 @@ impl KeyProvider for AwsKmsProvider {
             .key_spec(DataKeySpec::Aes256)
             .set_encryption_context(Some(context_map(ctx)))
             .send();
-        let out = self.run(&self.key_name(), fut)?;
+        let mut out = self.run(&self.key_name(), fut)?;
         self.remember_arn(out.key_id());
-        let mut out = out;
         let key = data_key_from(out.plaintext.take())?;
         let wrapped = wrapped(out.key_id.take(), out.ciphertext_blob.take())?;
         Ok((key, wrapped))
