@@ -78,7 +78,8 @@ fn main() {
                 }
             });
             let mut ct = vec![0u8; bs];
-            let tag = k.seal_in_place_separate_tag(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), &mut ct).unwrap();
+            let tag =
+                k.seal_in_place_separate_tag(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), &mut ct).unwrap();
             ct.extend_from_slice(tag.as_ref());
             let mut w = ct.clone();
             let o = measure(|| {
@@ -103,7 +104,8 @@ fn main() {
                 }
             });
             let mut ct = vec![0u8; bs];
-            let tag = k.seal_in_place_separate_tag(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), &mut ct).unwrap();
+            let tag =
+                k.seal_in_place_separate_tag(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), &mut ct).unwrap();
             ct.extend_from_slice(tag.as_ref());
             let mut w = ct.clone();
             let o = measure(|| {
