@@ -46,6 +46,13 @@ FILE=$(cd "$dir" && pwd)/$(basename "$FILE")
 LOGDIR=${FSX_LOGDIR:-$(mktemp -d "${TMPDIR:-/tmp}/run-fsx.XXXXXX")}
 mkdir -p "$LOGDIR"
 
+trap 'echo "run-fsx: interrupted" >&2; exit 130' INT
+trap 'echo "run-fsx: terminated" >&2; exit 143' TERM
+# The device of the target directory: if it changes during a run, the file
+# system under test went away (e.g. a FUSE daemon died) and fsx was really
+# exercising the directory underneath.
+dev0=$(stat -c %d "$(dirname "$FILE")")
+
 failed=0
 summary=()
 for profile in $PROFILES; do
@@ -57,8 +64,17 @@ for profile in $PROFILES; do
     echo "run-fsx: ${cmd[*]}"
     start=$(date +%s)
     rc=0
-    timeout --kill-after=30 "$TIMEOUT" "${cmd[@]}" >"$log" 2>&1 || rc=$?
+    timeout --foreground --kill-after=30 "$TIMEOUT" "${cmd[@]}" >"$log" 2>&1 || rc=$?
     elapsed=$(( $(date +%s) - start ))
+    if [ "$rc" -eq 130 ] || [ "$rc" -eq 143 ]; then
+        echo "run-fsx: fsx[$profile] interrupted" >&2
+        exit "$rc"
+    fi
+    devnow=$(stat -c %d "$(dirname "$FILE")" 2>/dev/null || echo gone)
+    if [ "$devnow" != "$dev0" ]; then
+        echo "run-fsx: the file system under $(dirname "$FILE") changed during fsx[$profile] (device $dev0 -> $devnow): was it unmounted?" >&2
+        rc=99
+    fi
     if [ "$rc" -eq 0 ] && grep -q 'All operations completed A-OK!' "$log"; then
         line="fsx[$profile]: PASS ops=$OPS seed=$SEED time=${elapsed}s"
         rm -f "$target"
@@ -66,6 +82,7 @@ for profile in $PROFILES; do
         failed=1
         why="exit $rc"
         [ "$rc" -eq 124 ] && why="timed out after ${TIMEOUT}s"
+        [ "$rc" -eq 99 ] && why="file system under test went away"
         line="fsx[$profile]: FAIL ops=$OPS seed=$SEED time=${elapsed}s ($why; log $log)"
         echo "--- fsx[$profile] failed; first error lines and tail of $log:" >&2
         grep -m 10 -E 'ERROR|panicked|error' "$log" >&2 || true

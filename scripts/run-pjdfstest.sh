@@ -71,8 +71,16 @@ cmd=(pjdfstest -c "$CONFIG" -p "$MOUNTDIR" "${sec_args[@]}" "${PATTERNS[@]}")
 echo "run-pjdfstest: ${cmd[*]}"
 start=$(date +%s)
 rc=0
-NO_COLOR=1 timeout --kill-after=30 "$TIMEOUT" "${cmd[@]}" >"$RAW" 2>&1 || rc=$?
+dev0=$(stat -c %d "$MOUNTDIR")
+trap 'echo "run-pjdfstest: interrupted" >&2; exit 130' INT
+trap 'echo "run-pjdfstest: terminated" >&2; exit 143' TERM
+NO_COLOR=1 timeout --foreground --kill-after=30 "$TIMEOUT" "${cmd[@]}" >"$RAW" 2>&1 || rc=$?
 elapsed=$(( $(date +%s) - start ))
+if [ "$rc" -eq 130 ] || [ "$rc" -eq 143 ]; then
+    echo "run-pjdfstest: pjdfstest interrupted" >&2
+    exit "$rc"
+fi
+devnow=$(stat -c %d "$MOUNTDIR" 2>/dev/null || echo gone)
 # Strip any colour escapes so the log and the parsing are plain text.
 sed -e 's/\x1b\[[0-9;]*m//g' "$RAW" >"$LOG"
 echo "run-pjdfstest: full output in $LOG (${elapsed}s, pjdfstest exit $rc)"
@@ -120,6 +128,10 @@ fi
 if [ "$n_new" -gt 0 ]; then
     echo "--- hint: these expected failures now PASS; remove them from ${EXPECTED#"$ROOT"/}:"
     sed 's/^/  /' "$WORK/newly_passing"
+fi
+if [ "$devnow" != "$dev0" ]; then
+    echo "run-pjdfstest: the file system at $MOUNTDIR changed during the run (device $dev0 -> $devnow): was it unmounted?" >&2
+    status=1
 fi
 if ! grep -q '^Summary:' "$LOG"; then
     echo "run-pjdfstest: pjdfstest did not finish (exit $rc, no Summary line); tail of output:" >&2

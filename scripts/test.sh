@@ -66,7 +66,7 @@ cleanup() {
     while read -r pid; do
         [ -n "$pid" ] || continue
         # Only a process that is still ours (its command line names $WORK).
-        tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$WORK" || continue
+        tr '\0' '\n' 2>/dev/null <"/proc/$pid/cmdline" | grep -qF "$WORK" || continue
         for i in 1 2 3 4 5 6 7 8 9 10; do
             kill -0 "$pid" 2>/dev/null || break
             [ "$i" = 1 ] && kill -TERM "$pid" 2>/dev/null
@@ -152,6 +152,7 @@ step_cargo_test() {
         END { printf "%d passed, %d failed, %d ignored (%d test binaries)", p, f, g, n }
     ' "$LOGDIR/cargo-test.log" >"$DETAIL"
     grep -q '^test result:' "$LOGDIR/cargo-test.log" || { echo "no test results found" >&2; rc=1; }
+    grep -q '^test result: FAILED' "$LOGDIR/cargo-test.log" && rc=1
     return "$rc"
 }
 
@@ -171,7 +172,7 @@ mount_volume() {
     # point) so cleanup can kill it if unmounting is not enough.
     for p in /proc/[0-9]*; do
         pid=${p#/proc/}
-        if tr '\0' '\n' <"$p/cmdline" 2>/dev/null | grep -qxF "$v/plain"; then
+        if tr '\0' '\n' 2>/dev/null <"$p/cmdline" | grep -qxF "$v/plain"; then
             echo "$pid" >>"$WORK/pids"
         fi
     done

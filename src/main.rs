@@ -1,6 +1,6 @@
 //! The `kmsfs` command line. Exit codes are documented in README.md.
 
-use std::io::{IsTerminal, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -300,20 +300,26 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
             Ok(0)
         }
         Cmd::Decrypt { volume, key_file, input, output } => {
+            let mut i = open_in(&input)?;
             let provider: Arc<dyn KeyProvider> = if let Some(v) = &volume {
                 provider_of(&load(v)?, key_file.as_deref())?
             } else if let Some(k) = &key_file {
                 Arc::new(LocalProvider::open(k).map_err(|e| Failure(exit::KEY, e.to_string()))?)
             } else {
-                // No volume: the header names the KMS key.
-                let v = kmsfs::ops::inspect(&input).map_err(|e| Failure(exit::DAMAGED, e.to_string()))?;
-                let key = v["key_id"].as_str().unwrap_or_default().to_string();
-                if v["provider"] != "aws-kms" {
+                // No volume: the header names the KMS key. Peek at it, then
+                // hand the decryptor the same bytes again.
+                let mut prefix = vec![0u8; 8];
+                i.read_exact(&mut prefix).map_err(|e| Failure(exit::DAMAGED, format!("input: {e}")))?;
+                let hs = usize::from(u16::from_be_bytes([prefix[6], prefix[7]]));
+                prefix.resize(hs.max(8), 0);
+                i.read_exact(&mut prefix[8..]).map_err(|e| Failure(exit::DAMAGED, format!("input: {e}")))?;
+                let h = kmsfs::ops::peek_header(&prefix).map_err(|e| Failure(exit::DAMAGED, format!("input: {e}")))?;
+                if h.wrapped.provider != "aws-kms" {
                     return Err(Failure(exit::USAGE, "a local-provider file needs --key-file or --volume".into()));
                 }
-                kmsfs::keys::open_aws_kms(&key).map_err(|e| Failure(exit::KEY, e.to_string()))?
+                i = Box::new(std::io::Cursor::new(prefix).chain(i));
+                kmsfs::keys::open_aws_kms(&h.wrapped.key_id).map_err(|e| Failure(exit::KEY, e.to_string()))?
             };
-            let mut i = open_in(&input)?;
             // Decrypt into a temp file and rename, so a failed authentication
             // never leaves partial plaintext under the output name.
             if output == Path::new("-") {

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The aws-kms provider against a real KMS API: moto_server behind
 //! scripts/kms-proxy.py, reached through aws-sdk-kms (no in-memory fakes).
 //!
@@ -9,84 +10,15 @@
 //! read per key for the same reason. Fault injection and latency are global
 //! in the proxy: those tests hold `FAULTS` and clear faults when done.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_config::BehaviorVersion;
-use aws_sdk_kms::Client;
 use aws_sdk_kms::types::KeyState;
 use kmsfs::keys::aws_kms::{AwsKmsOptions, AwsKmsProvider};
+mod common;
+use common::kms::*;
 use kmsfs::keys::{KeyContext, KeyError, KeyProvider, WrappedKey};
-
-const START_HINT: &str = "start the harness: scripts/kms-server.sh start DIR && . DIR/env (scripts/test.sh does this)";
-
-/// True if the harness is there; false (after a visible SKIPPED line) if the
-/// tests are switched off; panics otherwise so a missing server never passes.
-fn harness(test: &str) -> bool {
-    let endpoint = std::env::var("AWS_ENDPOINT_URL_KMS").ok().filter(|s| !s.is_empty());
-    let proxy = std::env::var("KMSFS_TEST_KMS_PROXY").ok().filter(|s| !s.is_empty());
-    if endpoint.is_some() && proxy.is_some() {
-        return true;
-    }
-    if std::env::var("KMSFS_SKIP_KMS_TESTS").as_deref() == Ok("1") {
-        // Straight to stderr: libtest captures eprintln! of passing tests.
-        let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: no KMS harness and KMSFS_SKIP_KMS_TESTS=1");
-        return false;
-    }
-    panic!("{START_HINT} (AWS_ENDPOINT_URL_KMS and KMSFS_TEST_KMS_PROXY must both be set)");
-}
-
-macro_rules! need_harness {
-    ($name:expr) => {
-        if !harness($name) {
-            return;
-        }
-    };
-}
-
-fn rt() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("test runtime")
-    })
-}
-
-/// An SDK client for test set-up (CreateKey, DisableKey, ...), configured
-/// from the same environment as the provider.
-fn admin() -> &'static Client {
-    static CLIENT: OnceLock<Client> = OnceLock::new();
-    CLIENT.get_or_init(|| {
-        let conf = rt().block_on(aws_config::defaults(BehaviorVersion::latest()).load());
-        Client::new(&conf)
-    })
-}
-
-struct TestKey {
-    id: String,
-    arn: String,
-}
-
-fn create_key(what: &str) -> TestKey {
-    let out = rt().block_on(admin().create_key().description(format!("kmsfs test: {what}")).send()).expect("CreateKey");
-    let meta = out.key_metadata().expect("KeyMetadata");
-    TestKey { id: meta.key_id().to_string(), arn: meta.arn().expect("Arn").to_string() }
-}
-
-fn create_alias(key: &TestKey, what: &str) -> String {
-    let name = format!("alias/kmsfs-test-{what}-{}", &key.id[..8]);
-    rt().block_on(admin().create_alias().alias_name(&name).target_key_id(&key.id).send()).expect("CreateAlias");
-    name
-}
-
-fn disable(key: &TestKey) {
-    rt().block_on(admin().disable_key().key_id(&key.id).send()).expect("DisableKey");
-}
-
-fn enable(key: &TestKey) {
-    rt().block_on(admin().enable_key().key_id(&key.id).send()).expect("EnableKey");
-}
 
 /// Short retries and timeouts so fault tests finish quickly.
 fn fast_opts() -> AwsKmsOptions {
@@ -111,46 +43,6 @@ fn ctx() -> KeyContext {
     getrandom::fill(&mut volume_id).expect("random");
     getrandom::fill(&mut file_id).expect("random");
     KeyContext { volume_id, file_id }
-}
-
-/// One request to the proxy's control API; returns the JSON body.
-fn proxy(method: &str, path: &str) -> serde_json::Value {
-    let base = std::env::var("KMSFS_TEST_KMS_PROXY").expect(START_HINT);
-    let hostport = base.trim_start_matches("http://").trim_end_matches('/');
-    let mut s = TcpStream::connect(hostport).expect("connect to kms-proxy");
-    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    write!(
-        s,
-        "{method} /__proxy/{path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .expect("write");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).expect("read");
-    let (head, body) = resp.split_once("\r\n\r\n").expect("HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "proxy {path}: {head}\n{body}");
-    serde_json::from_str(body).expect("JSON body")
-}
-
-/// Calls per operation on one key, as the proxy saw them (retries included).
-fn count(key: &TestKey, op: &str) -> u64 {
-    proxy("GET", &format!("counts?key={}", key.id))[op].as_u64().unwrap_or(0)
-}
-
-/// Serialises tests that change the proxy's global fault settings.
-static FAULTS: Mutex<()> = Mutex::new(());
-
-struct FaultGuard(#[allow(dead_code)] MutexGuard<'static, ()>);
-
-impl Drop for FaultGuard {
-    fn drop(&mut self) {
-        proxy("POST", "clear-faults");
-    }
-}
-
-fn faults() -> FaultGuard {
-    let g = FAULTS.lock().unwrap_or_else(|e| e.into_inner());
-    proxy("POST", "clear-faults");
-    FaultGuard(g)
 }
 
 #[test]

@@ -161,3 +161,4 @@ pub fn sh(cmd: &str) -> (bool, String) {
     s.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.success(), s)
 }
+pub mod kms;
