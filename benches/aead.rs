@@ -74,7 +74,7 @@ fn main() {
                     let t = k
                         .seal_in_place_separate_tag(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), &mut data)
                         .unwrap();
-                    black_box(t);
+                    let _ = black_box(t);
                 }
             });
             let mut ct = vec![0u8; bs];
@@ -100,7 +100,7 @@ fn main() {
                     let t = k
                         .seal_in_place_separate_tag(Nonce::assume_unique_for_key([0; 12]), Aad::empty(), &mut data)
                         .unwrap();
-                    black_box(t);
+                    let _ = black_box(t);
                 }
             });
             let mut ct = vec![0u8; bs];

@@ -170,22 +170,44 @@ mount_volume() {
     is_mounted "$v/plain" || { echo "kmsfs mount returned but $v/plain is not mounted" >&2; return 1; }
     # Remember the daemon (the process whose command line names this mount
     # point) so cleanup can kill it if unmounting is not enough.
+    : >>"$WORK/pids.$1"
     for p in /proc/[0-9]*; do
         pid=${p#/proc/}
         if tr '\0' '\n' 2>/dev/null <"$p/cmdline" | grep -qxF "$v/plain"; then
             echo "$pid" >>"$WORK/pids"
+            echo "$pid" >>"$WORK/pids.$1"
         fi
     done
     echo "$v/plain"
 }
 
+# unmount_volume NAME: unmount $WORK/NAME/plain and wait for its daemon to exit
+# (so that a later mount at the same path cannot race with its shutdown).
 unmount_volume() {
-    local mnt=$1
+    local mnt=$WORK/$1/plain pid i
     if ! "$BIN" unmount "$mnt"; then
         echo "kmsfs unmount failed; trying fusermount3 -u" >&2
         unmount_one "$mnt"
     fi
-    ! is_mounted "$mnt"
+    if is_mounted "$mnt"; then
+        echo "$mnt is still mounted after unmount" >&2
+        return 1
+    fi
+    while read -r pid; do
+        for i in $(seq 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            [ "$i" = 100 ] && { echo "kmsfs daemon $pid still running 10s after unmount" >&2; return 1; }
+            sleep 0.1
+        done
+    done <"$WORK/pids.$1"
+    : >"$WORK/pids.$1"
+}
+
+# still_mounted MOUNTPOINT STEP: fail if the mount vanished during STEP.
+still_mounted() {
+    is_mounted "$1" && return 0
+    echo "$1 is no longer mounted after $2: the kmsfs daemon died or was unmounted (see $LOGDIR/kmsfs-vol.log)" >&2
+    return 1
 }
 
 step_pjdfstest() {
@@ -196,7 +218,8 @@ step_pjdfstest() {
     line=$(grep '^pjdfstest: ' "$LOGDIR/pjdfstest.out" | tail -n 1 || true)
     line=${line#pjdfstest: }
     echo "${line/expected_failures=/expected=}" >"$DETAIL"
-    unmount_volume "$mnt" || rc=1
+    still_mounted "$mnt" pjdfstest || rc=1
+    unmount_volume vol || rc=1
     return "$rc"
 }
 
@@ -209,7 +232,8 @@ step_fsx() {
     sed -n '/^--- fsx summary/,$p' "$LOGDIR/fsx.out" |
         sed -n 's/^fsx\[\([a-z_]*\)\]: \([A-Z]*\) ops=\([0-9]*\) seed=[0-9]* time=\([0-9]*s\).*/\1 \2 \3 ops \4/p' |
         paste -sd ';' | sed 's/;/; /g' >"$DETAIL"
-    unmount_volume "$mnt" || rc=1
+    still_mounted "$mnt" fsx || rc=1
+    unmount_volume vol || rc=1
     return "$rc"
 }
 
