@@ -123,6 +123,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout.
+    #[command(hide = true)]
+    Manpage,
     /// Show live key-cache and KMS statistics of a mount.
     Stats {
         /// The mount point.
@@ -192,8 +201,27 @@ fn init_logging(to: Option<&Path>, syslog: bool) {
 fn main() -> ExitCode {
     // mount.fuse3 runs `kmsfs CIPHERDIR MOUNTPOINT -o opts`: accept that form.
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let known = ["init", "mount", "unmount", "encrypt", "decrypt", "inspect", "rewrap", "fsck", "stats", "help"];
+    let known = [
+        "init",
+        "mount",
+        "unmount",
+        "encrypt",
+        "decrypt",
+        "inspect",
+        "rewrap",
+        "fsck",
+        "stats",
+        "help",
+        "completions",
+        "manpage",
+    ];
     if args.len() >= 3 && args[1].to_str().is_none_or(|a| !known.contains(&a) && !a.starts_with('-')) {
+        // mount(8)-helper flags: -n (no mtab), -s (sloppy), -v (verbose) do not
+        // apply; -f means "fake" there, not "foreground".
+        if args.iter().any(|a| a == "-f") {
+            return ExitCode::SUCCESS;
+        }
+        args.retain(|a| a != "-n" && a != "-s" && a != "-v");
         args.insert(1, "mount".into());
     }
     let cli = match Cli::try_parse_from(args) {
@@ -265,6 +293,18 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
     match cmd {
         Cmd::Init { cipherdir, kms_key, key_file, block_size } => init(&cipherdir, kms_key, key_file, block_size),
         Cmd::Mount(m) => mount(m),
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "kmsfs", &mut std::io::stdout());
+            Ok(0)
+        }
+        Cmd::Manpage => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+            Ok(0)
+        }
         Cmd::Unmount { mountpoint } => unmount(&mountpoint),
         Cmd::Inspect { file, json } => {
             let v = kmsfs::ops::inspect(&file).map_err(|e| Failure(exit::DAMAGED, e.to_string()))?;
