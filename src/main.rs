@@ -695,7 +695,8 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
     let max_age = Duration::from_secs(m.cache_max_age.max(1));
     let cache = Arc::new(KeyCache::new(provider.clone(), m.cache_size, max_age, stats.clone()));
     // Look-ahead only pays for a remote provider; local generation is ~1 us.
-    let (target, workers) = if cfg.provider == ProviderKind::AwsKms { (32, 8) } else { (0, 0) };
+    // 64 keys at 16 in flight hide ~10 ms of KMS latency at 1,600 creates/s.
+    let (target, workers) = if cfg.provider == ProviderKind::AwsKms { (64, 16) } else { (0, 0) };
     let pool = KeyPool::start(provider, cfg.volume_id(), target, workers, max_age, stats);
     let fs = Arc::new(
         EncFs::new(&m.cipherdir, layout, cfg.volume_id(), cache.clone(), pool, FsOptions { read_only: plan.read_only })
