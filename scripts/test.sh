@@ -59,6 +59,7 @@ unmount_one() {
 cleanup() {
     local rc=$? mnt pid i
     trap - EXIT INT TERM
+    trap '' PIPE INT   # finish cleaning up even if stdout is gone or ^C is hit again
     set +e
     while read -r mnt; do
         [ -n "$mnt" ] && unmount_one "$mnt"

@@ -29,6 +29,8 @@ pub struct KeyPool {
     inner: Mutex<Inner>,
     wake: Condvar,
     stop: AtomicBool,
+    /// Set by the first take: a mount that only reads never pre-generates.
+    active: AtomicBool,
     stats: Arc<KeyStats>,
 }
 
@@ -55,6 +57,7 @@ impl KeyPool {
             inner: Mutex::new(Inner { ready: VecDeque::new(), in_flight: 0 }),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
+            active: AtomicBool::new(false),
             stats,
         });
         if target > 0 {
@@ -81,6 +84,7 @@ impl KeyPool {
 
     /// A fresh key: from the pool if one is ready, else generated now.
     pub fn take(&self) -> Result<FreshKey, KeyError> {
+        self.active.store(true, Ordering::Relaxed);
         {
             let mut g = lock(&self.inner);
             while let Some((k, born)) = g.ready.pop_front() {
@@ -105,7 +109,7 @@ impl KeyPool {
                     }
                     let age = self.max_age;
                     g.ready.retain(|(_, b)| b.elapsed() < age);
-                    if g.ready.len() + g.in_flight < self.target {
+                    if self.active.load(Ordering::Relaxed) && g.ready.len() + g.in_flight < self.target {
                         break;
                     }
                     g = self.wake.wait_timeout(g, self.max_age / 2).map(|r| r.0).unwrap_or_else(|p| p.into_inner().0);
