@@ -22,6 +22,7 @@ use crate::format::layout::Layout;
 use crate::keys::cache::KeyCache;
 use crate::keys::pool::KeyPool;
 use crate::keys::{DataKey, FreshKey, KeyContext};
+use crate::names::{self, EntryKind, NameError, Names, StoredName};
 use crate::sys;
 use crate::volume::CONFIG_NAME;
 
@@ -146,6 +147,8 @@ struct Node {
     /// Serializes minting the first key of an empty file, so concurrent
     /// first writes make one GenerateDataKey, not one each.
     first_key: Mutex<()>,
+    /// Directories: the ID their children's names are encrypted with.
+    dir_id: std::sync::OnceLock<Id>,
 }
 
 enum Handle {
@@ -205,6 +208,7 @@ pub struct EncFs {
     keys: Arc<KeyCache>,
     pool: Arc<KeyPool>,
     opts: FsOptions,
+    names: Arc<Names>,
     nodes: RwLock<HashMap<u64, Arc<Node>>>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
@@ -219,6 +223,7 @@ impl EncFs {
         volume_id: Id,
         keys: Arc<KeyCache>,
         pool: Arc<KeyPool>,
+        names: Arc<Names>,
         opts: FsOptions,
     ) -> Result<Self, FsError> {
         let fd = sys::openat(libc::AT_FDCWD, cipherdir.as_os_str(), libc::O_PATH | libc::O_DIRECTORY, 0)?;
@@ -231,6 +236,7 @@ impl EncFs {
             name: Mutex::new((ROOT_INO, OsString::new())),
             open: RwLock::new(None),
             first_key: Mutex::new(()),
+            dir_id: std::sync::OnceLock::new(),
         });
         let mut nodes = HashMap::new();
         nodes.insert(ROOT_INO, root);
@@ -244,6 +250,7 @@ impl EncFs {
             keys,
             pool,
             opts,
+            names,
             nodes: RwLock::new(nodes),
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -308,7 +315,7 @@ impl EncFs {
         if name.len() > 255 {
             return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG)));
         }
-        if parent == ROOT_INO && self.is_reserved(name) {
+        if parent == ROOT_INO && !self.names.encrypted() && self.is_reserved(name) {
             return Err(FsError::Reserved);
         }
         Ok(())
@@ -319,13 +326,61 @@ impl EncFs {
         b == CONFIG_NAME.as_bytes() || b.starts_with(b".kmsfs")
     }
 
+    /// The ID a directory's children's names are bound to.
+    fn dir_id(&self, dir: &Node) -> Result<Id, FsError> {
+        if dir.ino == ROOT_INO || !self.names.encrypted() {
+            return Ok(names::ROOT_DIR_ID);
+        }
+        if let Some(id) = dir.dir_id.get() {
+            return Ok(*id);
+        }
+        let id = load_dir_id(&dir.fd, !self.opts.read_only).map_err(|e| {
+            let path = self.path_of(dir.ino);
+            tracing::error!(path = %path, "directory ID missing or unreadable: {e}");
+            FsError::Integrity { path, detail: format!("directory ID: {e}") }
+        })?;
+        Ok(*dir.dir_id.get_or_init(|| id))
+    }
+
+    /// How `name` is stored in `parent`.
+    fn stored(&self, parent: &Node, name: &OsStr) -> Result<StoredName, FsError> {
+        let id = self.dir_id(parent)?;
+        self.names.encrypt(&id, name).map_err(|e| match e {
+            NameError::TooLong => FsError::Io(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG)),
+            NameError::Undecryptable => FsError::Invalid,
+        })
+    }
+
+    /// Writes a long name's side file before its entry appears.
+    fn write_side(&self, parent: &Node, s: &StoredName) -> Result<(), FsError> {
+        if let (Some(side), Some(full)) = (s.side_file(), &s.long) {
+            let f = sys::openat(parent.fd.as_raw_fd(), &side, libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC, 0o644)?;
+            let f = File::from(f);
+            use std::io::Write;
+            (&f).write_all(full.as_bytes())?;
+            f.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn remove_side(&self, parent: &Node, s: &StoredName) {
+        if let Some(side) = s.side_file() {
+            let _ = sys::unlinkat(parent.fd.as_raw_fd(), &side, 0);
+        }
+    }
+
     fn writable(&self) -> Result<(), FsError> {
         if self.opts.read_only { Err(FsError::ReadOnly) } else { Ok(()) }
     }
 
     fn attr_of(&self, ino: u64, st: &libc::stat, node: Option<&Node>) -> Attr {
         let kind = Kind::from_mode(st.st_mode);
-        let size = if kind == Kind::File {
+        let size = if kind == Kind::Symlink && self.names.encrypted() {
+            // The plaintext target's length, as readlink(2) will return it.
+            node.and_then(|n| sys::readlink(n.fd.as_raw_fd()).ok())
+                .and_then(|t| self.names.decrypt_target(&t).ok())
+                .map_or(st.st_size as u64, |t| t.len() as u64)
+        } else if kind == Kind::File {
             let open = node.map(|n| rlock(&n.open).as_ref().map(|o| o.enc.size()));
             match open {
                 Some(Some(s)) => s,
@@ -356,11 +411,12 @@ impl EncFs {
 
     /// Looks up `name` in `parent`, adding one kernel reference.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr, FsError> {
-        if parent == ROOT_INO && self.is_reserved(name) {
+        if parent == ROOT_INO && !self.names.encrypted() && self.is_reserved(name) {
             return Err(FsError::NotFound);
         }
         let p = self.dir(parent)?;
-        let fd = sys::open_path(p.fd.as_raw_fd(), name)
+        let s = self.stored(&p, name)?;
+        let fd = sys::open_path(p.fd.as_raw_fd(), &s.on_disk)
             .map_err(|e| if e.raw_os_error() == Some(libc::ENOENT) { FsError::NotFound } else { FsError::Io(e) })?;
         self.adopt(parent, name, fd)
     }
@@ -385,6 +441,7 @@ impl EncFs {
                         name: Mutex::new((parent, name.to_owned())),
                         open: RwLock::new(None),
                         first_key: Mutex::new(()),
+                        dir_id: std::sync::OnceLock::new(),
                     });
                     nodes.insert(ino, n.clone());
                     n
@@ -448,7 +505,8 @@ impl EncFs {
             if n.kind == Kind::Symlink {
                 let (parent, name) = lock(&n.name).clone();
                 let p = self.node(parent)?;
-                sys::utimens(p.fd.as_raw_fd(), &name, &times, true)?;
+                let s = self.stored(&p, &name)?;
+                sys::utimens(p.fd.as_raw_fd(), &s.on_disk, &times, true)?;
             } else {
                 sys::utimens(libc::AT_FDCWD, sys::proc_path(&n.fd).as_os_str(), &times, false)?;
             }
@@ -641,10 +699,12 @@ impl EncFs {
         self.writable()?;
         self.check_name(parent, name)?;
         let p = self.dir(parent)?;
+        let s = self.stored(&p, name)?;
+        self.write_side(&p, &s)?;
         let excl = flags & libc::O_EXCL != 0;
         let f = sys::openat(
             p.fd.as_raw_fd(),
-            name,
+            &s.on_disk,
             libc::O_CREAT | libc::O_RDWR | libc::O_NOFOLLOW | if excl { libc::O_EXCL } else { 0 },
             mode & 0o7777,
         )?;
@@ -653,11 +713,24 @@ impl EncFs {
             self.set_owner(&f, &p, caller)?;
         }
         drop(f);
-        let fd = sys::open_path(p.fd.as_raw_fd(), name)?;
+        let fd = sys::open_path(p.fd.as_raw_fd(), &s.on_disk)?;
         self.adopt(parent, name, fd)?;
         let attr_ino = self.to_fuse_ino(st.st_ino);
         let fh = self.open(attr_ino, (flags & !libc::O_CREAT & !libc::O_EXCL) | libc::O_RDWR)?;
         Ok((self.getattr(attr_ino)?, fh))
+    }
+
+    /// Runs `make` to create entry `s` in `p`, with the long-name side file
+    /// written first and removed again if the entry could not be made.
+    fn make_entry(&self, p: &Node, s: &StoredName, make: impl FnOnce() -> std::io::Result<()>) -> Result<(), FsError> {
+        self.write_side(p, s)?;
+        if let Err(e) = make() {
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                self.remove_side(p, s);
+            }
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     /// mknod: regular files, FIFOs and sockets.
@@ -665,19 +738,43 @@ impl EncFs {
         self.writable()?;
         self.check_name(parent, name)?;
         let p = self.dir(parent)?;
-        sys::mknodat(p.fd.as_raw_fd(), name, mode, rdev.into())?;
-        let fd = sys::open_path(p.fd.as_raw_fd(), name)?;
+        let s = self.stored(&p, name)?;
+        self.make_entry(&p, &s, || sys::mknodat(p.fd.as_raw_fd(), &s.on_disk, mode, rdev.into()))?;
+        let fd = sys::open_path(p.fd.as_raw_fd(), &s.on_disk)?;
         self.set_owner(&fd, &p, caller)?;
         self.adopt(parent, name, fd)
     }
 
-    /// mkdir.
+    /// mkdir. With encrypted names the directory is built under a temporary
+    /// name with both copies of its ID, then renamed into place, so a
+    /// visible directory always has its ID.
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr, FsError> {
         self.writable()?;
         self.check_name(parent, name)?;
         let p = self.dir(parent)?;
-        sys::mkdirat(p.fd.as_raw_fd(), name, mode & 0o7777)?;
-        let fd = sys::open_path(p.fd.as_raw_fd(), name)?;
+        let s = self.stored(&p, name)?;
+        let pfd = p.fd.as_raw_fd();
+        if !self.names.encrypted() {
+            sys::mkdirat(pfd, &s.on_disk, mode & 0o7777)?;
+        } else {
+            let id =
+                crate::format::random_id().map_err(|_| FsError::Io(std::io::Error::from_raw_os_error(libc::EIO)))?;
+            let tmp: OsString = format!("{}{}", names::TMP_PREFIX, crate::format::hex(&id)).into();
+            sys::mkdirat(pfd, &tmp, 0o700)?;
+            let built = (|| -> std::io::Result<()> {
+                let d = sys::open_path(pfd, &tmp)?;
+                store_dir_id(&d, &id)?;
+                self.make_entry(&p, &s, || sys::renameat2(pfd, &tmp, pfd, &s.on_disk, libc::RENAME_NOREPLACE))
+                    .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+                Ok(())
+            })();
+            if let Err(e) = built {
+                let _ = remove_dir_with_id(pfd, &tmp);
+                return Err(e.into());
+            }
+            sys::chmod(&sys::open_path(pfd, &s.on_disk)?, mode & 0o7777)?;
+        }
+        let fd = sys::open_path(pfd, &s.on_disk)?;
         self.set_owner(&fd, &p, caller)?;
         // mkdir(2) masks setgid/sticky by umask rules; restore what was asked.
         let st = sys::fstat(fd.as_raw_fd())?;
@@ -685,16 +782,19 @@ impl EncFs {
             let keep_sgid = st.st_mode & libc::S_ISGID;
             let _ = sys::chmod(&fd, (mode & 0o7777) | keep_sgid);
         }
+        let _ = File::open(sys::proc_path(&p.fd)).and_then(|d| d.sync_all());
         self.adopt(parent, name, fd)
     }
 
-    /// symlink.
+    /// symlink; the target is encrypted with encrypted names.
     pub fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> Result<Attr, FsError> {
         self.writable()?;
         self.check_name(parent, name)?;
         let p = self.dir(parent)?;
-        sys::symlinkat(target, p.fd.as_raw_fd(), name)?;
-        let fd = sys::open_path(p.fd.as_raw_fd(), name)?;
+        let s = self.stored(&p, name)?;
+        let t = self.names.encrypt_target(target);
+        self.make_entry(&p, &s, || sys::symlinkat(&t, p.fd.as_raw_fd(), &s.on_disk))?;
+        let fd = sys::open_path(p.fd.as_raw_fd(), &s.on_disk)?;
         self.set_owner(&fd, &p, caller)?;
         self.adopt(parent, name, fd)
     }
@@ -702,7 +802,12 @@ impl EncFs {
     /// readlink.
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>, FsError> {
         let n = self.node(ino)?;
-        Ok(sys::readlink(n.fd.as_raw_fd())?)
+        let t = sys::readlink(n.fd.as_raw_fd())?;
+        self.names.decrypt_target(&t).map_err(|_| {
+            let path = self.path_of(ino);
+            tracing::error!(path = %path, "symlink target does not decrypt");
+            FsError::Integrity { path, detail: "symlink target does not decrypt".into() }
+        })
     }
 
     /// link: a new name for an existing inode.
@@ -711,8 +816,9 @@ impl EncFs {
         self.check_name(newparent, newname)?;
         let n = self.node(ino)?;
         let p = self.dir(newparent)?;
-        sys::link_fd(&n.fd, p.fd.as_raw_fd(), newname)?;
-        let fd = sys::open_path(p.fd.as_raw_fd(), newname)?;
+        let s = self.stored(&p, newname)?;
+        self.make_entry(&p, &s, || sys::link_fd(&n.fd, p.fd.as_raw_fd(), &s.on_disk))?;
+        let fd = sys::open_path(p.fd.as_raw_fd(), &s.on_disk)?;
         self.adopt(newparent, newname, fd)
     }
 
@@ -721,18 +827,31 @@ impl EncFs {
         self.writable()?;
         self.check_name(parent, name)?;
         let p = self.dir(parent)?;
-        Ok(sys::unlinkat(p.fd.as_raw_fd(), name, 0)?)
+        let s = self.stored(&p, name)?;
+        sys::unlinkat(p.fd.as_raw_fd(), &s.on_disk, 0)?;
+        self.remove_side(&p, &s);
+        Ok(())
     }
 
-    /// rmdir.
+    /// rmdir. With encrypted names the ID file goes first (the xattr copy
+    /// stays with the directory until it is gone), and comes back if the
+    /// directory turns out not to be empty.
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
         self.writable()?;
         self.check_name(parent, name)?;
         let p = self.dir(parent)?;
-        Ok(sys::unlinkat(p.fd.as_raw_fd(), name, libc::AT_REMOVEDIR)?)
+        let s = self.stored(&p, name)?;
+        if self.names.encrypted() {
+            remove_dir_with_id(p.fd.as_raw_fd(), &s.on_disk)?;
+        } else {
+            sys::unlinkat(p.fd.as_raw_fd(), &s.on_disk, libc::AT_REMOVEDIR)?;
+        }
+        self.remove_side(&p, &s);
+        Ok(())
     }
 
     /// rename, with RENAME_NOREPLACE and RENAME_EXCHANGE passed through.
+    /// A directory keeps its ID when moved, so no child is re-encrypted.
     pub fn rename(
         &self,
         parent: u64,
@@ -745,12 +864,32 @@ impl EncFs {
         self.check_name(parent, name)?;
         self.check_name(newparent, newname)?;
         let (p, q) = (self.dir(parent)?, self.dir(newparent)?);
-        sys::renameat2(p.fd.as_raw_fd(), name, q.fd.as_raw_fd(), newname, flags)?;
+        let (from, to) = (self.stored(&p, name)?, self.stored(&q, newname)?);
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        if !exchange {
+            // Side files are keyed by stored name, so an exchange needs none.
+            self.write_side(&q, &to)?;
+        }
+        if let Err(e) = sys::renameat2(p.fd.as_raw_fd(), &from.on_disk, q.fd.as_raw_fd(), &to.on_disk, flags) {
+            if !exchange && to.long.is_some() && sys::statat(q.fd.as_raw_fd(), &to.on_disk).is_err() {
+                self.remove_side(&q, &to);
+            }
+            return Err(e.into());
+        }
+        if !exchange && (parent != newparent || from != to) {
+            self.remove_side(&p, &from);
+        }
         // Keep log names current; the O_PATH descriptors follow the inode.
-        if let Ok(st) = sys::statat(q.fd.as_raw_fd(), newname)
+        if let Ok(st) = sys::statat(q.fd.as_raw_fd(), &to.on_disk)
             && let Some(n) = rlock(&self.nodes).get(&self.to_fuse_ino(st.st_ino))
         {
             *lock(&n.name) = (newparent, newname.to_owned());
+        }
+        if exchange
+            && let Ok(st) = sys::statat(p.fd.as_raw_fd(), &from.on_disk)
+            && let Some(n) = rlock(&self.nodes).get(&self.to_fuse_ino(st.st_ino))
+        {
+            *lock(&n.name) = (parent, name.to_owned());
         }
         Ok(())
     }
@@ -875,12 +1014,40 @@ impl EncFs {
             DirEntry { ino, kind: Kind::Dir, name: ".".into() },
             DirEntry { ino: lock(&n.name).0, kind: Kind::Dir, name: "..".into() },
         ];
+        let dir_id = self.dir_id(&n)?;
         for e in std::fs::read_dir(sys::proc_path(&n.fd))? {
             let e = e?;
-            let name = e.file_name();
-            if ino == ROOT_INO && self.is_reserved(&name) {
-                continue;
-            }
+            let raw = e.file_name();
+            let name = if self.names.encrypted() {
+                let encoded = match self.names.classify(&raw) {
+                    EntryKind::Internal => continue,
+                    EntryKind::Short => raw.as_bytes().to_vec(),
+                    EntryKind::Long => {
+                        let mut side = raw.clone();
+                        side.push(names::LONG_SUFFIX);
+                        match std::fs::read(sys::proc_path(&n.fd).join(&side)) {
+                            Ok(b) => b,
+                            Err(err) => {
+                                tracing::warn!(dir = %self.path_of(ino), "long name without its side file ({err}); hidden");
+                                continue;
+                            }
+                        }
+                    }
+                };
+                match self.names.decrypt(&dir_id, &encoded) {
+                    Ok(n) => n,
+                    Err(_) => {
+                        // Not ours (or damaged): hide it, as gocryptfs does.
+                        tracing::warn!(dir = %self.path_of(ino), entry = ?raw, "entry name does not decrypt; hidden");
+                        continue;
+                    }
+                }
+            } else {
+                if ino == ROOT_INO && self.is_reserved(&raw) {
+                    continue;
+                }
+                raw
+            };
             use std::os::unix::fs::{DirEntryExt, FileTypeExt};
             let ft = e.file_type()?;
             let kind = if ft.is_dir() {
@@ -925,30 +1092,43 @@ impl EncFs {
 
     fn xattr_name_ok(name: &OsStr) -> Result<(), FsError> {
         // Only user.* is passed through: trusted/security names would act on
-        // the backing files with the daemon's privileges.
-        if name.as_bytes().starts_with(b"user.") { Ok(()) } else { Err(FsError::Unsupported) }
+        // the backing files with the daemon's privileges. user.kmsfs.* is ours.
+        let b = name.as_bytes();
+        if b.starts_with(b"user.") && !b.starts_with(b"user.kmsfs.") { Ok(()) } else { Err(FsError::Unsupported) }
+    }
+
+    fn xattr_integrity(&self, ino: u64) -> FsError {
+        let path = self.path_of(ino);
+        tracing::error!(path = %path, "xattr value does not decrypt");
+        FsError::Integrity { path, detail: "xattr value does not decrypt".into() }
     }
 
     /// getxattr; `size == 0` asks for the length.
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Vec<u8>, FsError> {
-        if ino == ROOT_INO && name == STATS_XATTR {
-            let v = serde_json::to_vec(&self.stats_json()).map_err(|_| FsError::Invalid)?;
-            if size != 0 && (size as usize) < v.len() {
-                return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::ERANGE)));
-            }
-            return Ok(if size == 0 { vec![0; v.len()] } else { v });
+        let v = if ino == ROOT_INO && name == STATS_XATTR {
+            serde_json::to_vec(&self.stats_json()).map_err(|_| FsError::Invalid)?
+        } else {
+            Self::xattr_name_ok(name).map_err(|_| FsError::Io(std::io::Error::from_raw_os_error(libc::ENODATA)))?;
+            let n = self.node(ino)?;
+            let len = sys::xattr::get(&n.fd, name, 0)?.len();
+            let stored = sys::xattr::get(&n.fd, name, len.max(1))?;
+            self.names.decrypt_xattr(name, &stored).map_err(|_| self.xattr_integrity(ino))?
+        };
+        if size == 0 {
+            return Ok(vec![0; v.len()]);
         }
-        Self::xattr_name_ok(name).map_err(|_| FsError::Io(std::io::Error::from_raw_os_error(libc::ENODATA)))?;
-        let n = self.node(ino)?;
-        Ok(sys::xattr::get(&n.fd, name, size as usize)?)
+        if (size as usize) < v.len() {
+            return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::ERANGE)));
+        }
+        Ok(v)
     }
 
-    /// setxattr.
+    /// setxattr; values are encrypted with encrypted names.
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<(), FsError> {
         self.writable()?;
         Self::xattr_name_ok(name)?;
         let n = self.node(ino)?;
-        Ok(sys::xattr::set(&n.fd, name, value, flags)?)
+        Ok(sys::xattr::set(&n.fd, name, &self.names.encrypt_xattr(name, value), flags)?)
     }
 
     /// listxattr.
@@ -956,7 +1136,7 @@ impl EncFs {
         let n = self.node(ino)?;
         let raw = sys::xattr::list(&n.fd)?;
         let mut out = Vec::new();
-        for name in raw.split(|&b| b == 0).filter(|s| s.starts_with(b"user.")) {
+        for name in raw.split(|&b| b == 0).filter(|s| s.starts_with(b"user.") && !s.starts_with(b"user.kmsfs.")) {
             out.extend_from_slice(name);
             out.push(0);
         }
@@ -980,4 +1160,79 @@ impl EncFs {
         v["handles"] = rlock(&self.handles).len().into();
         v
     }
+}
+
+/// Reads a directory's ID from its xattr, falling back to its ID file; with
+/// `repair`, rewrites whichever copy is missing. Both present but different
+/// is an error (fsck decides which one its children agree with).
+pub fn load_dir_id(dir: &OwnedFd, repair: bool) -> std::io::Result<Id> {
+    let from_xattr = sys::xattr::get(dir, OsStr::new(names::DIRID_XATTR), 16).ok().and_then(|v| v.try_into().ok());
+    let from_file = sys::openat(dir.as_raw_fd(), OsStr::new(names::DIRID_FILE), libc::O_RDONLY, 0).ok().and_then(|f| {
+        let mut b = [0u8; 16];
+        use std::os::unix::fs::FileExt;
+        File::from(f).read_exact_at(&mut b, 0).ok().map(|_| b)
+    });
+    match (from_xattr, from_file) {
+        (Some(a), Some(b)) if a == b => Ok(a),
+        (Some(_), Some(_)) => Err(std::io::Error::other("the xattr and file copies of the directory ID differ")),
+        (Some(a), None) => {
+            if repair {
+                tracing::warn!("directory ID file missing; restored from the xattr copy");
+                let _ = write_dir_id_file(dir, &a);
+            }
+            Ok(a)
+        }
+        (None, Some(b)) => {
+            if repair {
+                tracing::warn!("directory ID xattr missing; restored from the file copy");
+                let _ = sys::xattr::set(dir, OsStr::new(names::DIRID_XATTR), &b, 0);
+            }
+            Ok(b)
+        }
+        (None, None) => Err(std::io::Error::other("both copies of the directory ID are missing")),
+    }
+}
+
+fn write_dir_id_file(dir: &OwnedFd, id: &Id) -> std::io::Result<()> {
+    let f = sys::openat(
+        dir.as_raw_fd(),
+        OsStr::new(names::DIRID_FILE),
+        libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC,
+        0o444,
+    )?;
+    let f = File::from(f);
+    use std::io::Write;
+    (&f).write_all(id)?;
+    f.sync_all()
+}
+
+/// Writes both copies of a new directory's ID, durably.
+pub fn store_dir_id(dir: &OwnedFd, id: &Id) -> std::io::Result<()> {
+    // tmpfs and most local filesystems keep user xattrs; if this one does
+    // not, the file copy alone still works (fsck reports it).
+    if let Err(e) = sys::xattr::set(dir, OsStr::new(names::DIRID_XATTR), id, 0) {
+        tracing::warn!("cannot store directory ID xattr ({e}); relying on the ID file");
+    }
+    write_dir_id_file(dir, id)?;
+    File::open(sys::proc_path(dir))?.sync_all()
+}
+
+/// Removes an (empty) encrypted-names directory: its ID file first, then
+/// the directory; restores the ID file if the directory was not empty.
+pub fn remove_dir_with_id(parent: std::os::fd::RawFd, name: &OsStr) -> std::io::Result<()> {
+    let d = sys::openat(parent, name, libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY, 0)?;
+    let id = load_dir_id(&d, false).ok();
+    for e in std::fs::read_dir(sys::proc_path(&d))? {
+        if e?.file_name() != names::DIRID_FILE {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOTEMPTY));
+        }
+    }
+    let _ = sys::unlinkat(d.as_raw_fd(), OsStr::new(names::DIRID_FILE), 0);
+    if let Err(e) = sys::unlinkat(parent, name, libc::AT_REMOVEDIR) {
+        if let Some(id) = id {
+            let _ = write_dir_id_file(&d, &id);
+        }
+        return Err(e);
+    }
+    Ok(())
 }

@@ -11,6 +11,7 @@ pub mod format;
 pub mod fs;
 pub mod fuse;
 pub mod keys;
+pub mod names;
 pub mod ops;
 pub mod sys;
 pub mod volume;

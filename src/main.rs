@@ -50,6 +50,9 @@ enum Cmd {
         /// Plaintext bytes per block: a power of two from 4096 to 1048576.
         #[arg(long, default_value_t = 4096)]
         block_size: u32,
+        /// Keep file names in clear in the cipher dir.
+        #[arg(long)]
+        plaintext_names: bool,
     },
     /// Mount CIPHERDIR's plaintext view at MOUNTPOINT.
     Mount(MountArgs),
@@ -122,6 +125,22 @@ enum Cmd {
         /// JSON output.
         #[arg(long)]
         json: bool,
+        /// Restore a missing copy of a directory ID from the other copy.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Map a plaintext path to its backing path, or (--reverse) back.
+    Path {
+        /// The cipher dir.
+        cipherdir: PathBuf,
+        /// Path relative to the mount root (or to CIPHERDIR with --reverse).
+        path: PathBuf,
+        /// Map a backing path to its plaintext path.
+        #[arg(long)]
+        reverse: bool,
+        /// Local key file, if not the recorded one.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     #[command(hide = true)]
@@ -213,6 +232,7 @@ fn main() -> ExitCode {
         "stats",
         "help",
         "completions",
+        "path",
         "manpage",
     ];
     if args.len() >= 3 && args[1].to_str().is_none_or(|a| !known.contains(&a) && !a.starts_with('-')) {
@@ -291,7 +311,9 @@ fn open_out(p: &Path) -> Result<Box<dyn Write>, Failure> {
 
 fn run(cmd: Cmd) -> Result<u8, Failure> {
     match cmd {
-        Cmd::Init { cipherdir, kms_key, key_file, block_size } => init(&cipherdir, kms_key, key_file, block_size),
+        Cmd::Init { cipherdir, kms_key, key_file, block_size, plaintext_names } => {
+            init(&cipherdir, kms_key, key_file, block_size, plaintext_names)
+        }
         Cmd::Mount(m) => mount(m),
         Cmd::Completions { shell } => {
             use clap::CommandFactory;
@@ -379,11 +401,34 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
             }
             Ok(0)
         }
-        Cmd::Fsck { cipherdir, key_file, json } => {
+        Cmd::Path { cipherdir, path, reverse, key_file } => {
             let cfg = load(&cipherdir)?;
             let p = provider_of(&cfg, key_file.as_deref())?;
-            let r = kmsfs::ops::fsck(&cipherdir, layout_of(&cfg)?, cfg.volume_id(), p.as_ref(), progress("fsck"))
-                .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+            let names = cfg.names(p.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+            let out = if reverse {
+                kmsfs::ops::backing_to_plain(&cipherdir, &path, &names)
+            } else {
+                kmsfs::ops::plain_to_backing(&cipherdir, &path, &names)
+            }
+            .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+            println!("{}", out.display());
+            Ok(0)
+        }
+        Cmd::Fsck { cipherdir, key_file, json, repair } => {
+            let cfg = load(&cipherdir)?;
+            let p = provider_of(&cfg, key_file.as_deref())?;
+            let names = cfg.names(p.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+            let r = kmsfs::ops::fsck(
+                &cipherdir,
+                layout_of(&cfg)?,
+                cfg.volume_id(),
+                p.as_ref(),
+                &names,
+                repair,
+                progress("fsck"),
+            )
+            .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+            let dir_damage = !r.dirs.bad_ids.is_empty() || !r.dirs.undecryptable.is_empty();
             if json {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
             } else {
@@ -407,7 +452,18 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                     r.zeroed.len()
                 );
             }
-            Ok(if r.damaged.is_empty() { 0 } else { exit::DAMAGED })
+            if !json {
+                for (d, why) in &r.dirs.bad_ids {
+                    println!("DIRID   {d}: {why}");
+                }
+                for d in &r.dirs.repaired {
+                    println!("REPAIRED {d}: directory ID copy restored");
+                }
+                for d in &r.dirs.undecryptable {
+                    println!("NAME    {d}: name does not decrypt (hidden from the mount)");
+                }
+            }
+            Ok(if r.damaged.is_empty() && !dir_damage { 0 } else { exit::DAMAGED })
         }
         Cmd::Rewrap { cipherdir, to_key, to_key_file, key_file, dry_run } => {
             rewrap(&cipherdir, to_key, to_key_file, key_file, dry_run)
@@ -451,7 +507,13 @@ fn read_stats(mnt: &Path) -> std::io::Result<serde_json::Value> {
     serde_json::from_slice(&buf).map_err(std::io::Error::other)
 }
 
-fn init(cipherdir: &Path, kms_key: Option<String>, key_file: Option<PathBuf>, block_size: u32) -> Result<u8, Failure> {
+fn init(
+    cipherdir: &Path,
+    kms_key: Option<String>,
+    key_file: Option<PathBuf>,
+    block_size: u32,
+    plaintext_names: bool,
+) -> Result<u8, Failure> {
     if !(4096..=1 << 20).contains(&block_size) || !block_size.is_power_of_two() {
         return Err(Failure(exit::USAGE, "--block-size must be a power of two from 4096 to 1048576".into()));
     }
@@ -466,10 +528,12 @@ fn init(cipherdir: &Path, kms_key: Option<String>, key_file: Option<PathBuf>, bl
         };
         return Err(Failure(exit::VOLUME, format!("{} {what}", cipherdir.display())));
     }
-    let cfg = if let Some(k) = kms_key {
+    let (mut cfg, provider): (VolumeConfig, Arc<dyn KeyProvider>) = if let Some(k) = kms_key {
         let p = kmsfs::keys::open_aws_kms(&k).map_err(|e| Failure(exit::KEY, e.to_string()))?;
         p.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;
-        VolumeConfig::new(ProviderKind::AwsKms, k, None, block_size).map_err(|e| Failure(exit::ERROR, e.to_string()))?
+        let cfg = VolumeConfig::new(ProviderKind::AwsKms, k, None, block_size)
+            .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+        (cfg, p)
     } else {
         let mut cfg = VolumeConfig::new(ProviderKind::Local, String::new(), None, block_size)
             .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
@@ -487,8 +551,11 @@ fn init(cipherdir: &Path, kms_key: Option<String>, key_file: Option<PathBuf>, bl
             "Created key file {} (mode 0600). Back it up: without it the data cannot be decrypted.",
             abs.display()
         );
-        cfg
+        (cfg, Arc::new(p))
     };
+    if !plaintext_names {
+        cfg.create_name_key(provider.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+    }
     cfg.store(cipherdir).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
     eprintln!(
         "Initialized kmsfs volume {} in {} ({:?} provider, {} byte blocks)",
@@ -563,9 +630,31 @@ fn rewrap(
         } else {
             return Err(Failure(exit::USAGE, "rewrap needs --to-key or --to-key-file".into()));
         };
-    let r =
-        kmsfs::ops::rewrap(cipherdir, layout_of(&cfg)?, source.as_ref(), dest.as_ref(), dry_run, progress("rewrap"))
-            .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+    let names = cfg.names(source.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+    // The name key first: it is small, and a failure here changes nothing.
+    let new_name_key = match &cfg.name_key {
+        Some(sk) => {
+            let (ctx, w) = sk.parts(cfg.volume_id()).ok_or(Failure(exit::VOLUME, "malformed name_key".into()))?;
+            let nw = if source.name() == dest.name() && dest.name() != kmsfs::keys::local::NAME {
+                dest.rewrap(&w, &ctx)
+            } else {
+                source.unwrap(&w, &ctx).and_then(|k| dest.wrap(&k, &ctx))
+            }
+            .map_err(|e| Failure(exit::KEY, format!("name key: {e}")))?;
+            Some(kmsfs::volume::StoredKey::from_wrapped(&ctx.file_id, &nw))
+        }
+        None => None,
+    };
+    let r = kmsfs::ops::rewrap(
+        cipherdir,
+        layout_of(&cfg)?,
+        source.as_ref(),
+        dest.as_ref(),
+        &names,
+        dry_run,
+        progress("rewrap"),
+    )
+    .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
     for (p, e) in &r.failed {
         println!("FAILED {p}: {e}");
     }
@@ -587,6 +676,7 @@ fn rewrap(
         cfg.provider = kind;
         cfg.key_id = key_id;
         cfg.key_file = kf;
+        cfg.name_key = new_name_key;
         cfg.store(cipherdir).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
         println!("Volume now uses {} for new files.", cfg.key_id);
     }
@@ -697,10 +787,19 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
     // Look-ahead only pays for a remote provider; local generation is ~1 us.
     // 64 keys at 16 in flight hide ~10 ms of KMS latency at 1,600 creates/s.
     let (target, workers) = if cfg.provider == ProviderKind::AwsKms { (64, 16) } else { (0, 0) };
-    let pool = KeyPool::start(provider, cfg.volume_id(), target, workers, max_age, stats);
+    let pool = KeyPool::start(provider.clone(), cfg.volume_id(), target, workers, max_age, stats);
+    let names = Arc::new(cfg.names(provider.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?);
     let fs = Arc::new(
-        EncFs::new(&m.cipherdir, layout, cfg.volume_id(), cache.clone(), pool, FsOptions { read_only: plan.read_only })
-            .map_err(|e| Failure(exit::MOUNT, format!("{}: {e}", m.cipherdir.display())))?,
+        EncFs::new(
+            &m.cipherdir,
+            layout,
+            cfg.volume_id(),
+            cache.clone(),
+            pool,
+            names,
+            FsOptions { read_only: plan.read_only },
+        )
+        .map_err(|e| Failure(exit::MOUNT, format!("{}: {e}", m.cipherdir.display())))?,
     );
     let adapter = KmsFuse::new(fs.clone(), FuseOptions { writeback_cache: plan.writeback && !plan.read_only });
     let session = fuser::spawn_mount(adapter, &m.mountpoint, &plan.fuse)

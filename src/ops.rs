@@ -12,6 +12,7 @@ use crate::format::header::{FileHeader, KEY_SECTION};
 use crate::format::layout::Layout;
 use crate::format::{BLOCK_OVERHEAD, Id, NONCE_LEN, hex, random_fill};
 use crate::keys::{KeyContext, KeyError, KeyProvider};
+use crate::names::{EntryKind, Names};
 use crate::volume::CONFIG_NAME;
 
 /// Errors of offline operations.
@@ -205,29 +206,107 @@ pub fn inspect(path: &Path) -> Result<serde_json::Value, OpError> {
     }))
 }
 
-/// Every regular file of a cipher dir, except kmsfs's own.
-pub fn walk(cipherdir: &Path) -> Result<Vec<PathBuf>, OpError> {
+/// A backing file and the plaintext path it shows up as.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Path in the cipher dir.
+    pub backing: PathBuf,
+    /// Plaintext path relative to the mount root.
+    pub plain: String,
+}
+
+/// Problems with directories found while walking (encrypted names).
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct DirProblems {
+    /// Directories whose ID could not be read, with the reason.
+    pub bad_ids: Vec<(String, String)>,
+    /// Directories whose missing ID copy was restored (with `repair`).
+    pub repaired: Vec<String>,
+    /// Entries whose names do not decrypt (hidden from the mount).
+    pub undecryptable: Vec<String>,
+}
+
+/// Every regular file of a cipher dir with its plaintext path, skipping
+/// kmsfs's own files. With `repair`, restores a missing directory-ID copy.
+pub fn walk(cipherdir: &Path, names: &Names, repair: bool) -> Result<(Vec<Entry>, DirProblems), OpError> {
     let mut out = Vec::new();
-    let mut stack = vec![cipherdir.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
-            let e = e.map_err(io_err(&dir))?;
+    let mut problems = DirProblems::default();
+    let mut stack = vec![(cipherdir.to_path_buf(), String::new(), Some(crate::names::ROOT_DIR_ID))];
+    while let Some((dir, plain_dir, id)) = stack.pop() {
+        let mut entries: Vec<_> =
+            std::fs::read_dir(&dir).map_err(io_err(&dir))?.collect::<Result<_, _>>().map_err(io_err(&dir))?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
             let p = e.path();
             let ft = e.file_type().map_err(io_err(&p))?;
-            let name = e.file_name();
-            let nb = name.as_encoded_bytes();
-            if dir == cipherdir && (nb == CONFIG_NAME.as_bytes() || nb.starts_with(b".kmsfs")) {
+            let raw = e.file_name();
+            let nb = raw.as_encoded_bytes();
+            if dir == cipherdir && nb == CONFIG_NAME.as_bytes() {
                 continue;
             }
+            let plain_name = if names.encrypted() {
+                let encoded = match names.classify(&raw) {
+                    EntryKind::Internal => continue,
+                    EntryKind::Short => Some(nb.to_vec()),
+                    EntryKind::Long => {
+                        let mut side = raw.clone();
+                        side.push(crate::names::LONG_SUFFIX);
+                        std::fs::read(dir.join(side)).ok()
+                    }
+                };
+                match (encoded, id) {
+                    (Some(enc), Some(id)) => names.decrypt(&id, &enc).ok().map(|n| n.to_string_lossy().into_owned()),
+                    _ => None,
+                }
+            } else if dir == cipherdir && nb.starts_with(b".kmsfs") {
+                continue;
+            } else {
+                Some(raw.to_string_lossy().into_owned())
+            };
+            let shown = match &plain_name {
+                Some(n) => format!("{plain_dir}/{n}"),
+                None => {
+                    let where_ = p.strip_prefix(cipherdir).unwrap_or(&p).display().to_string();
+                    problems.undecryptable.push(where_.clone());
+                    format!("{plain_dir}/?{where_}")
+                }
+            };
             if ft.is_dir() {
-                stack.push(p);
+                let child_id = if names.encrypted() {
+                    let fd = crate::sys::open_path(libc::AT_FDCWD, p.as_os_str()).map_err(io_err(&p))?;
+                    let had_both = crate::sys::xattr::get(&fd, std::ffi::OsStr::new(crate::names::DIRID_XATTR), 16)
+                        .is_ok()
+                        && p.join(crate::names::DIRID_FILE).exists();
+                    match crate::fs::load_dir_id(&fd, repair) {
+                        Ok(id) => {
+                            if !had_both {
+                                if repair {
+                                    problems.repaired.push(shown.clone());
+                                } else {
+                                    problems.bad_ids.push((
+                                        shown.clone(),
+                                        "one copy of the directory ID is missing (run fsck --repair)".into(),
+                                    ));
+                                }
+                            }
+                            Some(id)
+                        }
+                        Err(err) => {
+                            problems.bad_ids.push((shown.clone(), err.to_string()));
+                            None
+                        }
+                    }
+                } else {
+                    Some(crate::names::ROOT_DIR_ID)
+                };
+                stack.push((p, shown, child_id));
             } else if ft.is_file() {
-                out.push(p);
+                out.push(Entry { backing: p, plain: shown });
             }
         }
     }
-    out.sort();
-    Ok(out)
+    out.sort_by(|a, b| a.plain.cmp(&b.plain));
+    Ok((out, problems))
 }
 
 /// One damaged file in an fsck report.
@@ -252,6 +331,8 @@ pub struct FsckReport {
     pub damaged: Vec<Damage>,
     /// Files with all-zero (hole) blocks: path and block indexes.
     pub zeroed: Vec<(String, Vec<u64>)>,
+    /// Directory and name problems (encrypted names).
+    pub dirs: DirProblems,
 }
 
 /// Verifies every header and every block of every file.
@@ -260,14 +341,16 @@ pub fn fsck(
     layout: Layout,
     volume_id: Id,
     provider: &dyn KeyProvider,
+    names: &Names,
+    repair: bool,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<FsckReport, OpError> {
-    let files = walk(cipherdir)?;
-    let mut r = FsckReport::default();
+    let (files, dirs) = walk(cipherdir, names, repair)?;
+    let mut r = FsckReport { dirs, ..Default::default() };
     let total = files.len() as u64;
-    for (i, p) in files.iter().enumerate() {
+    for (i, e) in files.iter().enumerate() {
         progress(i as u64, total);
-        let rel = p.strip_prefix(cipherdir).unwrap_or(p).display().to_string();
+        let (p, rel) = (&e.backing, e.plain.clone());
         r.files += 1;
         let mut damage =
             |error: String, bad: Vec<u64>| r.damaged.push(Damage { path: rel.clone(), error, bad_blocks: bad });
@@ -338,16 +421,17 @@ pub fn rewrap(
     layout: Layout,
     source: &dyn KeyProvider,
     dest: &dyn KeyProvider,
+    names: &Names,
     dry_run: bool,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<RewrapReport, OpError> {
-    let files = walk(cipherdir)?;
+    let files = walk(cipherdir, names, false)?.0;
     let dest_key = dest.key_id();
     let mut r = RewrapReport::default();
     let total = files.len() as u64;
-    for (i, p) in files.iter().enumerate() {
+    for (i, e) in files.iter().enumerate() {
         progress(i as u64, total);
-        let rel = p.strip_prefix(cipherdir).unwrap_or(p).display().to_string();
+        let (p, rel) = (&e.backing, e.plain.clone());
         let res = (|| -> Result<bool, OpError> {
             let f = OpenOptions::new().read(true).write(!dry_run).open(p).map_err(io_err(p))?;
             if f.metadata().map_err(io_err(p))?.len() == 0 {
@@ -387,4 +471,55 @@ pub fn rewrap(
     }
     progress(total, total);
     Ok(r)
+}
+
+fn dir_id_of(dir: &Path, names: &Names, is_root: bool) -> Result<crate::format::Id, OpError> {
+    if is_root || !names.encrypted() {
+        return Ok(crate::names::ROOT_DIR_ID);
+    }
+    let fd = crate::sys::open_path(libc::AT_FDCWD, dir.as_os_str()).map_err(io_err(dir))?;
+    crate::fs::load_dir_id(&fd, false).map_err(io_err(dir))
+}
+
+/// Maps a plaintext path (relative to the mount root) to its backing path.
+pub fn plain_to_backing(cipherdir: &Path, plain: &Path, names: &Names) -> Result<PathBuf, OpError> {
+    let mut cur = cipherdir.to_path_buf();
+    let mut first = true;
+    for c in plain.components() {
+        let std::path::Component::Normal(name) = c else { continue };
+        let id = dir_id_of(&cur, names, first)?;
+        let s = names
+            .encrypt(&id, name)
+            .map_err(|e| OpError::Corrupt { path: plain.display().to_string(), detail: e.to_string() })?;
+        cur.push(&s.on_disk);
+        first = false;
+    }
+    Ok(cur)
+}
+
+/// Maps a backing path (relative to the cipher dir) to its plaintext path.
+pub fn backing_to_plain(cipherdir: &Path, backing: &Path, names: &Names) -> Result<PathBuf, OpError> {
+    let rel = backing.strip_prefix(cipherdir).unwrap_or(backing);
+    let mut cur = cipherdir.to_path_buf();
+    let mut out = PathBuf::from("/");
+    let mut first = true;
+    for c in rel.components() {
+        let std::path::Component::Normal(raw) = c else { continue };
+        let id = dir_id_of(&cur, names, first)?;
+        let encoded = match names.classify(raw) {
+            EntryKind::Long => {
+                let mut side = raw.to_owned();
+                side.push(crate::names::LONG_SUFFIX);
+                std::fs::read(cur.join(side)).map_err(io_err(&cur.join(raw)))?
+            }
+            _ => raw.as_encoded_bytes().to_vec(),
+        };
+        let name = names
+            .decrypt(&id, &encoded)
+            .map_err(|e| OpError::Corrupt { path: cur.join(raw).display().to_string(), detail: e.to_string() })?;
+        out.push(name);
+        cur.push(raw);
+        first = false;
+    }
+    Ok(out)
 }

@@ -51,6 +51,47 @@ pub struct VolumeConfig {
     /// Whether names are stored in clear.
     #[serde(default = "yes")]
     pub plaintext_names: bool,
+    /// The wrapped name key (encrypted-names volumes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_key: Option<StoredKey>,
+}
+
+/// A wrapped secret kept in the config: the name key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredKey {
+    /// Random ID bound into the wrapping context in place of a file ID.
+    pub id: String,
+    /// Provider that wrapped it.
+    pub provider: String,
+    /// Key that wrapped it.
+    pub key_id: String,
+    /// The wrapped blob, base64.
+    pub blob: String,
+}
+
+impl StoredKey {
+    /// The wrapping context and wrapped form.
+    pub fn parts(&self, volume_id: Id) -> Option<(crate::keys::KeyContext, crate::keys::WrappedKey)> {
+        use base64::Engine;
+        let file_id = unhex::<16>(&self.id)?;
+        let blob = base64::engine::general_purpose::STANDARD.decode(&self.blob).ok()?;
+        Some((
+            crate::keys::KeyContext { volume_id, file_id },
+            crate::keys::WrappedKey { provider: self.provider.clone(), key_id: self.key_id.clone(), blob },
+        ))
+    }
+
+    /// Stores a wrapped key.
+    pub fn from_wrapped(id: &Id, w: &crate::keys::WrappedKey) -> Self {
+        use base64::Engine;
+        Self {
+            id: hex(id),
+            provider: w.provider.clone(),
+            key_id: w.key_id.clone(),
+            blob: base64::engine::general_purpose::STANDARD.encode(&w.blob),
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -152,7 +193,31 @@ impl VolumeConfig {
             block_size,
             header_size,
             plaintext_names: true,
+            name_key: None,
         })
+    }
+
+    /// Creates and wraps a new name key (switches the volume to encrypted names).
+    pub fn create_name_key(&mut self, provider: &dyn KeyProvider) -> Result<(), VolumeError> {
+        let id = crate::format::random_id()
+            .map_err(|e| VolumeError::Invalid { path: CONFIG_NAME.into(), detail: e.to_string() })?;
+        let ctx = crate::keys::KeyContext { volume_id: self.volume_id(), file_id: id };
+        let (_key, wrapped) = provider.generate(&ctx)?;
+        self.name_key = Some(StoredKey::from_wrapped(&id, &wrapped));
+        self.plaintext_names = false;
+        Ok(())
+    }
+
+    /// The volume's name cipher (unwraps the name key: one provider call).
+    pub fn names(&self, provider: &dyn KeyProvider) -> Result<crate::names::Names, VolumeError> {
+        if self.plaintext_names {
+            return Ok(crate::names::Names::plaintext());
+        }
+        let bad = |d: &str| VolumeError::Invalid { path: CONFIG_NAME.into(), detail: d.into() };
+        let sk = self.name_key.as_ref().ok_or_else(|| bad("encrypted names but no name_key"))?;
+        let (ctx, w) = sk.parts(self.volume_id()).ok_or_else(|| bad("malformed name_key"))?;
+        let key = provider.unwrap(&w, &ctx)?;
+        Ok(crate::names::Names::new(key.expose_secret()))
     }
 
     /// Opens the volume's key provider. `key_file` overrides the recorded path.

@@ -11,7 +11,11 @@ use common::*;
 
 fn run(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn p(path: &std::path::Path) -> &str {
@@ -49,7 +53,7 @@ fn loose_key_file_is_refused_with_a_clear_message() {
 
 #[test]
 fn encrypt_decrypt_inspect_and_drop_into_volume() {
-    let v = Volume::new();
+    let v = Volume::plain();
     let plain = v.tmp.path().join("plain.bin");
     let data = random_bytes(3 * 4096 + 11, 42);
     std::fs::write(&plain, &data).unwrap();
@@ -59,7 +63,9 @@ fn encrypt_decrypt_inspect_and_drop_into_volume() {
     let (code, out, _) = run(&["inspect", "--json", p(&enc)]);
     assert_eq!(code, 0);
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();
-    for k in ["version", "file_id", "provider", "key_id", "block_size", "header_size", "plaintext_size", "wrapped_key_len"] {
+    for k in
+        ["version", "file_id", "provider", "key_id", "block_size", "header_size", "plaintext_size", "wrapped_key_len"]
+    {
         assert!(j.get(k).is_some(), "inspect lacks {k}: {out}");
     }
     assert_eq!(j["plaintext_size"], data.len());
@@ -94,7 +100,7 @@ fn encrypt_decrypt_inspect_and_drop_into_volume() {
 
 #[test]
 fn decrypt_of_tampered_file_fails_and_leaves_no_output() {
-    let v = Volume::new();
+    let v = Volume::plain();
     let plain = v.tmp.path().join("p");
     std::fs::write(&plain, random_bytes(20_000, 1)).unwrap();
     let enc = v.tmp.path().join("e");
@@ -113,7 +119,7 @@ fn fsck_reports_damage_and_zeroed_blocks() {
     if !fuse_available("fsck_reports_damage_and_zeroed_blocks") {
         return;
     }
-    let v = Volume::new();
+    let v = Volume::plain();
     {
         let m = v.mount("m", &[]);
         std::fs::create_dir_all(m.path("d")).unwrap();
@@ -124,13 +130,13 @@ fn fsck_reports_damage_and_zeroed_blocks() {
     }
     let (code, out, err) = run(&["fsck", p(&v.cipher)]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("ZEROED  sparse"), "{out}");
+    assert!(out.contains("ZEROED  /sparse"), "{out}");
     let f = std::fs::OpenOptions::new().write(true).open(v.cipher.join("bad")).unwrap();
     f.write_all_at(&[1, 2, 3], 256 + 4124 * 5 + 40).unwrap();
     let (code, out, _) = run(&["fsck", p(&v.cipher), "--json"]);
     assert_eq!(code, 6);
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(j["damaged"][0]["path"], "bad");
+    assert_eq!(j["damaged"][0]["path"], "/bad");
     assert_eq!(j["damaged"][0]["bad_blocks"][0], 5);
     assert_eq!(j["files"], 3);
 }
@@ -140,7 +146,7 @@ fn rewrap_local_to_new_key_file() {
     if !fuse_available("rewrap_local_to_new_key_file") {
         return;
     }
-    let v = Volume::new();
+    let v = Volume::plain();
     let data = random_bytes(30_000, 3);
     {
         let m = v.mount("m", &[]);

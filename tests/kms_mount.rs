@@ -12,7 +12,14 @@ use common::*;
 fn kms_volume(key_ref: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let cipher = tmp.path().join("cipher");
-    let out = Command::new(BIN).arg("init").arg(&cipher).arg("--kms-key").arg(key_ref).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("init")
+        .arg(&cipher)
+        .arg("--kms-key")
+        .arg(key_ref)
+        .arg("--plaintext-names")
+        .output()
+        .unwrap();
     assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
     (tmp, cipher)
 }

@@ -249,7 +249,14 @@ fn rename_link_symlink() {
     let (_, out) =
         sh(&format!("mv -n {} {}; cat {}", m.path("x1").display(), m.path("x2").display(), m.path("x2").display()));
     assert!(out.contains("one") || out.contains("two"));
-    // The volume config is invisible and untouchable.
+    // The volume config is invisible and untouchable: with encrypted names a
+    // plaintext "kmsfs.conf" is just another (encrypted) name.
+    assert!(!m.path("kmsfs.conf").exists());
+    std::fs::write(m.path("kmsfs.conf"), b"x").unwrap();
+    assert!(std::fs::read_to_string(v.cipher.join("kmsfs.conf")).unwrap().contains("volume_id"));
+    drop(m);
+    let pv = Volume::plain();
+    let m = pv.mount("m", &[]);
     assert!(!m.path("kmsfs.conf").exists());
     assert!(std::fs::write(m.path("kmsfs.conf"), b"x").is_err());
 }
@@ -259,7 +266,7 @@ fn sparse_file_stays_sparse() {
     if !fuse_available("sparse_file_stays_sparse") {
         return;
     }
-    let v = Volume::new();
+    let v = Volume::plain();
     let m = v.mount("m", &[]);
     let mut f = std::fs::File::create(m.path("sparse")).unwrap();
     f.write_all(b"start").unwrap();
@@ -281,7 +288,7 @@ fn corrupted_backing_file_gives_eio() {
     if !fuse_available("corrupted_backing_file_gives_eio") {
         return;
     }
-    let v = Volume::new();
+    let v = Volume::plain();
     let m = v.mount("m", &[]);
     std::fs::write(m.path("victim"), random_bytes(20_000, 5)).unwrap();
     drop(m);

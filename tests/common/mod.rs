@@ -38,8 +38,13 @@ pub struct Volume {
 }
 
 impl Volume {
+    /// A volume with encrypted names (the default).
     pub fn new() -> Self {
         Self::with_args(&[])
+    }
+    /// A volume with plaintext names, for tests that poke at backing files.
+    pub fn plain() -> Self {
+        Self::with_args(&["--plaintext-names"])
     }
     pub fn with_args(extra: &[&str]) -> Self {
         let tmp = tempfile::tempdir().expect("tempdir");

@@ -1,0 +1,219 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Encrypted names, symlink targets and xattr values through real mounts.
+
+mod common;
+
+use std::os::unix::ffi::OsStrExt;
+use std::process::Command;
+
+use common::*;
+
+const MARK: &str = "ZQXMARK";
+
+fn all_backing_names(dir: &std::path::Path, out: &mut Vec<String>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        out.push(e.file_name().to_string_lossy().into_owned());
+        let ft = e.file_type().unwrap();
+        if ft.is_symlink() {
+            out.push(std::fs::read_link(e.path()).unwrap().to_string_lossy().into_owned());
+        }
+        if ft.is_dir() {
+            all_backing_names(&e.path(), out);
+        }
+    }
+}
+
+#[test]
+fn no_plaintext_name_target_or_xattr_in_backing_dir() {
+    if !fuse_available("no_plaintext_name_target_or_xattr_in_backing_dir") {
+        return;
+    }
+    let v = Volume::new();
+    let m = v.mount("m", &[]);
+    std::fs::create_dir_all(m.path(&format!("{MARK}-dir/{MARK} sub"))).unwrap();
+    std::fs::write(m.path(&format!("{MARK}-dir/{MARK} sub/{MARK}.txt")), b"x").unwrap();
+    std::os::unix::fs::symlink(format!("{MARK}-target"), m.path(&format!("{MARK}-link"))).unwrap();
+    std::fs::write(m.path("plain"), b"x").unwrap();
+    let (ok, out) = sh(&format!("setfattr -n user.{MARK} -v {MARK}-value {}", m.path("plain").display()));
+    assert!(ok, "{out}");
+    let (ok, out) = sh(&format!("getfattr --only-values -n user.{MARK} {}", m.path("plain").display()));
+    assert!(ok && out.contains(&format!("{MARK}-value")), "{out}");
+    assert_eq!(std::fs::read_link(m.path(&format!("{MARK}-link"))).unwrap().to_str(), Some(&*format!("{MARK}-target")));
+    assert_eq!(std::fs::symlink_metadata(m.path(&format!("{MARK}-link"))).unwrap().len(), (MARK.len() + 7) as u64);
+    drop(m);
+    let mut names = vec![];
+    all_backing_names(&v.cipher, &mut names);
+    for n in &names {
+        assert!(!n.contains(MARK), "plaintext in backing name or target: {n}");
+    }
+    // xattr values: scan raw xattrs of every backing entry.
+    let (_, dump) = sh(&format!("getfattr -R -d -m - {} 2>/dev/null", v.cipher.display()));
+    assert!(!dump.contains(&format!("{MARK}-value")), "xattr value in clear: {dump}");
+}
+
+#[test]
+fn awkward_and_long_names_rename_link() {
+    if !fuse_available("awkward_and_long_names_rename_link") {
+        return;
+    }
+    let v = Volume::new();
+    let m = v.mount("m", &[]);
+    let long = "é".repeat(127) + "x"; // 255 bytes
+    let long2 = "ß".repeat(126) + "abc"; // 255 bytes
+    let names = ["with space", "new\nline", "tab\there", &long, "a", "ünïcødé ☃", "-dash", ".hidden"];
+    std::fs::create_dir_all(m.path("d1")).unwrap();
+    std::fs::create_dir_all(m.path("d2")).unwrap();
+    for (i, n) in names.iter().enumerate() {
+        std::fs::write(m.path("d1").join(n), format!("content {i}")).unwrap();
+    }
+    let mut listed: Vec<_> = std::fs::read_dir(m.path("d1")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    listed.sort();
+    let mut want: Vec<std::ffi::OsString> = names.iter().map(|n| n.into()).collect();
+    want.sort();
+    assert_eq!(listed, want);
+    // 256 bytes is too long.
+    let e = std::fs::write(m.path("d1").join("x".repeat(256)), b"").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG));
+    // Rename across directories: short->long, long->short, long->long.
+    std::fs::rename(m.path("d1/a"), m.path("d2").join(&long2)).unwrap();
+    std::fs::rename(m.path("d1").join(&long), m.path("d2/short")).unwrap();
+    std::fs::rename(m.path("d1/with space"), m.path("d2").join(&long)).unwrap();
+    assert_eq!(std::fs::read_to_string(m.path("d2").join(&long2)).unwrap(), "content 4");
+    assert_eq!(std::fs::read_to_string(m.path("d2/short")).unwrap(), "content 3");
+    assert_eq!(std::fs::read_to_string(m.path("d2").join(&long)).unwrap(), "content 0");
+    // Hard link and symlink with long names.
+    std::fs::hard_link(m.path("d2").join(&long), m.path("d1").join(&long2)).unwrap();
+    assert_eq!(std::fs::read_to_string(m.path("d1").join(&long2)).unwrap(), "content 0");
+    std::os::unix::fs::symlink(format!("../d2/{long}"), m.path("d1/sym")).unwrap();
+    assert_eq!(std::fs::read_to_string(m.path("d1/sym")).unwrap(), "content 0");
+    // Deleting removes side files too: only the ID file stays behind.
+    for e in std::fs::read_dir(m.path("d1")).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    std::fs::remove_dir(m.path("d1")).unwrap();
+    drop(m);
+    let m = v.mount("m2", &[]);
+    let mut listed: Vec<_> = std::fs::read_dir(m.path("d2")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    listed.sort();
+    let mut want: Vec<std::ffi::OsString> = vec![long.clone().into(), long2.clone().into(), "short".into()];
+    want.sort();
+    assert_eq!(listed, want);
+    let (code, out) = {
+        let o = Command::new(BIN).arg("fsck").arg(&v.cipher).output().unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    assert_eq!(code, Some(0), "{out}");
+}
+
+#[test]
+fn directory_rename_is_o1() {
+    if !fuse_available("directory_rename_is_o1") {
+        return;
+    }
+    let v = Volume::new();
+    let m = v.mount("m", &[]);
+    std::fs::create_dir_all(m.path("big/inner")).unwrap();
+    for i in 0..200 {
+        std::fs::write(m.path(&format!("big/inner/f{i}")), b"x").unwrap();
+    }
+    let backing = |m: &Mounted| {
+        let o = Command::new(BIN).arg("path").arg(&v.cipher).arg("big2/inner").output().unwrap();
+        let _ = m;
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let before = Command::new(BIN).arg("path").arg(&v.cipher).arg("big/inner").output().unwrap();
+    let inner_before = std::path::PathBuf::from(String::from_utf8_lossy(&before.stdout).trim());
+    let children_before: Vec<_> = std::fs::read_dir(&inner_before).unwrap().map(|e| e.unwrap().file_name()).collect();
+    std::fs::rename(m.path("big"), m.path("big2")).unwrap();
+    let inner_after = std::path::PathBuf::from(backing(&m));
+    // The inner directory's backing name and all its children are unchanged.
+    assert_eq!(inner_before.file_name(), inner_after.file_name());
+    let mut a: Vec<_> = std::fs::read_dir(&inner_after).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let mut b = children_before;
+    a.sort();
+    b.sort();
+    assert_eq!(a, b);
+    assert_eq!(std::fs::read(m.path("big2/inner/f199")).unwrap(), b"x");
+    // Path mapping back.
+    let some_child = inner_after.join(&a[0]);
+    let o = Command::new(BIN).arg("path").arg("--reverse").arg(&v.cipher).arg(&some_child).output().unwrap();
+    let plain = String::from_utf8_lossy(&o.stdout);
+    assert!(plain.starts_with("/big2/inner/"), "{plain}");
+}
+
+#[test]
+fn directory_id_copies_survive_and_fsck_repairs() {
+    if !fuse_available("directory_id_copies_survive_and_fsck_repairs") {
+        return;
+    }
+    let v = Volume::new();
+    {
+        let m = v.mount("m", &[]);
+        std::fs::create_dir_all(m.path("a/b")).unwrap();
+        std::fs::write(m.path("a/b/f"), b"data").unwrap();
+    }
+    let o = Command::new(BIN).arg("path").arg(&v.cipher).arg("a/b").output().unwrap();
+    let b_dir = std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    // Lose the ID file (as a sync tool or crash might): fsck reports, repairs.
+    std::fs::remove_file(b_dir.join(".kmsfs.dirid")).unwrap();
+    let o = Command::new(BIN).arg("fsck").arg(&v.cipher).output().unwrap();
+    assert_eq!(o.status.code(), Some(6), "{}", String::from_utf8_lossy(&o.stdout));
+    let o = Command::new(BIN).arg("fsck").arg("--repair").arg(&v.cipher).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("REPAIRED /a/b"), "{out}");
+    assert!(b_dir.join(".kmsfs.dirid").exists());
+    let o = Command::new(BIN).arg("fsck").arg(&v.cipher).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stdout));
+    // Lose the xattr copy: the mount still works and restores it.
+    let (ok, out) = sh(&format!("setfattr -x user.kmsfs.dirid {}", b_dir.display()));
+    assert!(ok, "{out}");
+    let m = v.mount("m2", &[]);
+    assert_eq!(std::fs::read(m.path("a/b/f")).unwrap(), b"data");
+    let (ok, out) = sh(&format!("getfattr -n user.kmsfs.dirid {}", b_dir.display()));
+    assert!(ok, "xattr not restored: {out}");
+}
+
+#[test]
+fn kill9_during_mkdir_and_rename_loops() {
+    if !fuse_available("kill9_during_mkdir_and_rename_loops") {
+        return;
+    }
+    let v = Volume::new();
+    let mut m = v.mount("m", &[]);
+    let root = m.mnt.clone();
+    let worker = std::thread::spawn(move || {
+        for i in 0..100_000 {
+            let d = root.join(format!("dir{}", i % 50));
+            let _ = std::fs::create_dir(&d);
+            let _ = std::fs::write(d.join("f"), b"x");
+            let long = format!("{}{i}", "n".repeat(200));
+            if std::fs::rename(&d, root.join(&long)).is_err() {
+                break;
+            }
+            if std::fs::rename(root.join(&long), &d).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    m.kill9();
+    let _ = worker.join();
+    let m = v.mount("m2", &[]);
+    // Every directory lists.
+    for e in std::fs::read_dir(&m.mnt).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            std::fs::read_dir(e.path()).unwrap().for_each(|x| {
+                x.unwrap();
+            });
+        }
+    }
+    drop(m);
+    let o = Command::new(BIN).arg("fsck").arg("--repair").arg(&v.cipher).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let o = Command::new(BIN).arg("fsck").arg(&v.cipher).output().unwrap();
+    let out2 = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "after repair: {out}\n{out2}");
+    let _ = OsStrExt::as_bytes(std::ffi::OsStr::new(""));
+}
