@@ -43,9 +43,9 @@ fi
 # --- apt -------------------------------------------------------------------
 apt_pkgs=(build-essential pkg-config fuse3)
 case "$purpose" in
-    test) apt_pkgs+=(attr rsync sqlite3 git libacl1-dev) ;;
+    test) apt_pkgs+=(attr rsync sqlite3 git libacl1-dev systemd) ;;
     bench) apt_pkgs+=(fio gocryptfs rsync sqlite3 git) ;;
-    all) apt_pkgs+=(attr rsync sqlite3 git libacl1-dev fio gocryptfs) ;;
+    all) apt_pkgs+=(attr rsync sqlite3 git libacl1-dev systemd fio gocryptfs) ;;
 esac
 # pip is needed by scripts/kms-server.sh (moto); only ask apt if pip is absent.
 if [ "$purpose" = test ] || [ "$purpose" = all ]; then

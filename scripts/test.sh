@@ -13,7 +13,7 @@
 #
 # Environment:
 #   KMSFS_TEST_QUICK=1   skip pjdfstest and fsx
-#   FSX_OPS=N            fsx operations per profile (default 100000)
+#   FSX_OPS=N            fsx operations in total over the three profiles (default 100000)
 #   KMSFS_TEST_LOGDIR    where logs are kept (default target/test-logs)
 #
 # Cleanup (always, also on failure or Ctrl-C): unmount what it mounted
@@ -96,7 +96,9 @@ STEP_DETAIL=()
 banner() { printf '\n==== %s ====\n' "$*"; }
 
 # run_step NAME FUNCTION: run FUNCTION in a subshell with errexit; it may write
-# a one-line detail to $DETAIL.  Records PASS/FAIL and the duration.
+# a one-line detail to $DETAIL.  Records PASS/FAIL and the duration, sets
+# STEP_RC and always returns 0.  Never call it in an `if`/`||`/`&&` context:
+# that would switch errexit off inside the step.
 run_step() {
     local name=$1 fn=$2 rc t
     banner "$name"
@@ -107,8 +109,8 @@ run_step() {
     ( set -e; "$fn" )
     rc=$?
     set -e
+    STEP_RC=$rc
     record "$name" "$([ "$rc" -eq 0 ] && echo PASS || echo FAIL)" "$((SECONDS - t))" "$(cat "$DETAIL")"
-    return "$rc"
 }
 record() { # NAME STATUS SECONDS DETAIL
     STEP_NAMES+=("$1"); STEP_STATUS+=("$2"); STEP_TIME+=("$3"); STEP_DETAIL+=("$4")
@@ -241,7 +243,7 @@ step_fsx() {
 # --- run ------------------------------------------------------------------------
 echo "kmsfs test run: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), logs in ${LOGDIR#"$ROOT"/}"
 
-run_step install-deps step_deps || true
+run_step install-deps step_deps
 
 banner kms-server
 t=$SECONDS
@@ -254,11 +256,11 @@ else
     record kms-server FAIL "$((SECONDS - t))" "scripts/kms-server.sh start failed"
 fi
 
-run_step fmt step_fmt || true
-run_step clippy step_clippy || true
-build_ok=1
-run_step build step_build || build_ok=0
-run_step cargo-test step_cargo_test || true
+run_step fmt step_fmt
+run_step clippy step_clippy
+run_step build step_build
+build_ok=$((STEP_RC == 0))
+run_step cargo-test step_cargo_test
 
 if [ "${KMSFS_TEST_QUICK:-0}" = 1 ]; then
     skip_step pjdfstest "KMSFS_TEST_QUICK=1"
@@ -274,8 +276,8 @@ elif [ "$build_ok" != 1 ]; then
     skip_step pjdfstest "release build failed"
     skip_step fsx "release build failed"
 else
-    run_step pjdfstest step_pjdfstest || true
-    run_step fsx step_fsx || true
+    run_step pjdfstest step_pjdfstest
+    run_step fsx step_fsx
 fi
 
 # --- summary --------------------------------------------------------------------

@@ -75,7 +75,7 @@ pub enum KeyNeed {
     /// The file is empty; reads need nothing, writes need a fresh key.
     Empty,
     /// The header's wrapped key, with its context.
-    Existing(Box<FileHeader>),
+    Existing(std::sync::Arc<FileHeader>),
 }
 
 /// Verification results for fsck.
@@ -94,7 +94,7 @@ pub struct EncryptedFile {
     file: File,
     layout: Layout,
     volume_id: Id,
-    header: Option<FileHeader>,
+    header: Option<std::sync::Arc<FileHeader>>,
     size: u64,
     size_ok: bool,
     verified: AtomicBool,
@@ -120,7 +120,7 @@ impl EncryptedFile {
             if h.block_log2 != layout.block_log2() {
                 return Err(FileError::ForeignBlockSize(h.block_log2));
             }
-            Some(h)
+            Some(std::sync::Arc::new(h))
         };
         Ok(Self { file, layout, volume_id, header, size, size_ok, verified: AtomicBool::new(false) })
     }
@@ -132,7 +132,7 @@ impl EncryptedFile {
 
     /// The parsed header, if the file is not empty.
     pub fn header(&self) -> Option<&FileHeader> {
-        self.header.as_ref()
+        self.header.as_deref()
     }
 
     /// The backing file.
@@ -144,7 +144,7 @@ impl EncryptedFile {
     pub fn key_need(&self) -> KeyNeed {
         match &self.header {
             None => KeyNeed::Empty,
-            Some(h) => KeyNeed::Existing(Box::new(h.clone())),
+            Some(h) => KeyNeed::Existing(h.clone()),
         }
     }
 
@@ -214,19 +214,28 @@ impl EncryptedFile {
         read_exact_at(&self.file, &mut stored, start)
             .map_err(|_| FileError::Block { index: last, what: "missing (file truncated)" })?;
         let mut out = vec![0u8; (end - off) as usize];
-        let mut plain = vec![0u8; bs as usize];
+        let last_index = self.last_index();
         let mut pos = 0usize;
         for i in first..=last {
             let plen = self.layout.plain_len(self.size, i) as usize;
             let slen = plen + BLOCK_OVERHEAD;
             let chunk = &mut stored[pos..pos + slen];
             pos += slen;
-            self.open_stored(h, key, i, chunk, &mut plain[..plen])?;
             let bstart = i * bs;
-            let from = off.max(bstart) - bstart;
-            let to = end.min(bstart + plen as u64) - bstart;
-            let dst = (bstart + from - off) as usize;
-            out[dst..dst + (to - from) as usize].copy_from_slice(&plain[from as usize..to as usize]);
+            let from = (off.max(bstart) - bstart) as usize;
+            let to = (end.min(bstart + plen as u64) - bstart) as usize;
+            let dst = (bstart + from as u64 - off) as usize;
+            let is_last = Some(i) == last_index;
+            if !is_last && is_hole(chunk) {
+                continue; // `out` is already zero there
+            }
+            // Decrypt in place and copy the wanted part straight into `out`.
+            let plain = open_in_place(key, &self.aad(h, i, is_last), chunk)
+                .map_err(|_| FileError::Block { index: i, what: "authentication failed" })?;
+            if plain.len() != plen {
+                return Err(FileError::Block { index: i, what: "invalid length" });
+            }
+            out[dst..dst + (to - from)].copy_from_slice(&plain[from..to]);
         }
         Ok(out)
     }
@@ -258,7 +267,7 @@ impl EncryptedFile {
                 h.seal(&f.key)?;
                 let bytes = h.to_bytes()?;
                 self.file.write_all_at(&bytes, 0)?;
-                self.header = Some(h);
+                self.header = Some(std::sync::Arc::new(h));
                 self.verified.store(true, Ordering::Relaxed);
                 self.size_ok = true;
                 Ok(())

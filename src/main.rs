@@ -213,7 +213,7 @@ fn init_logging(to: Option<&Path>, syslog: bool) {
     } else if syslog {
         let _ = b.with_ansi(false).without_time().with_writer(daemon::Syslog::open()).try_init();
     } else {
-        let _ = b.with_writer(std::io::stderr).try_init();
+        let _ = b.with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).try_init();
     }
 }
 
@@ -827,6 +827,9 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
             None if session.guard.is_finished() => {
                 tracing::info!("unmounted externally");
                 fs.shutdown();
+                // Already unmounted: dropping the session would try again
+                // and log a spurious EINVAL. The process exits next.
+                std::mem::forget(session);
                 return Ok(0);
             }
             None => {}
