@@ -414,3 +414,22 @@ fn disabled_on_read_only_mount() {
     let e = std::fs::write(m.path("g"), b"x").unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EROFS));
 }
+
+#[test]
+fn copy_file_range_within_mount() {
+    if !fuse_available("copy_file_range_within_mount") {
+        return;
+    }
+    let v = Volume::new();
+    let m = v.mount("m", &[]);
+    let data = random_bytes(3 << 20, 11);
+    std::fs::write(m.path("src"), &data).unwrap();
+    let (ok, out) = sh(&format!(
+        "python3 -c \"import os; a=os.open('{s}', os.O_RDONLY); b=os.open('{d}', os.O_WRONLY|os.O_CREAT, 0o644); n=0\nwhile True:\n  k=os.copy_file_range(a, b, 1<<20)\n  n+=k\n  if k==0: break\nprint(n)\"",
+        s = m.path("src").display(),
+        d = m.path("dst").display()
+    ));
+    assert!(ok && out.trim() == (3 << 20).to_string(), "{out}");
+    assert!(std::fs::read(m.path("dst")).unwrap() == data);
+    assert!(!m.log().contains("Not Implemented"), "{}", m.log());
+}
