@@ -32,7 +32,13 @@ fn main() {
     // then this is only a smoke run of a few MiB.
     let bench = std::env::args().any(|a| a == "--bench");
     let quick = std::env::args().any(|a| a == "--quick");
-    let total = if !bench { 4 << 20 } else if quick { TOTAL / 16 } else { TOTAL };
+    let total = if !bench {
+        4 << 20
+    } else if quick {
+        TOTAL / 16
+    } else {
+        TOTAL
+    };
     println!("{:>8} {:>22} {:>10} {:>10}", "block", "implementation", "seal MB/s", "open MB/s");
     for log2 in [12u8, 14, 16, 20] {
         let bs = 1usize << log2;
