@@ -806,6 +806,7 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
         .map_err(|e| Failure(exit::MOUNT, format!("cannot mount {}: {e}", m.mountpoint.display())))?;
     // The mount serves once a stat through it answers.
     std::fs::metadata(&m.mountpoint).map_err(|e| Failure(exit::MOUNT, format!("mount does not answer: {e}")))?;
+    daemon::set_readahead(&m.mountpoint, 1024);
     tracing::info!("mounted {} at {}", m.cipherdir.display(), m.mountpoint.display());
     daemon::report_ready("ready");
     daemon::sd_notify("READY=1");
