@@ -602,10 +602,24 @@ impl EncFs {
 
     /// Attaches open state to a node (shared by all its handles).
     fn attach(&self, n: &Arc<Node>, write: bool) -> Result<(), FsError> {
+        self.attach_with(n, write, None)
+    }
+
+    /// Like `attach`, reusing an already open backing descriptor if given
+    /// (create), which saves a reopen through /proc.
+    fn attach_with(&self, n: &Arc<Node>, write: bool, file: Option<File>) -> Result<(), FsError> {
         let mut g = wlock(&n.open);
         match g.as_mut() {
             Some(o) => o.handles += 1,
-            None => *g = Some(OpenState { enc: self.open_enc(n, write)?, handles: 1 }),
+            None => {
+                let enc = match file {
+                    Some(f) => {
+                        EncryptedFile::open(f, self.layout, self.volume_id).map_err(|e| self.file_error(n.ino, e))?
+                    }
+                    None => self.open_enc(n, write)?,
+                };
+                *g = Some(OpenState { enc, handles: 1 })
+            }
         }
         Ok(())
     }
@@ -681,6 +695,11 @@ impl EncFs {
         if !self.euid_root {
             return Ok(());
         }
+        if caller.uid == 0 && caller.gid == 0 {
+            // Created as root by root: the backing filesystem already chose
+            // the right owner and group (setgid parents included).
+            return Ok(());
+        }
         let pst = sys::fstat(parent.fd.as_raw_fd())?;
         let gid = if pst.st_mode & libc::S_ISGID != 0 { pst.st_gid } else { caller.gid };
         sys::chown(fd.as_raw_fd(), caller.uid, gid)?;
@@ -712,12 +731,18 @@ impl EncFs {
         if st.st_nlink > 0 && st.st_size == 0 {
             self.set_owner(&f, &p, caller)?;
         }
-        drop(f);
         let fd = sys::open_path(p.fd.as_raw_fd(), &s.on_disk)?;
-        self.adopt(parent, name, fd)?;
-        let attr_ino = self.to_fuse_ino(st.st_ino);
-        let fh = self.open(attr_ino, (flags & !libc::O_CREAT & !libc::O_EXCL) | libc::O_RDWR)?;
-        Ok((self.getattr(attr_ino)?, fh))
+        let attr = self.adopt(parent, name, fd)?;
+        let n = self.node(attr.ino)?;
+        if flags & libc::O_TRUNC != 0 && st.st_size > 0 {
+            // An existing file opened with O_TRUNC: take the normal path.
+            drop(f);
+            let fh = self.open(attr.ino, (flags & !libc::O_CREAT & !libc::O_EXCL) | libc::O_RDWR)?;
+            return Ok((self.getattr(attr.ino)?, fh));
+        }
+        self.attach_with(&n, true, Some(File::from(f)))?;
+        let fh = self.new_handle(Handle::File(n.clone()));
+        Ok((attr, fh))
     }
 
     /// Runs `make` to create entry `s` in `p`, with the long-name side file

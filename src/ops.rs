@@ -246,7 +246,21 @@ pub fn walk(cipherdir: &Path, names: &Names, repair: bool) -> Result<(Vec<Entry>
             }
             let plain_name = if names.encrypted() {
                 let encoded = match names.classify(&raw) {
-                    EntryKind::Internal => continue,
+                    EntryKind::Internal => {
+                        // A directory whose mkdir was cut short by a crash:
+                        // never visible, holds at most its ID file.
+                        if ft.is_dir() && nb.starts_with(crate::names::TMP_PREFIX.as_bytes()) {
+                            let where_ = p.strip_prefix(cipherdir).unwrap_or(&p).display().to_string();
+                            if repair && std::fs::remove_dir_all(&p).is_ok() {
+                                problems.repaired.push(format!("{where_} (unfinished mkdir removed)"));
+                            } else if !repair {
+                                problems
+                                    .bad_ids
+                                    .push((where_, "unfinished mkdir left by a crash (run fsck --repair)".into()));
+                            }
+                        }
+                        continue;
+                    }
                     EntryKind::Short => Some(nb.to_vec()),
                     EntryKind::Long => {
                         let mut side = raw.clone();
