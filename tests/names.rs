@@ -172,6 +172,14 @@ fn directory_id_copies_survive_and_fsck_repairs() {
     assert_eq!(std::fs::read(m.path("a/b/f")).unwrap(), b"data");
     let (ok, out) = sh(&format!("getfattr -n user.kmsfs.dirid {}", b_dir.display()));
     assert!(ok, "xattr not restored: {out}");
+    drop(m);
+    // An unfinished mkdir (crash between mkdir and rename) is reported, then removed.
+    std::fs::create_dir(b_dir.join(".kmsfs.tmp.0011")).unwrap();
+    let o = Command::new(BIN).arg("fsck").arg(&v.cipher).output().unwrap();
+    assert_eq!(o.status.code(), Some(6), "{}", String::from_utf8_lossy(&o.stdout));
+    let o = Command::new(BIN).arg("fsck").arg("--repair").arg(&v.cipher).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("unfinished mkdir removed"));
+    assert!(!b_dir.join(".kmsfs.tmp.0011").exists());
 }
 
 #[test]
