@@ -57,8 +57,8 @@ kmsfs is mounted. Files you put in demo/plain are stored encrypted in demo/ciphe
 
     echo hello > demo/plain/hello.txt
     cat demo/plain/hello.txt        # hello
-    ls -l demo/cipher               # same names: header + encrypted blocks
-    target/release/kmsfs inspect demo/cipher/hello.txt   # header, no key needed
+    ls -l demo/cipher               # encrypted names; each file = header + encrypted blocks
+    target/release/kmsfs inspect "\$(target/release/kmsfs path demo/cipher hello.txt)"   # header, no KMS call
 
 The key is demo/kmsfs.key (keep it outside the cipher dir; without it the data
 is unreadable). Unmount with:
