@@ -195,13 +195,30 @@ impl EncryptedFile {
 
     /// Reads up to `len` bytes at `off`; short only at EOF.
     pub fn read_at(&self, key: Option<&DataKey>, off: u64, len: usize) -> Result<Vec<u8>, FileError> {
+        let mut buf = Vec::new();
+        let n = self.read_into(key, off, len, &mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Like `read_at`, but into a caller-owned buffer that is reused across
+    /// calls (no fresh 1 MiB allocation per request): the ciphertext is read
+    /// into `buf`, decrypted in place and compacted to the front. Returns the
+    /// plaintext length, which starts at `buf[0]`.
+    pub fn read_into(
+        &self,
+        key: Option<&DataKey>,
+        off: u64,
+        len: usize,
+        buf: &mut Vec<u8>,
+    ) -> Result<usize, FileError> {
         if !self.size_ok && len > 0 {
             // A torn or truncated tail (including a header with no blocks).
             let backing = self.file.metadata()?.len();
             return Err(FileError::BadSize(backing));
         }
         if off >= self.size || len == 0 {
-            return Ok(Vec::new());
+            return Ok(0);
         }
         let key = key.ok_or(FileError::NeedKey)?;
         let h = self.check_key(key)?;
@@ -210,32 +227,39 @@ impl EncryptedFile {
         let (first, last) = (off / bs, (end - 1) / bs);
         let start = self.layout.block_offset(first);
         let stop = self.layout.block_offset(last) + self.layout.plain_len(self.size, last) + BLOCK_OVERHEAD as u64;
-        let mut stored = vec![0u8; (stop - start) as usize];
-        read_exact_at(&self.file, &mut stored, start)
+        let total = (stop - start) as usize;
+        if buf.len() < total {
+            buf.resize(total, 0);
+        }
+        let stored = &mut buf[..total];
+        read_exact_at(&self.file, stored, start)
             .map_err(|_| FileError::Block { index: last, what: "missing (file truncated)" })?;
-        let mut out = vec![0u8; (end - off) as usize];
         let last_index = self.last_index();
-        let mut pos = 0usize;
+        let mut pos = 0usize; // next stored block
+        let mut out = 0usize; // plaintext written so far (always <= pos)
         for i in first..=last {
             let plen = self.layout.plain_len(self.size, i) as usize;
             let slen = plen + BLOCK_OVERHEAD;
-            let chunk = &mut stored[pos..pos + slen];
-            pos += slen;
             let bstart = i * bs;
             let from = (off.max(bstart) - bstart) as usize;
             let to = (end.min(bstart + plen as u64) - bstart) as usize;
-            let dst = (bstart + from as u64 - off) as usize;
             let is_last = Some(i) == last_index;
+            let chunk = &mut stored[pos..pos + slen];
             if !is_last && is_hole(chunk) {
-                continue; // `out` is already zero there
+                stored[out..out + (to - from)].fill(0);
+            } else {
+                let plain_len = open_in_place(key, &self.aad(h, i, is_last), chunk)
+                    .map_err(|_| FileError::Block { index: i, what: "authentication failed" })?
+                    .len();
+                if plain_len != plen {
+                    return Err(FileError::Block { index: i, what: "invalid length" });
+                }
+                // Plaintext sits after the nonce; move the wanted part down.
+                let src = pos + NONCE_LEN + from;
+                stored.copy_within(src..src + (to - from), out);
             }
-            // Decrypt in place and copy the wanted part straight into `out`.
-            let plain = open_in_place(key, &self.aad(h, i, is_last), chunk)
-                .map_err(|_| FileError::Block { index: i, what: "authentication failed" })?;
-            if plain.len() != plen {
-                return Err(FileError::Block { index: i, what: "invalid length" });
-            }
-            out[dst..dst + (to - from)].copy_from_slice(&plain[from..to]);
+            out += to - from;
+            pos += slen;
         }
         Ok(out)
     }

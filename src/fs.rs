@@ -919,8 +919,38 @@ impl EncFs {
         Ok(())
     }
 
-    /// Reads from an open file.
+    /// Reads from an open file into a new vector.
     pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        let mut buf = Vec::new();
+        let n = self.read_into(fh, off, size, &mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Reads from an open file and hands the plaintext, or the error, to
+    /// `done` exactly once. Uses a per-thread buffer, so the hot path does not
+    /// allocate (and fault in) a fresh buffer per request.
+    pub fn read_with<R>(&self, fh: u64, off: u64, size: u32, done: impl FnOnce(Result<&[u8], FsError>) -> R) -> R {
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        BUF.with(|b| match b.try_borrow_mut() {
+            Ok(mut buf) => {
+                let r = self.read_into(fh, off, size, &mut buf);
+                match r {
+                    Ok(n) => done(Ok(&buf[..n])),
+                    Err(e) => done(Err(e)),
+                }
+            }
+            // Re-entered on this thread (cannot happen from FUSE): allocate.
+            Err(_) => match self.read(fh, off, size) {
+                Ok(v) => done(Ok(&v)),
+                Err(e) => done(Err(e)),
+            },
+        })
+    }
+
+    fn read_into(&self, fh: u64, off: u64, size: u32, buf: &mut Vec<u8>) -> Result<usize, FsError> {
         let n = self.file_handle(fh)?;
         for _ in 0..8 {
             let need = match rlock(&n.open).as_ref() {
@@ -936,7 +966,7 @@ impl EncFs {
             if o.enc.key_need() != need {
                 continue;
             }
-            return o.enc.read_at(key.as_deref(), off, size as usize).map_err(|e| self.file_error(n.ino, e));
+            return o.enc.read_into(key.as_deref(), off, size as usize, buf).map_err(|e| self.file_error(n.ino, e));
         }
         Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EAGAIN)))
     }

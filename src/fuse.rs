@@ -253,10 +253,10 @@ impl Filesystem for KmsFuse {
         _lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(fh.0, offset, size) {
-            Ok(d) => reply.data(&d),
+        self.fs.read_with(fh.0, offset, size, |r| match r {
+            Ok(d) => reply.data(d),
             Err(e) => reply.error(errno("read", &e)),
-        }
+        });
     }
 
     fn write(
