@@ -142,7 +142,7 @@ step_build() {
 step_cargo_test() {
     local rc=0
     # --release reuses the release build's dependencies: one cold build, not two.
-    cargo test --release --all-targets 2>&1 | tee "$LOGDIR/cargo-test.log" || rc=$?
+    cargo test --release --all-targets --no-fail-fast 2>&1 | tee "$LOGDIR/cargo-test.log" || rc=$?
     # Sum the per-binary "test result:" lines.
     awk '
         /^test result:/ {
