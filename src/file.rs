@@ -70,13 +70,28 @@ pub enum KeyArg<'a> {
 }
 
 /// What key an operation will need, computed under a read lock.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum KeyNeed {
     /// The file is empty; reads need nothing, writes need a fresh key.
     Empty,
     /// The header's wrapped key, with its context.
     Existing(std::sync::Arc<FileHeader>),
 }
+
+// Identity, not content: every read and write re-checks the need after
+// taking the lock, and a new header is always a new Arc. Comparing contents
+// would walk the wrapped key twice per operation.
+impl PartialEq for KeyNeed {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Empty, Self::Empty) => true,
+            (Self::Existing(a), Self::Existing(b)) => std::sync::Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for KeyNeed {}
 
 /// Verification results for fsck.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
