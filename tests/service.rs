@@ -147,8 +147,8 @@ fn mount_t_fuse_kmsfs_and_fstab() {
         ),
     )
     .unwrap();
-    let out = Command::new("mount").arg("-a").arg("-T").arg(&fstab).output().unwrap();
-    let _ = out;
+    // Exit status is mount(8)'s business here; what matters is what mounted.
+    let _ = Command::new("mount").arg("-a").arg("-T").arg(&fstab).output().unwrap();
     assert!(mounted(&mnt), "the good entry mounted");
     assert!(!mounted(&other));
     assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
