@@ -8,7 +8,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::format::block::{BlockAad, CodecError, is_hole, open_in_place, seal_in_place};
+use crate::format::block::{BlockAad, CodecError, is_hole, open_in_place, open_to, seal_in_place, seal_to};
 use crate::format::header::{FileHeader, HeaderError};
 use crate::format::layout::Layout;
 use crate::format::{BLOCK_OVERHEAD, Id, NONCE_LEN, random_fill};
@@ -217,15 +217,16 @@ impl EncryptedFile {
     }
 
     /// Like `read_at`, but into a caller-owned buffer that is reused across
-    /// calls (no fresh 1 MiB allocation per request): the ciphertext is read
-    /// into `buf`, decrypted in place and compacted to the front. Returns the
-    /// plaintext length, which starts at `buf[0]`.
+    /// calls (no fresh 1 MiB allocation per request). Returns the plaintext
+    /// length, which starts at `out[0]`. Whole blocks decrypt straight from
+    /// the per-thread ciphertext buffer into `out`, in parallel for large
+    /// requests; only a partly wanted first or last block takes a copy.
     pub fn read_into(
         &self,
         key: Option<&DataKey>,
         off: u64,
         len: usize,
-        buf: &mut Vec<u8>,
+        out: &mut Vec<u8>,
     ) -> Result<usize, FileError> {
         if !self.size_ok && len > 0 {
             // A torn or truncated tail (including a header with no blocks).
@@ -243,40 +244,80 @@ impl EncryptedFile {
         let start = self.layout.block_offset(first);
         let stop = self.layout.block_offset(last) + self.layout.plain_len(self.size, last) + BLOCK_OVERHEAD as u64;
         let total = (stop - start) as usize;
-        if buf.len() < total {
-            buf.resize(total, 0);
+        let want = (end - off) as usize;
+        if out.len() < want {
+            out.resize(want, 0);
         }
-        let stored = &mut buf[..total];
+        let out = &mut out[..want];
+        let mut scratch = Scratch::take(total);
+        let stored = scratch.get(total);
         read_exact_at(&self.file, stored, start)
             .map_err(|_| FileError::Block { index: last, what: "missing (file truncated)" })?;
-        let last_index = self.last_index();
-        let mut pos = 0usize; // next stored block
-        let mut out = 0usize; // plaintext written so far (always <= pos)
-        for i in first..=last {
-            let plen = self.layout.plain_len(self.size, i) as usize;
-            let slen = plen + BLOCK_OVERHEAD;
-            let bstart = i * bs;
-            let from = (off.max(bstart) - bstart) as usize;
-            let to = (end.min(bstart + plen as u64) - bstart) as usize;
-            let is_last = Some(i) == last_index;
-            let chunk = &mut stored[pos..pos + slen];
-            if !is_last && is_hole(chunk) {
-                stored[out..out + (to - from)].fill(0);
-            } else {
-                let plain_len = open_in_place(key, &self.aad(h, i, is_last), chunk)
-                    .map_err(|_| FileError::Block { index: i, what: "authentication failed" })?
-                    .len();
-                if plain_len != plen {
-                    return Err(FileError::Block { index: i, what: "invalid length" });
-                }
-                // Plaintext sits after the nonce; move the wanted part down.
-                let src = pos + NONCE_LEN + from;
-                stored.copy_within(src..src + (to - from), out);
-            }
-            out += to - from;
-            pos += slen;
+        let stride = bs as usize + BLOCK_OVERHEAD;
+        // Blocks lo..=hi are wanted whole; stored[s_lo..s_hi] and
+        // out[o_lo..o_hi] hold them.
+        let (mut lo, mut hi) = (first, last);
+        let (mut s_lo, mut s_hi) = (0usize, total);
+        let (mut o_lo, mut o_hi) = (0usize, want);
+        let from_first = (off - first * bs) as usize;
+        let first_plen = self.layout.plain_len(self.size, first) as usize;
+        if from_first != 0 || (first == last && want < first_plen) {
+            let n = want.min(first_plen - from_first);
+            let sealed = &mut stored[..first_plen + BLOCK_OVERHEAD];
+            let plain = self.open_one(h, key, first, sealed)?;
+            out[..n].copy_from_slice(&plain[from_first..from_first + n]);
+            (lo, s_lo, o_lo) = (first + 1, first_plen + BLOCK_OVERHEAD, n);
         }
-        Ok(out)
+        if lo <= hi {
+            let last_plen = self.layout.plain_len(self.size, last) as usize;
+            let to_last = (end - last * bs) as usize;
+            if to_last < last_plen {
+                let at = total - (last_plen + BLOCK_OVERHEAD);
+                let plain = self.open_one(h, key, last, &mut stored[at..])?;
+                out[want - to_last..].copy_from_slice(&plain[..to_last]);
+                (hi, s_hi, o_hi) = (last.wrapping_sub(1), at, want - to_last);
+            }
+        }
+        if lo <= hi && hi != u64::MAX {
+            let last_index = self.last_index();
+            for_each_part(&mut stored[s_lo..s_hi], &mut out[o_lo..o_hi], lo, stride, bs as usize, |i0, sp, op| {
+                for (k, (sealed, plain)) in sp.chunks(stride).zip(op.chunks_mut(bs as usize)).enumerate() {
+                    let i = i0 + k as u64;
+                    let is_last = Some(i) == last_index;
+                    if !is_last && is_hole(sealed) {
+                        plain.fill(0);
+                        continue;
+                    }
+                    open_to(key, &self.aad(h, i, is_last), sealed, plain).map_err(|e| match e {
+                        CodecError::Length(_) => FileError::Block { index: i, what: "invalid length" },
+                        _ => FileError::Block { index: i, what: "authentication failed" },
+                    })?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(want)
+    }
+
+    /// Opens stored block `index` in place; returns its plaintext.
+    fn open_one<'b>(
+        &self,
+        h: &FileHeader,
+        key: &DataKey,
+        index: u64,
+        sealed: &'b mut [u8],
+    ) -> Result<&'b [u8], FileError> {
+        let plen = self.layout.plain_len(self.size, index) as usize;
+        let is_last = Some(index) == self.last_index();
+        if !is_last && is_hole(sealed) {
+            return Ok(&sealed[NONCE_LEN..NONCE_LEN + plen]);
+        }
+        let plain = open_in_place(key, &self.aad(h, index, is_last), sealed)
+            .map_err(|_| FileError::Block { index, what: "authentication failed" })?;
+        if plain.len() != plen {
+            return Err(FileError::Block { index, what: "invalid length" });
+        }
+        Ok(plain)
     }
 
     /// Reads block `index` of the current file (old flags) into a B-sized buffer.
@@ -326,30 +367,50 @@ impl EncryptedFile {
     /// Seals blocks `first..` held in `region` (plaintext at per-block slots)
     /// for a file of `new_size` bytes and writes them in one pwrite.
     fn seal_and_write(&self, key: &DataKey, first: u64, region: &mut [u8], new_size: u64) -> Result<(), FileError> {
-        let h = self.header.as_ref().ok_or(FileError::NeedKey)?;
-        let new_last = (new_size - 1) >> self.layout.block_log2();
-        let mut nonces = Vec::new();
-        let mut pos = 0usize;
-        let mut i = first;
-        // Count blocks first so all nonces come from one RNG call.
-        let mut n = 0usize;
-        while pos < region.len() {
-            pos += self.layout.plain_len(new_size, first + n as u64) as usize + BLOCK_OVERHEAD;
-            n += 1;
-        }
-        nonces.resize(n * NONCE_LEN, 0);
-        random_fill(&mut nonces).map_err(|_| FileError::Random)?;
-        pos = 0;
-        for nonce in nonces.chunks_exact(NONCE_LEN) {
-            let slen = self.layout.plain_len(new_size, i) as usize + BLOCK_OVERHEAD;
-            let mut nn = [0u8; NONCE_LEN];
-            nn.copy_from_slice(nonce);
-            seal_in_place(key, &self.aad(h, i, i == new_last), nn, &mut region[pos..pos + slen])?;
-            pos += slen;
-            i += 1;
-        }
+        self.seal_region(key, first, region, new_size, None)?;
         self.file.write_all_at(region, self.layout.block_offset(first))?;
         Ok(())
+    }
+
+    /// Seals blocks `first..` into `region`. A block that `src` (data, offset)
+    /// covers whole is sealed straight from it; any other block's plaintext
+    /// must already sit in its slot.
+    fn seal_region(
+        &self,
+        key: &DataKey,
+        first: u64,
+        region: &mut [u8],
+        new_size: u64,
+        src: Option<(&[u8], u64)>,
+    ) -> Result<(), FileError> {
+        let h = self.header.as_ref().ok_or(FileError::NeedKey)?;
+        let new_last = (new_size - 1) >> self.layout.block_log2();
+        let bs = self.layout.block_size();
+        let stride = bs as usize + BLOCK_OVERHEAD;
+        for_each_part(region, &mut [], first, stride, 0, |i0, part, _| {
+            // Nonces come from the RNG in batches, not one call per block.
+            let mut nonces = [0u8; NONCE_LEN * 32];
+            for (k, chunk) in part.chunks_mut(stride).enumerate() {
+                let slot = k % 32;
+                if slot == 0 {
+                    random_fill(&mut nonces).map_err(|_| FileError::Random)?;
+                }
+                let mut nn = [0u8; NONCE_LEN];
+                nn.copy_from_slice(&nonces[slot * NONCE_LEN..(slot + 1) * NONCE_LEN]);
+                let i = i0 + k as u64;
+                let aad = self.aad(h, i, i == new_last);
+                let plen = chunk.len() - BLOCK_OVERHEAD;
+                let whole = src.and_then(|(data, off)| {
+                    let at = (i * bs).checked_sub(off)? as usize;
+                    data.get(at..at + plen)
+                });
+                match whole {
+                    Some(plain) => seal_to(key, &aad, nn, plain, chunk)?,
+                    None => seal_in_place(key, &aad, nn, chunk)?,
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Re-seals the current last block as a full, non-final block (zero
@@ -387,7 +448,8 @@ impl EncryptedFile {
         for i in first..=last {
             len += self.layout.plain_len(new_size, i) as usize + BLOCK_OVERHEAD;
         }
-        let mut region = vec![0u8; len];
+        let mut scratch = Scratch::take(len);
+        let region = scratch.get(len);
         let mut pos = 0usize;
         for i in first..=last {
             let plen = self.layout.plain_len(new_size, i) as usize;
@@ -395,17 +457,22 @@ impl EncryptedFile {
             let slot = &mut region[pos + NONCE_LEN..pos + NONCE_LEN + plen];
             let from = off.max(bstart) - bstart;
             let to = end.min(bstart + plen as u64) - bstart;
-            let covers = from == 0 && to == plen as u64;
-            if !covers && old_last.is_some_and(|ol| i <= ol) {
-                let mut old = vec![0u8; bs as usize];
-                let n = self.read_block(&h, k, i, &mut old)?;
-                slot[..n].copy_from_slice(&old[..n]);
+            pos += plen + BLOCK_OVERHEAD;
+            if from == 0 && to == plen as u64 {
+                continue; // whole: seal_region seals it straight from `data`
             }
+            // A partial block: its slot in the reused buffer holds stale
+            // bytes, so lay down the old block (zeros past its end) first.
+            let n = match old_last {
+                Some(ol) if i <= ol => self.read_block(&h, k, i, slot)?,
+                _ => 0,
+            };
+            slot[n..].fill(0);
             let src = (bstart + from - off) as usize;
             slot[from as usize..to as usize].copy_from_slice(&data[src..src + (to - from) as usize]);
-            pos += plen + BLOCK_OVERHEAD;
         }
-        self.seal_and_write(k, first, &mut region, new_size)?;
+        self.seal_region(k, first, region, new_size, Some((data, off)))?;
+        self.file.write_all_at(region, self.layout.block_offset(first))?;
         self.size = new_size;
         Ok(())
     }
@@ -492,4 +559,88 @@ impl EncryptedFile {
 
 fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
     f.read_exact_at(buf, off)
+}
+
+/// Bytes of stored blocks per share below which splitting does not pay: a
+/// share must seal for longer than a worker wakeup (~10 µs) takes.
+const PAR_SHARE_MIN: usize = 128 * 1024;
+/// Most shares one request is split into.
+const PAR_MAX_WAYS: usize = 8;
+
+/// Runs `f(first_index, stored_part, out_part)` over `stored`, a run of
+/// stored blocks of `stride` bytes each (the very last may be shorter), and
+/// the matching plaintext slots in `out` (`out_stride` bytes each; pass an
+/// empty `out` when there is none), split at block boundaries. Large regions
+/// are split across the AEAD worker pool with the calling thread doing one
+/// share; small ones run inline. Returns the error of the lowest failing
+/// share, so the log names the first bad block.
+fn for_each_part<F>(
+    stored: &mut [u8],
+    out: &mut [u8],
+    first: u64,
+    stride: usize,
+    out_stride: usize,
+    f: F,
+) -> Result<(), FileError>
+where
+    F: Fn(u64, &mut [u8], &mut [u8]) -> Result<(), FileError> + Sync,
+{
+    let blocks = stored.len().div_ceil(stride);
+    let ways = (stored.len() / PAR_SHARE_MIN).min(rayon::current_num_threads()).min(PAR_MAX_WAYS).min(blocks);
+    if ways <= 1 {
+        return f(first, stored, out);
+    }
+    let per = blocks.div_ceil(ways);
+    let mut results: [Result<(), FileError>; PAR_MAX_WAYS] = std::array::from_fn(|_| Ok(()));
+    let mut outs: [&mut [u8]; PAR_MAX_WAYS] = Default::default();
+    let mut rest = out;
+    for o in outs.iter_mut().take(ways) {
+        let (a, b) = rest.split_at_mut((per * out_stride).min(rest.len()));
+        *o = a;
+        rest = b;
+    }
+    rayon::in_place_scope(|s| {
+        let mut parts = stored.chunks_mut(per * stride).zip(outs).zip(results.iter_mut()).enumerate();
+        let Some((_, ((head, head_out), head_res))) = parts.next() else { return };
+        for (j, ((part, o), res)) in parts {
+            let f = &f;
+            s.spawn(move |_| *res = f(first + (j * per) as u64, part, o));
+        }
+        *head_res = f(first, head, head_out);
+    });
+    results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
+}
+
+/// A per-thread buffer for stored blocks, so a 1 MiB read or write
+/// allocates and zeroes nothing. Taken out while in use, so nested use cannot alias it.
+struct Scratch(Vec<u8>);
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Capacity kept between calls: one maximal FUSE write plus block overhead.
+const SCRATCH_KEEP: usize = 2 << 20;
+
+impl Scratch {
+    fn take(len: usize) -> Self {
+        let mut v = SCRATCH.with(std::cell::Cell::take);
+        if v.len() < len {
+            v.resize(len, 0);
+        }
+        Self(v)
+    }
+
+    /// The first `len` bytes; their contents are stale and must be overwritten.
+    fn get(&mut self, len: usize) -> &mut [u8] {
+        &mut self.0[..len]
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if self.0.capacity() <= SCRATCH_KEEP {
+            SCRATCH.with(|c| c.set(std::mem::take(&mut self.0)));
+        }
+    }
 }

@@ -101,6 +101,11 @@ fn caller(req: &Request) -> Caller {
 
 impl Filesystem for KmsFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        // Large reads and writes split their AEAD across this pool (one
+        // thread per CPU); named so `top -H` shows what they are.
+        if rayon::ThreadPoolBuilder::new().thread_name(|i| format!("kmsfs-aead-{i}")).build_global().is_err() {
+            debug!("AEAD pool already initialized");
+        }
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(MAX_WRITE);
         let mut caps = InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_ATOMIC_O_TRUNC;

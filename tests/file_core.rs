@@ -106,6 +106,65 @@ fn round_trip_10_mib() {
     }
 }
 
+/// Large requests split their AEAD across threads and decrypt whole blocks
+/// straight into the output: check odd offsets, holes, and a reused buffer
+/// full of stale bytes against the plaintext.
+#[test]
+fn large_reads_at_odd_offsets_and_reused_buffer() {
+    let fx = Fixture::new();
+    for log2 in [12u8, 16] {
+        let mut data = pattern((3 << 20) + 1234, 9);
+        write_file(&fx, "big", log2, &data, 1 << 20);
+        // A hole between 4 MiB and 5 MiB, then a tail.
+        let mut f = EncryptedFile::open(open_rw(&fx.path("big")), layout(log2), VOL).unwrap();
+        let key = fx.key_for(&f);
+        f.write_at(KeyArg::Existing(&key), 5 << 20, &pattern(777, 4)).unwrap();
+        data.resize(5 << 20, 0);
+        data.extend_from_slice(&pattern(777, 4));
+        let mut buf = vec![0xAAu8; 4 << 20];
+        let cases = [
+            (0u64, 1usize << 20),
+            (1, 1 << 20),
+            (4095, (1 << 20) + 2),
+            (12345, 2_000_000),
+            ((3 << 20) - 17, 2 << 20),
+            ((4 << 20) - 5000, 3 << 20),
+            (0, 8 << 20),
+            ((5 << 20) + 3, 100),
+        ];
+        for (off, len) in cases {
+            let n = f.read_into(Some(&key), off, len, &mut buf).unwrap();
+            let end = (off as usize + len).min(data.len());
+            assert_eq!(n, end - off as usize, "length at {off}+{len}");
+            assert!(buf[..n] == data[off as usize..end], "log2 {log2} read {off}+{len}");
+            buf[..n].fill(0x55);
+        }
+        std::fs::remove_file(fx.path("big")).unwrap();
+    }
+}
+
+/// A bad block in any share of a split request fails the whole read and
+/// names the first bad block.
+#[test]
+fn corrupt_block_in_a_large_read_names_the_first_bad_block() {
+    let fx = Fixture::new();
+    let data = pattern(1 << 20, 5);
+    write_file(&fx, "v", 12, &data, 1 << 20);
+    let bytes = std::fs::read(fx.path("v")).unwrap();
+    for bad in [vec![200u64], vec![10, 200], vec![0], vec![255]] {
+        std::fs::write(fx.path("c"), &bytes).unwrap();
+        for &i in &bad {
+            flip(&fx.path("c"), H + i * SB + 100);
+        }
+        let f = EncryptedFile::open(open_rw(&fx.path("c")), layout(12), VOL).unwrap();
+        let key = fx.key_for(&f);
+        match f.read_at(Some(&key), 0, 1 << 20) {
+            Err(FileError::Block { index, .. }) => assert_eq!(index, bad[0], "blocks {bad:?}"),
+            other => panic!("blocks {bad:?}: expected a block error, got {:?}", other.map(|v| v.len())),
+        }
+    }
+}
+
 #[test]
 fn sparse_extend_is_o1_and_reads_zeros() {
     let fx = Fixture::new();

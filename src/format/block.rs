@@ -100,6 +100,47 @@ pub fn open_in_place<'b>(key: &DataKey, aad: &BlockAad<'_>, sealed: &'b mut [u8]
     Ok(plain)
 }
 
+/// Seals `plain` into `out`, which must be exactly `plain.len() +
+/// BLOCK_OVERHEAD` long: the out-of-place twin of `seal_in_place`, so a
+/// whole block of a write is sealed straight from the request buffer.
+pub fn seal_to(
+    key: &DataKey,
+    aad: &BlockAad<'_>,
+    nonce: [u8; NONCE_LEN],
+    plain: &[u8],
+    out: &mut [u8],
+) -> Result<(), CodecError> {
+    let n = out.len();
+    if n != plain.len() + BLOCK_OVERHEAD {
+        return Err(CodecError::Length(n));
+    }
+    let (nonce_out, rest) = out.split_at_mut(NONCE_LEN);
+    nonce_out.copy_from_slice(&nonce);
+    let (ct, tag) = rest.split_at_mut(plain.len());
+    key.aead()
+        .seal_out_of_place_scatter(Nonce::assume_unique_for_key(nonce), Aad::from(aad.bytes()), plain, ct, &[], tag)
+        .map_err(|_| CodecError::Auth)
+}
+
+/// Opens a sealed block into `out`, which must be exactly its plaintext
+/// length. Same checks as `open_in_place`, but with no copy afterwards when
+/// the plaintext belongs elsewhere. On failure `out` holds garbage.
+pub fn open_to(key: &DataKey, aad: &BlockAad<'_>, sealed: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
+    let n = sealed.len();
+    if n < BLOCK_OVERHEAD || n - BLOCK_OVERHEAD != out.len() {
+        return Err(CodecError::Length(n));
+    }
+    let (nonce, rest) = sealed.split_at(NONCE_LEN);
+    let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
+    let nonce: [u8; NONCE_LEN] = match nonce.try_into() {
+        Ok(a) => a,
+        Err(_) => return Err(CodecError::Length(n)),
+    };
+    key.aead()
+        .open_separate_gather(Nonce::assume_unique_for_key(nonce), Aad::from(aad.bytes()), ct, tag, out)
+        .map_err(|_| CodecError::Auth)
+}
+
 /// Convenience: seals `plain` into a new vector with a random nonce.
 pub fn seal_block(key: &DataKey, aad: &BlockAad<'_>, plain: &[u8]) -> Result<Vec<u8>, CodecError> {
     let mut out = vec![0u8; plain.len() + BLOCK_OVERHEAD];
@@ -157,6 +198,21 @@ mod tests {
             assert_eq!(open_block(&k, &aad, &bad), Err(CodecError::Auth), "flip at {i}");
         }
         assert_eq!(open_block(&k, &aad, &sealed[..27]), Err(CodecError::Length(27)));
+        let mut sealed2 = vec![0u8; 5 + BLOCK_OVERHEAD];
+        seal_to(&k, &aad, [9u8; NONCE_LEN], b"hello", &mut sealed2).unwrap();
+        assert_eq!(open_block(&k, &aad, &sealed2).unwrap(), b"hello");
+        let mut sealed3 = vec![0u8; 5 + BLOCK_OVERHEAD];
+        sealed3[NONCE_LEN..NONCE_LEN + 5].copy_from_slice(b"hello");
+        seal_in_place(&k, &aad, [9u8; NONCE_LEN], &mut sealed3).unwrap();
+        assert_eq!(sealed2, sealed3, "out-of-place and in-place seal agree");
+        assert_eq!(seal_to(&k, &aad, [9u8; NONCE_LEN], b"hell", &mut sealed2), Err(CodecError::Length(33)));
+        let mut out = [0u8; 5];
+        open_to(&k, &aad, &sealed, &mut out).unwrap();
+        assert_eq!(&out, b"hello");
+        assert_eq!(open_to(&k, &aad, &sealed, &mut [0u8; 4]), Err(CodecError::Length(sealed.len())));
+        let mut bad = sealed.clone();
+        bad[NONCE_LEN] ^= 1;
+        assert_eq!(open_to(&k, &aad, &bad, &mut out), Err(CodecError::Auth));
     }
 
     #[test]
