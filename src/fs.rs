@@ -1084,6 +1084,9 @@ impl EncFs {
         for e in std::fs::read_dir(sys::proc_path(&n.fd))? {
             let e = e?;
             let raw = e.file_name();
+            if ino == ROOT_INO && self.is_reserved(&raw) {
+                continue; // kmsfs.conf: the volume's own file, not an entry
+            }
             let name = if self.names.encrypted() {
                 let encoded = match self.names.classify(&raw) {
                     EntryKind::Internal => continue,
@@ -1109,9 +1112,6 @@ impl EncFs {
                     }
                 }
             } else {
-                if ino == ROOT_INO && self.is_reserved(&raw) {
-                    continue;
-                }
                 raw
             };
             use std::os::unix::fs::{DirEntryExt, FileTypeExt};

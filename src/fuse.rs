@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    IoctlFlags, KernelConfig, LockOwner, OpenFlags, PollEvents, PollFlags, PollNotifier, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyPoll,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tracing::{debug, warn};
 
@@ -283,8 +284,11 @@ impl Filesystem for KmsFuse {
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
-        // Writes go to the backing file synchronously; nothing is buffered here.
-        reply.ok();
+        // Writes go to the backing file synchronously, so FLUSH has nothing
+        // to do. ENOSYS makes the kernel stop sending it (fc->no_flush) after
+        // it has written back its own cache, which saves a round trip on every
+        // close(); close() still reports writeback errors.
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -459,6 +463,37 @@ impl Filesystem for KmsFuse {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno("copy_file_range", &e)),
         }
+    }
+
+    // No ioctls are supported. fuser's default logs a warning per call, and
+    // every isatty() (Python's open(), many shells) sends one: answer quietly.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+
+    // ENOSYS makes the kernel stop asking and report files as always ready,
+    // as for any regular file; quietly, unlike fuser's default.
+    fn poll(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ph: PollNotifier,
+        _events: PollEvents,
+        _flags: PollFlags,
+        reply: ReplyPoll,
+    ) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {

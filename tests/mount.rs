@@ -400,6 +400,33 @@ fn ordinary_tools_work() {
     }
 }
 
+/// isatty() on a file sends FUSE_IOCTL (Python's open() does it for every
+/// file), FLUSH comes on every close: both must be answered without a log
+/// line, or a busy mount floods the journal.
+#[test]
+fn everyday_calls_keep_the_log_quiet() {
+    if !fuse_available("everyday_calls_keep_the_log_quiet") {
+        return;
+    }
+    let v = Volume::new();
+    let mut m = v.mount("m", &[]);
+    for i in 0..20 {
+        let p = m.path(&format!("f{i}"));
+        std::fs::write(&p, b"data").unwrap();
+        let f = std::fs::File::open(&p).unwrap();
+        // SAFETY: isatty only reads the fd, which `f` keeps open.
+        let tty = unsafe { libc::isatty(std::os::fd::AsRawFd::as_raw_fd(&f)) };
+        assert_eq!(tty, 0);
+        assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENOTTY));
+    }
+    let (ok, out) = sh(&format!("cat {0}/f1 >/dev/null && ls -l {0} >/dev/null", m.mnt.display()));
+    assert!(ok, "{out}");
+    m.unmount();
+    let log = m.log();
+    let noisy: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect();
+    assert!(noisy.is_empty(), "log lines from everyday calls: {noisy:?}");
+}
+
 #[test]
 fn disabled_on_read_only_mount() {
     if !fuse_available("disabled_on_read_only_mount") {
