@@ -586,7 +586,10 @@ where
     F: Fn(u64, &mut [u8], &mut [u8]) -> Result<(), FileError> + Sync,
 {
     let blocks = stored.len().div_ceil(stride);
-    let ways = (stored.len() / PAR_SHARE_MIN).min(rayon::current_num_threads()).min(PAR_MAX_WAYS).min(blocks);
+    let wide = stored.len() / PAR_SHARE_MIN;
+    let pool = if wide >= 2 { aead_pool() } else { None };
+    let Some(pool) = pool else { return f(first, stored, out) };
+    let ways = wide.min(pool.current_num_threads()).min(PAR_MAX_WAYS).min(blocks);
     if ways <= 1 {
         return f(first, stored, out);
     }
@@ -599,7 +602,7 @@ where
         *o = a;
         rest = b;
     }
-    rayon::in_place_scope(|s| {
+    pool.in_place_scope(|s| {
         let mut parts = stored.chunks_mut(per * stride).zip(outs).zip(results.iter_mut()).enumerate();
         let Some((_, ((head, head_out), head_res))) = parts.next() else { return };
         for (j, ((part, o), res)) in parts {
@@ -609,6 +612,27 @@ where
         *head_res = f(first, head, head_out);
     });
     results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
+}
+
+/// The AEAD worker pool, one thread per CPU, built on first use. None on a
+/// single CPU or when threads cannot be spawned: then everything runs on the
+/// calling thread. Our own pool, not rayon's global one, whose lazy start
+/// panics when it cannot spawn threads.
+fn aead_pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cpus < 2 {
+            return None;
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(cpus)
+            .thread_name(|i| format!("kmsfs-aead-{i}"))
+            .build()
+            .map_err(|e| tracing::warn!("no AEAD worker pool, sealing on one thread: {e}"))
+            .ok()
+    })
+    .as_ref()
 }
 
 /// A per-thread buffer for stored blocks, so a 1 MiB read or write

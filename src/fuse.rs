@@ -102,11 +102,6 @@ fn caller(req: &Request) -> Caller {
 
 impl Filesystem for KmsFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        // Large reads and writes split their AEAD across this pool (one
-        // thread per CPU); named so `top -H` shows what they are.
-        if rayon::ThreadPoolBuilder::new().thread_name(|i| format!("kmsfs-aead-{i}")).build_global().is_err() {
-            debug!("AEAD pool already initialized");
-        }
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(MAX_WRITE);
         let mut caps = InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_ATOMIC_O_TRUNC;
@@ -153,7 +148,7 @@ impl Filesystem for KmsFuse {
         size: Option<u64>,
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
-        _ctime: Option<std::time::SystemTime>,
+        ctime: Option<std::time::SystemTime>,
         _fh: Option<FileHandle>,
         _crtime: Option<std::time::SystemTime>,
         _chgtime: Option<std::time::SystemTime>,
@@ -161,7 +156,23 @@ impl Filesystem for KmsFuse {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.fs.setattr(ino.0, mode, uid, gid, size, time(atime), time(mtime)) {
+        // mtime+ctime and nothing else is, almost always, the kernel flushing
+        // the times it keeps under the writeback cache. A user's utimensat
+        // that omits atime looks the same; it is handled the same except on
+        // an unlinked file, whose times only the kernel's cache still shows.
+        let flush = self.opts.writeback_cache
+            && ctime.is_some()
+            && atime.is_none()
+            && mode.is_none()
+            && uid.is_none()
+            && gid.is_none()
+            && size.is_none();
+        let r = if flush {
+            self.fs.flush_times(ino.0, time(mtime))
+        } else {
+            self.fs.setattr(ino.0, mode, uid, gid, size, time(atime), time(mtime))
+        };
+        match r {
             Ok(a) => reply.attr(&TTL, &attr(&a)),
             Err(e) => reply.error(errno("setattr", &e)),
         }

@@ -427,6 +427,41 @@ fn everyday_calls_keep_the_log_quiet() {
     assert!(noisy.is_empty(), "log lines from everyday calls: {noisy:?}");
 }
 
+/// Times set through the mount persist across a remount (they reach the
+/// backing file through the kernel's time flush), and an unlinked file that
+/// is still open keeps working.
+#[test]
+fn times_persist_and_unlinked_open_files_work() {
+    if !fuse_available("times_persist_and_unlinked_open_files_work") {
+        return;
+    }
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::MetadataExt;
+    let v = Volume::new();
+    let mut m = v.mount("m", &[]);
+    let f = std::fs::File::create(m.path("t")).unwrap();
+    f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000)).unwrap();
+    drop(f);
+    let mut g =
+        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(m.path("gone")).unwrap();
+    g.write_all(b"before").unwrap();
+    std::fs::remove_file(m.path("gone")).unwrap();
+    g.write_all(b" after unlink").unwrap();
+    g.rewind().unwrap();
+    let mut back = String::new();
+    g.read_to_string(&mut back).unwrap();
+    assert_eq!(back, "before after unlink");
+    assert_eq!(g.metadata().unwrap().nlink(), 0);
+    drop(g);
+    m.unmount();
+    let noisy: Vec<String> =
+        m.log().lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).map(String::from).collect();
+    assert!(noisy.is_empty(), "{noisy:?}");
+    let m = v.mount("m2", &[]);
+    assert_eq!(std::fs::metadata(m.path("t")).unwrap().mtime(), 1_000_000_000);
+    assert!(!m.path("gone").exists());
+}
+
 #[test]
 fn disabled_on_read_only_mount() {
     if !fuse_available("disabled_on_read_only_mount") {
