@@ -185,29 +185,6 @@ impl EncryptedFile {
         (self.size > 0).then(|| (self.size - 1) >> self.layout.block_log2())
     }
 
-    /// Opens one stored block into `out` (resized to its plaintext length).
-    fn open_stored(
-        &self,
-        h: &FileHeader,
-        key: &DataKey,
-        index: u64,
-        stored: &mut [u8],
-        out: &mut [u8],
-    ) -> Result<(), FileError> {
-        let last = Some(index) == self.last_index();
-        if !last && is_hole(stored) {
-            out.fill(0);
-            return Ok(());
-        }
-        let plain = open_in_place(key, &self.aad(h, index, last), stored)
-            .map_err(|_| FileError::Block { index, what: "authentication failed" })?;
-        if plain.len() != out.len() {
-            return Err(FileError::Block { index, what: "invalid length" });
-        }
-        out.copy_from_slice(plain);
-        Ok(())
-    }
-
     /// Reads up to `len` bytes at `off`; short only at EOF.
     pub fn read_at(&self, key: Option<&DataKey>, off: u64, len: usize) -> Result<Vec<u8>, FileError> {
         let mut buf = Vec::new();
@@ -329,7 +306,8 @@ impl EncryptedFile {
         let mut stored = vec![0u8; plen + BLOCK_OVERHEAD];
         read_exact_at(&self.file, &mut stored, self.layout.block_offset(index))
             .map_err(|_| FileError::Block { index, what: "missing (file truncated)" })?;
-        self.open_stored(h, key, index, &mut stored, &mut buf[..plen])?;
+        let plain = self.open_one(h, key, index, &mut stored)?;
+        buf[..plen].copy_from_slice(plain);
         Ok(plen)
     }
 
@@ -526,7 +504,6 @@ impl EncryptedFile {
         h.verify(key)?;
         let bs = self.layout.block_size() as usize;
         let mut stored = vec![0u8; bs + BLOCK_OVERHEAD];
-        let mut plain = vec![0u8; bs];
         let count = self.layout.block_count(self.size);
         for i in 0..count {
             let plen = self.layout.plain_len(self.size, i) as usize;
@@ -539,7 +516,7 @@ impl EncryptedFile {
                 r.zero_blocks.push(i);
                 continue;
             }
-            if self.open_stored(h, key, i, s, &mut plain[..plen]).is_err() {
+            if self.open_one(h, key, i, s).is_err() {
                 r.bad_blocks.push(i);
             }
         }
