@@ -225,39 +225,37 @@ impl EncryptedFile {
         if out.len() < want {
             out.resize(want, 0);
         }
-        let out = &mut out[..want];
-        let mut scratch = Scratch::take(total);
-        let stored = scratch.get(total);
+        let mut out = &mut out[..want];
+        let mut scratch = Scratch::take();
+        let mut stored = scratch.get(total);
         read_exact_at(&self.file, stored, start)
             .map_err(|_| FileError::Block { index: last, what: "missing (file truncated)" })?;
-        let stride = bs as usize + BLOCK_OVERHEAD;
-        // Blocks lo..=hi are wanted whole; stored[s_lo..s_hi] and
-        // out[o_lo..o_hi] hold them.
-        let (mut lo, mut hi) = (first, last);
-        let (mut s_lo, mut s_hi) = (0usize, total);
-        let (mut o_lo, mut o_hi) = (0usize, want);
+        // A partly wanted first or last block is opened in place and the
+        // wanted part copied; the whole blocks between open straight into `out`.
+        let last_plen = self.layout.plain_len(self.size, last) as usize;
         let from_first = (off - first * bs) as usize;
-        let first_plen = self.layout.plain_len(self.size, first) as usize;
-        if from_first != 0 || (first == last && want < first_plen) {
-            let n = want.min(first_plen - from_first);
-            let sealed = &mut stored[..first_plen + BLOCK_OVERHEAD];
-            let plain = self.open_one(h, key, first, sealed)?;
-            out[..n].copy_from_slice(&plain[from_first..from_first + n]);
-            (lo, s_lo, o_lo) = (first + 1, first_plen + BLOCK_OVERHEAD, n);
+        let to_last = (end - last * bs) as usize;
+        let head = from_first != 0 || (first == last && to_last < last_plen);
+        let tail = first != last && to_last < last_plen;
+        if head {
+            let plen = self.layout.plain_len(self.size, first) as usize;
+            let (sealed, rest) = std::mem::take(&mut stored).split_at_mut(plen + BLOCK_OVERHEAD);
+            let (dst, rest_out) = std::mem::take(&mut out).split_at_mut((plen - from_first).min(want));
+            let n = dst.len();
+            dst.copy_from_slice(&self.open_one(h, key, first, sealed)?[from_first..from_first + n]);
+            (stored, out) = (rest, rest_out);
         }
-        if lo <= hi {
-            let last_plen = self.layout.plain_len(self.size, last) as usize;
-            let to_last = (end - last * bs) as usize;
-            if to_last < last_plen {
-                let at = total - (last_plen + BLOCK_OVERHEAD);
-                let plain = self.open_one(h, key, last, &mut stored[at..])?;
-                out[want - to_last..].copy_from_slice(&plain[..to_last]);
-                (hi, s_hi, o_hi) = (last.wrapping_sub(1), at, want - to_last);
-            }
+        if tail {
+            let (at, cut) = (stored.len() - (last_plen + BLOCK_OVERHEAD), out.len() - to_last);
+            let (rest, sealed) = std::mem::take(&mut stored).split_at_mut(at);
+            let (rest_out, dst) = std::mem::take(&mut out).split_at_mut(cut);
+            dst.copy_from_slice(&self.open_one(h, key, last, sealed)?[..to_last]);
+            (stored, out) = (rest, rest_out);
         }
-        if lo <= hi && hi != u64::MAX {
+        if !stored.is_empty() {
+            let stride = bs as usize + BLOCK_OVERHEAD;
             let last_index = self.last_index();
-            for_each_part(&mut stored[s_lo..s_hi], &mut out[o_lo..o_hi], lo, stride, bs as usize, |i0, sp, op| {
+            for_each_part(stored, out, first + u64::from(head), stride, bs as usize, |i0, sp, op| {
                 for (k, (sealed, plain)) in sp.chunks(stride).zip(op.chunks_mut(bs as usize)).enumerate() {
                     let i = i0 + k as u64;
                     let is_last = Some(i) == last_index;
@@ -265,10 +263,7 @@ impl EncryptedFile {
                         plain.fill(0);
                         continue;
                     }
-                    open_to(key, &self.aad(h, i, is_last), sealed, plain).map_err(|e| match e {
-                        CodecError::Length(_) => FileError::Block { index: i, what: "invalid length" },
-                        _ => FileError::Block { index: i, what: "authentication failed" },
-                    })?;
+                    open_to(key, &self.aad(h, i, is_last), sealed, plain).map_err(|e| block_error(i, e))?;
                 }
                 Ok(())
             })?;
@@ -289,8 +284,7 @@ impl EncryptedFile {
         if !is_last && is_hole(sealed) {
             return Ok(&sealed[NONCE_LEN..NONCE_LEN + plen]);
         }
-        let plain = open_in_place(key, &self.aad(h, index, is_last), sealed)
-            .map_err(|_| FileError::Block { index, what: "authentication failed" })?;
+        let plain = open_in_place(key, &self.aad(h, index, is_last), sealed).map_err(|e| block_error(index, e))?;
         if plain.len() != plen {
             return Err(FileError::Block { index, what: "invalid length" });
         }
@@ -303,10 +297,11 @@ impl EncryptedFile {
         if plen == 0 {
             return Ok(0);
         }
-        let mut stored = vec![0u8; plen + BLOCK_OVERHEAD];
-        read_exact_at(&self.file, &mut stored, self.layout.block_offset(index))
+        let mut scratch = Scratch::take();
+        let stored = scratch.get(plen + BLOCK_OVERHEAD);
+        read_exact_at(&self.file, stored, self.layout.block_offset(index))
             .map_err(|_| FileError::Block { index, what: "missing (file truncated)" })?;
-        let plain = self.open_one(h, key, index, &mut stored)?;
+        let plain = self.open_one(h, key, index, stored)?;
         buf[..plen].copy_from_slice(plain);
         Ok(plen)
     }
@@ -397,9 +392,12 @@ impl EncryptedFile {
         let Some(old_last) = self.last_index() else { return Ok(()) };
         let h = self.header.as_ref().ok_or(FileError::NeedKey)?;
         let bs = self.layout.block_size() as usize;
-        let mut region = vec![0u8; bs + BLOCK_OVERHEAD];
-        self.read_block(h, key, old_last, &mut region[NONCE_LEN..NONCE_LEN + bs])?;
-        self.seal_and_write(key, old_last, &mut region, new_size)
+        let mut scratch = Scratch::take();
+        let region = scratch.get(bs + BLOCK_OVERHEAD);
+        let slot = &mut region[NONCE_LEN..NONCE_LEN + bs];
+        let n = self.read_block(h, key, old_last, slot)?;
+        slot[n..].fill(0); // the reused buffer is stale past the old end
+        self.seal_and_write(key, old_last, region, new_size)
     }
 
     /// Writes `data` at `off`, growing the file if needed.
@@ -426,7 +424,7 @@ impl EncryptedFile {
         for i in first..=last {
             len += self.layout.plain_len(new_size, i) as usize + BLOCK_OVERHEAD;
         }
-        let mut scratch = Scratch::take(len);
+        let mut scratch = Scratch::take();
         let region = scratch.get(len);
         let mut pos = 0usize;
         for i in first..=last {
@@ -538,6 +536,15 @@ fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
     f.read_exact_at(buf, off)
 }
 
+/// The error for block `index` failing to open.
+fn block_error(index: u64, e: CodecError) -> FileError {
+    let what = match e {
+        CodecError::Length(_) => "invalid length",
+        CodecError::Auth | CodecError::Random => "authentication failed",
+    };
+    FileError::Block { index, what }
+}
+
 /// Bytes of stored blocks per share below which splitting does not pay: a
 /// share must seal for longer than a worker wakeup (~10 µs) takes.
 const PAR_SHARE_MIN: usize = 128 * 1024;
@@ -612,36 +619,53 @@ fn aead_pool() -> Option<&'static rayon::ThreadPool> {
     .as_ref()
 }
 
-/// A per-thread buffer for stored blocks, so a 1 MiB read or write
-/// allocates and zeroes nothing. Taken out while in use, so nested use cannot alias it.
-struct Scratch(Vec<u8>);
+/// A per-thread reusable buffer, so a 1 MiB read or write allocates and
+/// zeroes nothing. Each thread keeps up to `SCRATCH_SLOTS` of them: a read
+/// needs two at once (ciphertext and reply), copy_file_range three briefly.
+/// Taken out of the pool while in use, so nested use never aliases.
+pub(crate) struct Scratch(Vec<u8>);
 
 thread_local! {
-    static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    static SCRATCH: std::cell::Cell<Vec<Vec<u8>>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// Capacity kept between calls: one maximal FUSE write plus block overhead.
+/// Buffers kept per thread, and the capacity above which one is dropped
+/// instead (one maximal FUSE request plus block overhead fits).
+const SCRATCH_SLOTS: usize = 2;
 const SCRATCH_KEEP: usize = 2 << 20;
 
 impl Scratch {
-    fn take(len: usize) -> Self {
-        let mut v = SCRATCH.with(std::cell::Cell::take);
-        if v.len() < len {
-            v.resize(len, 0);
-        }
+    pub(crate) fn take() -> Self {
+        let mut pool = SCRATCH.take();
+        let v = pool.pop().unwrap_or_default();
+        SCRATCH.set(pool);
         Self(v)
     }
 
-    /// The first `len` bytes; their contents are stale and must be overwritten.
-    fn get(&mut self, len: usize) -> &mut [u8] {
+    /// The first `len` bytes, growing the buffer if needed; their contents
+    /// are stale and must be overwritten.
+    pub(crate) fn get(&mut self, len: usize) -> &mut [u8] {
+        if self.0.len() < len {
+            self.0.resize(len, 0);
+        }
         &mut self.0[..len]
+    }
+
+    /// The whole buffer, for callers that size it themselves.
+    pub(crate) fn vec(&mut self) -> &mut Vec<u8> {
+        &mut self.0
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        if self.0.capacity() <= SCRATCH_KEEP {
-            SCRATCH.with(|c| c.set(std::mem::take(&mut self.0)));
+        if self.0.capacity() > SCRATCH_KEEP {
+            return;
         }
+        let mut pool = SCRATCH.take();
+        if pool.len() < SCRATCH_SLOTS {
+            pool.push(std::mem::take(&mut self.0));
+        }
+        SCRATCH.set(pool);
     }
 }

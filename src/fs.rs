@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::FsError;
-use crate::file::{EncryptedFile, FileError, KeyArg, KeyNeed};
+use crate::file::{EncryptedFile, FileError, KeyArg, KeyNeed, Scratch};
 use crate::format::Id;
 use crate::format::layout::Layout;
 use crate::keys::cache::KeyCache;
@@ -935,35 +935,15 @@ impl EncFs {
         Ok(())
     }
 
-    /// Reads from an open file into a new vector.
-    pub fn read(&self, fh: u64, off: u64, size: u32) -> Result<Vec<u8>, FsError> {
-        let mut buf = Vec::new();
-        let n = self.read_into(fh, off, size, &mut buf)?;
-        buf.truncate(n);
-        Ok(buf)
-    }
-
     /// Reads from an open file and hands the plaintext, or the error, to
-    /// `done` exactly once. Uses a per-thread buffer, so the hot path does not
-    /// allocate (and fault in) a fresh buffer per request.
+    /// `done` exactly once. The plaintext sits in a per-thread buffer, so the
+    /// hot path does not allocate (and fault in) a fresh buffer per request.
     pub fn read_with<R>(&self, fh: u64, off: u64, size: u32, done: impl FnOnce(Result<&[u8], FsError>) -> R) -> R {
-        thread_local! {
-            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        let mut buf = Scratch::take();
+        match self.read_into(fh, off, size, buf.vec()) {
+            Ok(n) => done(Ok(&buf.vec()[..n])),
+            Err(e) => done(Err(e)),
         }
-        BUF.with(|b| match b.try_borrow_mut() {
-            Ok(mut buf) => {
-                let r = self.read_into(fh, off, size, &mut buf);
-                match r {
-                    Ok(n) => done(Ok(&buf[..n])),
-                    Err(e) => done(Err(e)),
-                }
-            }
-            // Re-entered on this thread (cannot happen from FUSE): allocate.
-            Err(_) => match self.read(fh, off, size) {
-                Ok(v) => done(Ok(&v)),
-                Err(e) => done(Err(e)),
-            },
-        })
     }
 
     fn read_into(&self, fh: u64, off: u64, size: u32, buf: &mut Vec<u8>) -> Result<usize, FsError> {
@@ -1002,11 +982,10 @@ impl EncFs {
     /// (blocks cannot be shared between files: each has its own key), at
     /// most 1 MiB per call, as the kernel loops for the rest.
     pub fn copy_range(&self, fh_in: u64, off_in: u64, fh_out: u64, off_out: u64, len: u64) -> Result<u32, FsError> {
-        let data = self.read(fh_in, off_in, len.min(1 << 20) as u32)?;
-        if data.is_empty() {
-            return Ok(0);
-        }
-        self.write(fh_out, off_out, &data)
+        self.read_with(fh_in, off_in, len.min(1 << 20) as u32, |r| match r? {
+            [] => Ok(0),
+            data => self.write(fh_out, off_out, data),
+        })
     }
 
     /// fsync / fdatasync.
