@@ -422,8 +422,7 @@ fn everyday_calls_keep_the_log_quiet() {
     let (ok, out) = sh(&format!("cat {0}/f1 >/dev/null && ls -l {0} >/dev/null", m.mnt.display()));
     assert!(ok, "{out}");
     m.unmount();
-    let log = m.log();
-    let noisy: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect();
+    let noisy = m.noisy_log_lines();
     assert!(noisy.is_empty(), "log lines from everyday calls: {noisy:?}");
 }
 
@@ -454,8 +453,7 @@ fn times_persist_and_unlinked_open_files_work() {
     assert_eq!(g.metadata().unwrap().nlink(), 0);
     drop(g);
     m.unmount();
-    let noisy: Vec<String> =
-        m.log().lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).map(String::from).collect();
+    let noisy = m.noisy_log_lines();
     assert!(noisy.is_empty(), "{noisy:?}");
     let m = v.mount("m2", &[]);
     assert_eq!(std::fs::metadata(m.path("t")).unwrap().mtime(), 1_000_000_000);

@@ -102,6 +102,11 @@ impl Mounted {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The daemon's WARN and ERROR lines so far.
+    pub fn noisy_log_lines(&self) -> Vec<String> {
+        self.log().lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).map(String::from).collect()
+    }
+
     /// kill -9 the daemon and clear the stale mount.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
