@@ -236,40 +236,37 @@ fio_run() { # fio_run JSONOUT ARGS... (fails with the fio output on error)
 # the first pass over fresh memory pays for host page faults, and which target
 # pays depended on the order; after a warm-up pass every target starts from
 # memory that was just in use.
-t_seqwrite() { # prints "MiB/s cpu_s_per_GiB"
-    local t=$1 dir=${MNT[$1]} c0 c1 j=$LOGDIR/fio-last.json
-    rm -f "$dir/seq.dat"
-    if [ "$WARMUP" = 1 ]; then
-        fio_run "$j" --name=warmup --filename="$dir/seq.dat" --ioengine=psync --rw=write \
-            --bs=1M --size="${SEQ_MB}M" --end_fsync=1 --fallocate=none
-        rm -f "$dir/seq.dat"
-    fi
-    drop_caches
-    c0=$(daemon_cpu "$t")
-    fio_run "$j" --name=seqwrite --filename="$dir/seq.dat" --ioengine=psync --rw=write \
-        --bs=1M --size="${SEQ_MB}M" --end_fsync=1 --fallocate=none
-    c1=$(daemon_cpu "$t")
-    jq -r --arg c0 "${c0:-}" --arg c1 "${c1:-}" --argjson gib "$SEQ_MB" \
-        '(.jobs[0].write.bw_bytes / 1048576) as $bw
-         | "\($bw) \(if $c0 == "" then "-" else (($c1|tonumber) - ($c0|tonumber)) / ($gib / 1024) end)"' "$j"
+# One sequential pass over DIR/seq.dat: seq_fio JSONOUT DIR write|read
+seq_fio() {
+    local extra=()
+    if [ "$3" = write ]; then extra=(--end_fsync=1 --fallocate=none); fi
+    fio_run "$1" --name="seq$3" --filename="$2/seq.dat" --ioengine=psync --rw="$3" \
+        --bs=1M --size="${SEQ_MB}M" "${extra[@]}"
 }
-t_seqread() { # prints "MiB/s cpu_s_per_GiB"
-    local t=$1 dir=${MNT[$1]} c0 c1 j=$LOGDIR/fio-last.json
-    [ -f "$dir/seq.dat" ] || { echo "no seq.dat from the write test" >&2; return 1; }
+t_seq() { # t_seq TARGET write|read; prints "MiB/s cpu_s_per_GiB"
+    local t=$1 rw=$2 dir=${MNT[$1]} c0 c1 j=$LOGDIR/fio-last.json
+    if [ "$rw" = write ]; then
+        rm -f "$dir/seq.dat"
+    elif [ ! -f "$dir/seq.dat" ]; then
+        echo "no seq.dat from the write test" >&2
+        return 1
+    fi
     if [ "$WARMUP" = 1 ]; then
         drop_caches
-        fio_run "$j" --name=warmup --filename="$dir/seq.dat" --ioengine=psync --rw=read --bs=1M --size="${SEQ_MB}M"
+        seq_fio "$j" "$dir" "$rw"
+        if [ "$rw" = write ]; then rm -f "$dir/seq.dat"; fi
     fi
     drop_caches
     c0=$(daemon_cpu "$t")
-    fio_run "$j" --name=seqread --filename="$dir/seq.dat" --ioengine=psync --rw=read \
-        --bs=1M --size="${SEQ_MB}M"
+    seq_fio "$j" "$dir" "$rw"
     c1=$(daemon_cpu "$t")
-    rm -f "$dir/seq.dat"
-    jq -r --arg c0 "${c0:-}" --arg c1 "${c1:-}" --argjson gib "$SEQ_MB" \
-        '(.jobs[0].read.bw_bytes / 1048576) as $bw
+    if [ "$rw" = read ]; then rm -f "$dir/seq.dat"; fi
+    jq -r --arg rw "$rw" --arg c0 "${c0:-}" --arg c1 "${c1:-}" --argjson gib "$SEQ_MB" \
+        '(.jobs[0][$rw].bw_bytes / 1048576) as $bw
          | "\($bw) \(if $c0 == "" then "-" else (($c1|tonumber) - ($c0|tonumber)) / ($gib / 1024) end)"' "$j"
 }
+t_seqwrite() { t_seq "$1" write; }
+t_seqread() { t_seq "$1" read; }
 t_random() { # prints "randread_IOPS randwrite_IOPS"
     local t=$1 dir=${MNT[$1]} j=$LOGDIR/fio-last.json r w
     local common=(--filename="$dir/rand.dat" --ioengine=psync --bs=4k --size="${RAND_MB}M"
