@@ -456,13 +456,16 @@ impl EncFs {
         if ino == ROOT_INO {
             return;
         }
-        let mut nodes = wlock(&self.nodes);
-        if let Some(node) = nodes.get(&ino) {
+        let gone = {
+            let mut nodes = wlock(&self.nodes);
+            let Some(node) = nodes.get(&ino) else { return };
             let prev = node.lookups.fetch_sub(n.min(node.lookups.load(Ordering::Relaxed)), Ordering::Relaxed);
-            if prev <= n {
-                nodes.remove(&ino);
-            }
-        }
+            if prev <= n { nodes.remove(&ino) } else { None }
+        };
+        // Closing the last descriptor of an unlinked file frees its backing
+        // inode, which takes longer than the table update: do it after the
+        // lock is released so lookups and other requests do not queue behind it.
+        drop(gone);
     }
 
     /// Attributes of an inode.
