@@ -113,6 +113,15 @@ pub struct Caller {
     pub gid: u32,
 }
 
+impl Caller {
+    /// Whether a write or truncation by this caller keeps set-user-ID and
+    /// set-group-ID bits. The kernel asks for CAP_FSETID; fuser does not pass
+    /// capabilities, so root stands in for it.
+    pub fn keeps_suid(&self) -> bool {
+        self.uid == 0
+    }
+}
+
 /// A directory entry.
 #[derive(Clone, Debug)]
 pub struct DirEntry {
@@ -683,7 +692,7 @@ impl EncFs {
     }
 
     /// Opens a file; `flags` are open(2) flags.
-    pub fn open(&self, ino: u64, flags: i32) -> Result<u64, FsError> {
+    pub fn open(&self, ino: u64, flags: i32, caller: Caller) -> Result<u64, FsError> {
         let n = self.node(ino)?;
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         if write {
@@ -692,9 +701,12 @@ impl EncFs {
         if n.kind == Kind::Dir {
             return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EISDIR)));
         }
+        let trunc = flags & libc::O_TRUNC != 0 && write;
+        if trunc && !caller.keeps_suid() {
+            self.drop_suid(ino)?;
+        }
         self.attach(&n, write)?;
-        if flags & libc::O_TRUNC != 0
-            && write
+        if trunc
             && let Err(e) = self.with_key_mut(&n, false, |enc, key| {
                 if let Some(h) = enc.header() {
                     self.keys.forget(&h.file_id);
@@ -722,6 +734,27 @@ impl EncFs {
         let pst = sys::fstat(parent.fd.as_raw_fd())?;
         let gid = if pst.st_mode & libc::S_ISGID != 0 { pst.st_gid } else { caller.gid };
         sys::chown(fd.as_raw_fd(), caller.uid, gid)?;
+        Ok(())
+    }
+
+    /// Clears set-user-ID, and set-group-ID on a group-executable file, as
+    /// the kernel does when a caller without CAP_FSETID writes or truncates.
+    /// The kernel leaves this to us (FUSE_HANDLE_KILLPRIV_V2, which spares a
+    /// security.capability GETXATTR on every write), and the backing file
+    /// system keeps the bits because the daemon writes as root.
+    pub fn drop_suid(&self, ino: u64) -> Result<(), FsError> {
+        let n = self.node(ino)?;
+        if n.kind != Kind::File {
+            return Ok(());
+        }
+        let mode = sys::fstat(n.fd.as_raw_fd())?.st_mode & 0o7777;
+        let mut keep = mode & !libc::S_ISUID;
+        if mode & libc::S_IXGRP != 0 {
+            keep &= !libc::S_ISGID;
+        }
+        if keep != mode {
+            sys::chmod(&n.fd, keep)?;
+        }
         Ok(())
     }
 
@@ -756,7 +789,7 @@ impl EncFs {
         if flags & libc::O_TRUNC != 0 && st.st_size > 0 {
             // An existing file opened with O_TRUNC: take the normal path.
             drop(f);
-            let fh = self.open(attr.ino, (flags & !libc::O_CREAT & !libc::O_EXCL) | libc::O_RDWR)?;
+            let fh = self.open(attr.ino, (flags & !libc::O_CREAT & !libc::O_EXCL) | libc::O_RDWR, caller)?;
             return Ok((self.getattr(attr.ino)?, fh));
         }
         self.attach_with(&n, true, Some(File::from(f)))?;

@@ -104,7 +104,11 @@ impl Filesystem for KmsFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(MAX_WRITE);
         let _ = config.set_max_readahead(MAX_WRITE);
-        let mut caps = InitFlags::FUSE_PARALLEL_DIROPS | InitFlags::FUSE_ATOMIC_O_TRUNC;
+        let mut caps = InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_ATOMIC_O_TRUNC
+            // We clear set-ID bits ourselves (see EncFs::drop_suid), so the
+            // kernel stops asking for security.capability before every write.
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         if self.opts.writeback_cache {
             caps |= InitFlags::FUSE_WRITEBACK_CACHE;
         }
@@ -140,7 +144,7 @@ impl Filesystem for KmsFuse {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -167,8 +171,15 @@ impl Filesystem for KmsFuse {
             && uid.is_none()
             && gid.is_none()
             && size.is_none();
+        // The kernel marks a truncation that must clear set-ID bits with
+        // FATTR_KILL_SUIDGID, which fuser does not pass on; decide from the
+        // caller as the kernel does. (chown clears them in the backing fs.)
         let r = if flush {
             self.fs.flush_times(ino.0, time(mtime))
+        } else if size.is_some() && mode.is_none() && !caller(req).keeps_suid() {
+            self.fs
+                .drop_suid(ino.0)
+                .and_then(|()| self.fs.setattr(ino.0, mode, uid, gid, size, time(atime), time(mtime)))
         } else {
             self.fs.setattr(ino.0, mode, uid, gid, size, time(atime), time(mtime))
         };
@@ -252,8 +263,8 @@ impl Filesystem for KmsFuse {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.open(ino.0, flags.0) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.open(ino.0, flags.0, caller(req)) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno("open", &e)),
         }
@@ -279,15 +290,22 @@ impl Filesystem for KmsFuse {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _wf: WriteFlags,
+        wf: WriteFlags,
         _flags: OpenFlags,
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        // Set on write-through writes by callers without CAP_FSETID (the
+        // kernel sends writes to set-ID files through, not via its cache).
+        if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
+            && let Err(e) = self.fs.drop_suid(ino.0)
+        {
+            return reply.error(errno("write", &e));
+        }
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno("write", &e)),

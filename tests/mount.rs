@@ -493,3 +493,54 @@ fn copy_file_range_within_mount() {
     assert!(std::fs::read(m.path("dst")).unwrap() == data);
     assert!(!m.log().contains("Not Implemented"), "{}", m.log());
 }
+
+/// A write or truncation by a caller without CAP_FSETID clears the
+/// set-user-ID bit, and set-group-ID on a group-executable file, as on a
+/// local file system; root's writes keep them. kmsfs does this itself
+/// (FUSE_HANDLE_KILLPRIV_V2), so it is tested through the mount.
+#[test]
+fn unprivileged_writes_clear_set_id_bits() {
+    if !fuse_available("unprivileged_writes_clear_set_id_bits") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let v = Volume::new();
+    // nobody must be able to reach the mountpoint inside the temp dir.
+    std::fs::set_permissions(v.tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let m = v.mount("m", &["allow_other", "default_permissions"]);
+    let mode = |name: &str| std::fs::metadata(m.path(name)).unwrap().permissions().mode() & 0o7777;
+    let set = |name: &str, mode: u32| {
+        std::fs::set_permissions(m.path(name), std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    for name in ["append", "trunc", "otrunc", "root", "sgid-noexec"] {
+        std::fs::write(m.path(name), b"data").unwrap();
+        set(name, 0o6777);
+    }
+    set("sgid-noexec", 0o2766);
+    // A first write while the bits are off, so the kernel has cached that
+    // the file needs no privilege check; then the bits come back.
+    set("append", 0o777);
+    let nobody = |cmd: &str| {
+        let (ok, out) =
+            sh(&format!("cd {} && setpriv --reuid=65534 --regid=65534 --clear-groups sh -c '{cmd}'", m.mnt.display()));
+        assert!(ok, "{cmd}: {out}");
+    };
+    nobody("printf x >> append");
+    set("append", 0o6777);
+    nobody("printf y >> append");
+    nobody("truncate -s 1 trunc");
+    nobody(": > otrunc");
+    nobody("printf z >> sgid-noexec");
+    std::fs::OpenOptions::new().append(true).open(m.path("root")).unwrap();
+    let (ok, out) = sh(&format!("printf r >> {}", m.path("root").display()));
+    assert!(ok, "{out}");
+    assert_eq!(mode("append"), 0o777);
+    assert_eq!(std::fs::read(m.path("append")).unwrap(), b"dataxy");
+    assert_eq!(mode("trunc"), 0o777);
+    assert_eq!(std::fs::read(m.path("trunc")).unwrap(), b"d");
+    assert_eq!(mode("otrunc"), 0o777);
+    assert_eq!(std::fs::read(m.path("otrunc")).unwrap(), b"");
+    assert_eq!(mode("sgid-noexec"), 0o2766, "set-group-ID without group execute is a locking mark, kept");
+    assert_eq!(mode("root"), 0o6777);
+    assert_eq!(std::fs::read(m.path("root")).unwrap(), b"datar");
+}
