@@ -158,6 +158,9 @@ struct Node {
     first_key: Mutex<()>,
     /// Directories: the ID their children's names are encrypted with.
     dir_id: std::sync::OnceLock<Id>,
+    /// Files: the file ID of the header when the last handle closed, so the
+    /// data key can leave the cache as soon as the file is deleted.
+    closed_file_id: Mutex<Option<Id>>,
 }
 
 enum Handle {
@@ -246,6 +249,7 @@ impl EncFs {
             open: RwLock::new(None),
             first_key: Mutex::new(()),
             dir_id: std::sync::OnceLock::new(),
+            closed_file_id: Mutex::new(None),
         });
         let mut nodes = HashMap::new();
         nodes.insert(ROOT_INO, root);
@@ -451,6 +455,7 @@ impl EncFs {
                         open: RwLock::new(None),
                         first_key: Mutex::new(()),
                         dir_id: std::sync::OnceLock::new(),
+                        closed_file_id: Mutex::new(None),
                     });
                     nodes.insert(ino, n.clone());
                     n
@@ -474,7 +479,15 @@ impl EncFs {
         // Closing the last descriptor of an unlinked file frees its backing
         // inode, which takes longer than the table update: do it after the
         // lock is released so lookups and other requests do not queue behind it.
-        drop(gone);
+        if let Some(node) = gone {
+            // The kernel forgets a deleted file right after the unlink (or
+            // the last close): its data key need not wait for LRU or max age.
+            if let Some(id) = lock(&node.closed_file_id).take()
+                && sys::fstat(node.fd.as_raw_fd()).is_ok_and(|st| st.st_nlink == 0)
+            {
+                self.keys.forget(&id);
+            }
+        }
     }
 
     /// Attributes of an inode.
@@ -657,6 +670,7 @@ impl EncFs {
         if let Some(o) = g.as_mut() {
             o.handles -= 1;
             if o.handles == 0 {
+                *lock(&n.closed_file_id) = o.enc.header().map(|h| h.file_id);
                 *g = None;
             }
         }

@@ -544,3 +544,30 @@ fn unprivileged_writes_clear_set_id_bits() {
     assert_eq!(mode("root"), 0o6777);
     assert_eq!(std::fs::read(m.path("root")).unwrap(), b"datar");
 }
+
+/// A deleted file's data key leaves the key cache when the kernel forgets
+/// the file, not after the LRU or the max age.
+#[test]
+fn deleting_a_file_drops_its_key_from_the_cache() {
+    if !fuse_available("deleting_a_file_drops_its_key_from_the_cache") {
+        return;
+    }
+    let v = Volume::new();
+    let m = v.mount("m", &[]);
+    let cached = || {
+        let (ok, out) = sh(&format!("{BIN} stats {} --json", m.mnt.display()));
+        assert!(ok, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["cache"]["size"].as_u64().unwrap()
+    };
+    std::fs::write(m.path("keep"), b"kept").unwrap();
+    std::fs::write(m.path("gone"), b"deleted").unwrap();
+    assert_eq!(cached(), 2);
+    std::fs::remove_file(m.path("gone")).unwrap();
+    let t = std::time::Instant::now();
+    while cached() != 1 {
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "key of the deleted file is still cached");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read(m.path("keep")).unwrap(), b"kept");
+}
