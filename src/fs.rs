@@ -757,6 +757,7 @@ impl EncFs {
     /// security.capability GETXATTR on every write), and the backing file
     /// system keeps the bits because the daemon writes as root.
     pub fn drop_suid(&self, ino: u64) -> Result<(), FsError> {
+        self.writable()?;
         let n = self.node(ino)?;
         if n.kind != Kind::File {
             return Ok(());
