@@ -337,10 +337,17 @@ impl EncryptedFile {
         }
     }
 
-    /// Seals blocks `first..` held in `region` (plaintext at per-block slots)
-    /// for a file of `new_size` bytes and writes them in one pwrite.
-    fn seal_and_write(&self, key: &DataKey, first: u64, region: &mut [u8], new_size: u64) -> Result<(), FileError> {
-        self.seal_region(key, first, region, new_size, None)?;
+    /// Seals blocks `first..` into `region` (see `seal_region` for `src`) for
+    /// a file of `new_size` bytes and writes them in one pwrite.
+    fn seal_and_write(
+        &self,
+        key: &DataKey,
+        first: u64,
+        region: &mut [u8],
+        new_size: u64,
+        src: Option<(&[u8], u64)>,
+    ) -> Result<(), FileError> {
+        self.seal_region(key, first, region, new_size, src)?;
         self.file.write_all_at(region, self.layout.block_offset(first))?;
         Ok(())
     }
@@ -397,7 +404,7 @@ impl EncryptedFile {
         let slot = &mut region[NONCE_LEN..NONCE_LEN + bs];
         let n = self.read_block(h, key, old_last, slot)?;
         slot[n..].fill(0); // the reused buffer is stale past the old end
-        self.seal_and_write(key, old_last, region, new_size)
+        self.seal_and_write(key, old_last, region, new_size, None)
     }
 
     /// Writes `data` at `off`, growing the file if needed.
@@ -435,7 +442,7 @@ impl EncryptedFile {
             let to = end.min(bstart + plen as u64) - bstart;
             pos += plen + BLOCK_OVERHEAD;
             if from == 0 && to == plen as u64 {
-                continue; // whole: seal_region seals it straight from `data`
+                continue; // whole: sealed straight from `data`
             }
             // A partial block: its slot in the reused buffer holds stale
             // bytes, so lay down the old block (zeros past its end) first.
@@ -447,8 +454,7 @@ impl EncryptedFile {
             let src = (bstart + from - off) as usize;
             slot[from as usize..to as usize].copy_from_slice(&data[src..src + (to - from) as usize]);
         }
-        self.seal_region(k, first, region, new_size, Some((data, off)))?;
-        self.file.write_all_at(region, self.layout.block_offset(first))?;
+        self.seal_and_write(k, first, region, new_size, Some((data, off)))?;
         self.size = new_size;
         Ok(())
     }
@@ -489,7 +495,7 @@ impl EncryptedFile {
         let plen = self.layout.plain_len(new_size, new_last) as usize;
         slot[plen..].fill(0);
         self.file.set_len(self.layout.backing_size(new_size))?;
-        self.seal_and_write(k, new_last, &mut region[..plen + BLOCK_OVERHEAD], new_size)?;
+        self.seal_and_write(k, new_last, &mut region[..plen + BLOCK_OVERHEAD], new_size, None)?;
         self.size = new_size;
         self.size_ok = true;
         Ok(())
