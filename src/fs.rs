@@ -114,6 +114,9 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The kernel acting on its own (its time flush), not for a process.
+    pub const KERNEL: Caller = Caller { uid: 0, gid: 0 };
+
     /// Whether a write or truncation by this caller keeps set-user-ID and
     /// set-group-ID bits. The kernel asks for CAP_FSETID; fuser does not pass
     /// capabilities, so root stands in for it.
@@ -510,14 +513,17 @@ impl EncFs {
                 return Ok(self.attr_of(ino, &st, Some(&n)));
             }
         }
-        self.setattr(ino, None, None, None, None, None, mtime)
+        self.setattr(ino, Caller::KERNEL, None, None, None, None, None, mtime)
     }
 
-    /// chmod / chown / truncate / utimens.
+    /// chmod / chown / truncate / utimens. A truncation by `caller` clears
+    /// set-ID bits as the kernel's does (see `drop_suid`) unless the same
+    /// request sets the mode.
     #[allow(clippy::too_many_arguments)]
     pub fn setattr(
         &self,
         ino: u64,
+        caller: Caller,
         mode: Option<u32>,
         uid: Option<u32>,
         gid: Option<u32>,
@@ -530,6 +536,9 @@ impl EncFs {
         if let Some(size) = size {
             if n.kind == Kind::Dir {
                 return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EISDIR)));
+            }
+            if mode.is_none() && !caller.keeps_suid() {
+                self.clear_set_id(&n)?;
             }
             self.truncate(&n, size)?;
         }
@@ -717,7 +726,7 @@ impl EncFs {
         }
         let trunc = flags & libc::O_TRUNC != 0 && write;
         if trunc && !caller.keeps_suid() {
-            self.drop_suid(ino)?;
+            self.clear_set_id(&n)?;
         }
         self.attach(&n, write)?;
         if trunc
@@ -757,8 +766,12 @@ impl EncFs {
     /// security.capability GETXATTR on every write), and the backing file
     /// system keeps the bits because the daemon writes as root.
     pub fn drop_suid(&self, ino: u64) -> Result<(), FsError> {
-        self.writable()?;
         let n = self.node(ino)?;
+        self.clear_set_id(&n)
+    }
+
+    fn clear_set_id(&self, n: &Node) -> Result<(), FsError> {
+        self.writable()?;
         if n.kind != Kind::File {
             return Ok(());
         }

@@ -172,16 +172,12 @@ impl Filesystem for KmsFuse {
             && gid.is_none()
             && size.is_none();
         // The kernel marks a truncation that must clear set-ID bits with
-        // FATTR_KILL_SUIDGID, which fuser does not pass on; decide from the
-        // caller as the kernel does. (chown clears them in the backing fs.)
+        // FATTR_KILL_SUIDGID, which fuser does not pass on, so the core
+        // decides from the caller as the kernel does.
         let r = if flush {
             self.fs.flush_times(ino.0, time(mtime))
-        } else if size.is_some() && mode.is_none() && !caller(req).keeps_suid() {
-            self.fs
-                .drop_suid(ino.0)
-                .and_then(|()| self.fs.setattr(ino.0, mode, uid, gid, size, time(atime), time(mtime)))
         } else {
-            self.fs.setattr(ino.0, mode, uid, gid, size, time(atime), time(mtime))
+            self.fs.setattr(ino.0, caller(req), mode, uid, gid, size, time(atime), time(mtime))
         };
         match r {
             Ok(a) => reply.attr(&TTL, &attr(&a)),
