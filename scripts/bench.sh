@@ -231,11 +231,7 @@ fio_run() { # fio_run JSONOUT ARGS... (fails with the fio output on error)
 }
 
 # Each test function runs in a subshell with errexit on and prints its figure(s).
-# With WARMUP=1 each sequential test first runs once unmeasured. On a VM whose
-# freed memory goes back to the host (virtio-balloon free page reporting),
-# the first pass over fresh memory pays for host page faults, and which target
-# pays depended on the order; after a warm-up pass every target starts from
-# memory that was just in use.
+
 # One sequential pass over DIR/seq.dat: seq_fio JSONOUT DIR write|read
 seq_fio() {
     local extra=()
@@ -243,6 +239,11 @@ seq_fio() {
     fio_run "$1" --name="seq$3" --filename="$2/seq.dat" --ioengine=psync --rw="$3" \
         --bs=1M --size="${SEQ_MB}M" "${extra[@]}"
 }
+# With WARMUP=1 each sequential test first runs once unmeasured. On a VM whose
+# freed memory goes back to the host (virtio-balloon free page reporting),
+# the first pass over fresh memory pays for host page faults, and which target
+# pays depended on the order; after a warm-up pass every target starts from
+# memory that was just in use.
 t_seq() { # t_seq TARGET write|read; prints "MiB/s cpu_s_per_GiB"
     local t=$1 rw=$2 dir=${MNT[$1]} c0 c1 j=$LOGDIR/fio-last.json
     if [ "$rw" = write ]; then

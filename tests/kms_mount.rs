@@ -63,7 +63,7 @@ fn kms_volume_call_budget() {
         let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
     }
     assert_eq!(count(&key, "Decrypt") - d0, N as u64, "M files read twice = M Decrypt calls");
-    let (ok, stats) = sh(&format!("{BIN} stats {} --json", m.mnt.display()));
+    let (ok, stats) = m.stats_json();
     assert!(ok && stats.contains("\"hits\""), "{stats}");
     drop(m);
     // Backing files name the key ARN, never the alias.

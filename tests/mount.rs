@@ -555,7 +555,7 @@ fn deleting_a_file_drops_its_key_from_the_cache() {
     let v = Volume::new();
     let m = v.mount("m", &[]);
     let cached = || {
-        let (ok, out) = sh(&format!("{BIN} stats {} --json", m.mnt.display()));
+        let (ok, out) = m.stats_json();
         assert!(ok, "{out}");
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         v["cache"]["size"].as_u64().unwrap()

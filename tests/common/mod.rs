@@ -107,6 +107,11 @@ impl Mounted {
         self.log().lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).map(String::from).collect()
     }
 
+    /// `kmsfs stats --json` of this mount: (exit status ok, output).
+    pub fn stats_json(&self) -> (bool, String) {
+        sh(&format!("{BIN} stats {} --json", self.mnt.display()))
+    }
+
     /// kill -9 the daemon and clear the stale mount.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
