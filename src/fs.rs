@@ -114,9 +114,6 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// The kernel acting on its own (its time flush), not for a process.
-    pub const KERNEL: Caller = Caller { uid: 0, gid: 0 };
-
     /// Whether a write or truncation by this caller keeps set-user-ID and
     /// set-group-ID bits. The kernel asks for CAP_FSETID; fuser does not pass
     /// capabilities, so root stands in for it.
@@ -513,7 +510,25 @@ impl EncFs {
                 return Ok(self.attr_of(ino, &st, Some(&n)));
             }
         }
-        self.setattr(ino, Caller::KERNEL, None, None, None, None, None, mtime)
+        self.writable()?;
+        self.set_times(&n, None, mtime)?;
+        let st = sys::fstat(n.fd.as_raw_fd())?;
+        Ok(self.attr_of(ino, &st, Some(&n)))
+    }
+
+    /// utimensat on the backing entry (through the parent for a symlink,
+    /// which has no descriptor that utimensat follows).
+    fn set_times(&self, n: &Node, atime: Option<SetTime>, mtime: Option<SetTime>) -> Result<(), FsError> {
+        let times = [timespec(atime), timespec(mtime)];
+        if n.kind == Kind::Symlink {
+            let (parent, name) = lock(&n.name).clone();
+            let p = self.node(parent)?;
+            let s = self.stored(&p, &name)?;
+            sys::utimens(p.fd.as_raw_fd(), &s.on_disk, &times, true)?;
+        } else {
+            sys::utimens(libc::AT_FDCWD, sys::proc_path(&n.fd).as_os_str(), &times, false)?;
+        }
+        Ok(())
     }
 
     /// chmod / chown / truncate / utimens. A truncation by `caller` clears
@@ -551,17 +566,10 @@ impl EncFs {
             sys::chown(n.fd.as_raw_fd(), uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
         }
         if atime.is_some() || mtime.is_some() {
-            let times = [timespec(atime), timespec(mtime)];
-            if n.kind == Kind::Symlink {
-                let (parent, name) = lock(&n.name).clone();
-                let p = self.node(parent)?;
-                let s = self.stored(&p, &name)?;
-                sys::utimens(p.fd.as_raw_fd(), &s.on_disk, &times, true)?;
-            } else {
-                sys::utimens(libc::AT_FDCWD, sys::proc_path(&n.fd).as_os_str(), &times, false)?;
-            }
+            self.set_times(&n, atime, mtime)?;
         }
-        self.getattr(ino)
+        let st = sys::fstat(n.fd.as_raw_fd())?;
+        Ok(self.attr_of(ino, &st, Some(&n)))
     }
 
     fn reopen(&self, n: &Node, write: bool) -> Result<File, FsError> {
