@@ -532,7 +532,7 @@ impl EncFs {
     }
 
     /// chmod / chown / truncate / utimens. A truncation by `caller` clears
-    /// set-ID bits as the kernel's does (see `drop_suid`) unless the same
+    /// set-ID bits as the kernel's does (see `clear_set_id`) unless the same
     /// request sets the mode.
     #[allow(clippy::too_many_arguments)]
     pub fn setattr(
@@ -769,15 +769,11 @@ impl EncFs {
     }
 
     /// Clears set-user-ID, and set-group-ID on a group-executable file, as
-    /// the kernel does when a caller without CAP_FSETID writes or truncates.
-    /// The kernel leaves this to us (FUSE_HANDLE_KILLPRIV_V2, which spares a
-    /// security.capability GETXATTR on every write), and the backing file
-    /// system keeps the bits because the daemon writes as root.
-    pub fn drop_suid(&self, ino: u64) -> Result<(), FsError> {
-        let n = self.node(ino)?;
-        self.clear_set_id(&n)
-    }
-
+    /// the kernel does when a caller without CAP_FSETID writes, truncates,
+    /// fallocates or copies into a file. The kernel leaves this to us
+    /// (FUSE_HANDLE_KILLPRIV_V2, which spares a security.capability GETXATTR
+    /// on every write), and the backing file system keeps the bits because
+    /// the daemon writes as root.
     fn clear_set_id(&self, n: &Node) -> Result<(), FsError> {
         self.writable()?;
         if n.kind != Kind::File {
@@ -1040,9 +1036,15 @@ impl EncFs {
     }
 
     /// Writes to an open file; returns bytes written.
-    pub fn write(&self, fh: u64, off: u64, data: &[u8]) -> Result<u32, FsError> {
+    /// Writes `data` at `off`; `kill_suid` first clears set-ID bits (see
+    /// `clear_set_id`), which the kernel asks for on a write by a caller
+    /// without CAP_FSETID.
+    pub fn write(&self, fh: u64, off: u64, data: &[u8], kill_suid: bool) -> Result<u32, FsError> {
         self.writable()?;
         let n = self.file_handle(fh)?;
+        if kill_suid {
+            self.clear_set_id(&n)?;
+        }
         self.with_key_mut(&n, true, |enc, key| match key {
             Some(k) => enc.write_at(k, off, data),
             None => Err(FileError::NeedKey),
@@ -1053,10 +1055,18 @@ impl EncFs {
     /// copy_file_range: decrypts and re-encrypts through the normal paths
     /// (blocks cannot be shared between files: each has its own key), at
     /// most 1 MiB per call, as the kernel loops for the rest.
-    pub fn copy_range(&self, fh_in: u64, off_in: u64, fh_out: u64, off_out: u64, len: u64) -> Result<u32, FsError> {
+    pub fn copy_range(
+        &self,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+        caller: Caller,
+    ) -> Result<u32, FsError> {
         self.read_with(fh_in, off_in, len.min(1 << 20) as u32, |r| match r? {
             [] => Ok(0),
-            data => self.write(fh_out, off_out, data),
+            data => self.write(fh_out, off_out, data, !caller.keeps_suid()),
         })
     }
 
@@ -1081,9 +1091,12 @@ impl EncFs {
 
     /// fallocate: mode 0 extends, KEEP_SIZE alone is a no-op (blocks are
     /// written on demand), PUNCH_HOLE zeroes a range.
-    pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32) -> Result<(), FsError> {
+    pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32, caller: Caller) -> Result<(), FsError> {
         self.writable()?;
         let n = self.file_handle(fh)?;
+        if !caller.keeps_suid() {
+            self.clear_set_id(&n)?;
+        }
         let end = off.checked_add(len).ok_or(FsError::TooLarge)?;
         const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         match mode {

@@ -106,7 +106,7 @@ impl Filesystem for KmsFuse {
         let _ = config.set_max_readahead(MAX_WRITE);
         let mut caps = InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_ATOMIC_O_TRUNC
-            // We clear set-ID bits ourselves (see EncFs::drop_suid), so the
+            // We clear set-ID bits ourselves (see EncFs::clear_set_id), so the
             // kernel stops asking for security.capability before every write.
             | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         if self.opts.writeback_cache {
@@ -286,7 +286,7 @@ impl Filesystem for KmsFuse {
     fn write(
         &self,
         _req: &Request,
-        ino: INodeNo,
+        _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -297,12 +297,8 @@ impl Filesystem for KmsFuse {
     ) {
         // Set on write-through writes by callers without CAP_FSETID (the
         // kernel sends writes to set-ID files through, not via its cache).
-        if wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID)
-            && let Err(e) = self.fs.drop_suid(ino.0)
-        {
-            return reply.error(errno("write", &e));
-        }
-        match self.fs.write(fh.0, offset, data) {
+        let kill_suid = wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        match self.fs.write(fh.0, offset, data, kill_suid) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno("write", &e)),
         }
@@ -457,7 +453,7 @@ impl Filesystem for KmsFuse {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -465,7 +461,7 @@ impl Filesystem for KmsFuse {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fallocate(fh.0, offset, length, mode) {
+        match self.fs.fallocate(fh.0, offset, length, mode, caller(req)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("fallocate", &e)),
         }
@@ -473,7 +469,7 @@ impl Filesystem for KmsFuse {
 
     fn copy_file_range(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
@@ -484,7 +480,7 @@ impl Filesystem for KmsFuse {
         _flags: fuser::CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        match self.fs.copy_range(fh_in.0, offset_in, fh_out.0, offset_out, len) {
+        match self.fs.copy_range(fh_in.0, offset_in, fh_out.0, offset_out, len, caller(req)) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno("copy_file_range", &e)),
         }

@@ -494,9 +494,9 @@ fn copy_file_range_within_mount() {
     assert!(!m.log().contains("Not Implemented"), "{}", m.log());
 }
 
-/// A write or truncation by a caller without CAP_FSETID clears the
-/// set-user-ID bit, and set-group-ID on a group-executable file, as on a
-/// local file system; root's writes keep them. kmsfs does this itself
+/// A write, truncation, fallocate or copy_file_range by a caller without
+/// CAP_FSETID clears the set-user-ID bit, and set-group-ID on a
+/// group-executable file, as on a local file system; root's writes keep them. kmsfs does this itself
 /// (FUSE_HANDLE_KILLPRIV_V2), so it is tested through the mount.
 #[test]
 fn unprivileged_writes_clear_set_id_bits() {
@@ -512,7 +512,7 @@ fn unprivileged_writes_clear_set_id_bits() {
     let set = |name: &str, mode: u32| {
         std::fs::set_permissions(m.path(name), std::fs::Permissions::from_mode(mode)).unwrap();
     };
-    for name in ["append", "trunc", "otrunc", "root", "sgid-noexec"] {
+    for name in ["append", "trunc", "otrunc", "root", "sgid-noexec", "falloc", "copy"] {
         std::fs::write(m.path(name), b"data").unwrap();
         set(name, 0o6777);
     }
@@ -531,7 +531,11 @@ fn unprivileged_writes_clear_set_id_bits() {
     nobody("truncate -s 1 trunc");
     nobody(": > otrunc");
     nobody("printf z >> sgid-noexec");
-    std::fs::OpenOptions::new().append(true).open(m.path("root")).unwrap();
+    nobody("fallocate -l 8192 falloc");
+    nobody(
+        "python3 -c \"import os, sys; s = os.open(sys.argv[1], os.O_RDONLY); d = os.open(sys.argv[2], os.O_WRONLY); \
+         assert os.copy_file_range(s, d, 4, offset_dst=2) == 4\" root copy",
+    );
     let (ok, out) = sh(&format!("printf r >> {}", m.path("root").display()));
     assert!(ok, "{out}");
     assert_eq!(mode("append"), 0o777);
@@ -541,6 +545,10 @@ fn unprivileged_writes_clear_set_id_bits() {
     assert_eq!(mode("otrunc"), 0o777);
     assert_eq!(std::fs::read(m.path("otrunc")).unwrap(), b"");
     assert_eq!(mode("sgid-noexec"), 0o2766, "set-group-ID without group execute is a locking mark, kept");
+    assert_eq!(mode("falloc"), 0o777);
+    assert_eq!(std::fs::metadata(m.path("falloc")).unwrap().len(), 8192);
+    assert_eq!(mode("copy"), 0o777);
+    assert_eq!(std::fs::read(m.path("copy")).unwrap(), b"dadata");
     assert_eq!(mode("root"), 0o6777);
     assert_eq!(std::fs::read(m.path("root")).unwrap(), b"datar");
 }
