@@ -166,11 +166,13 @@ mod mutated {
     use super::*;
     use proptest::prelude::*;
 
-    /// The good vectors (file name, layout, bytes, plaintext sha256), read once.
-    static OK_VECTORS: std::sync::LazyLock<Vec<(String, Layout, Vec<u8>, String)>> =
-        std::sync::LazyLock::new(ok_vectors);
+    /// A good vector: file name, layout, bytes, plaintext sha256.
+    type Vector = (String, Layout, Vec<u8>, String);
 
-    fn ok_vectors() -> Vec<(String, Layout, Vec<u8>, String)> {
+    /// The good vectors, read once.
+    static OK_VECTORS: std::sync::LazyLock<Vec<Vector>> = std::sync::LazyLock::new(ok_vectors);
+
+    fn ok_vectors() -> Vec<Vector> {
         let manifest: Vec<serde_json::Value> =
             serde_json::from_str(&std::fs::read_to_string(dir().join("manifest.json")).unwrap()).unwrap();
         manifest
