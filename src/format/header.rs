@@ -21,7 +21,7 @@
 //! Keeping the wrapped key outside the tag lets `rewrap` use KMS ReEncrypt
 //! without ever seeing the DEK.
 
-use aws_lc_rs::aead::{Aad, Nonce};
+use ring::aead::{Aad, Nonce};
 
 use super::reader::Reader;
 use super::{FORMAT_VERSION, Id, MAGIC, MAX_BLOCK_LOG2, MIN_BLOCK_LOG2, NONCE_LEN, TAG_LEN};
