@@ -5,10 +5,12 @@
 //! (which may call KMS) without holding the inode lock, then calls in with it.
 
 use std::fs::File;
+use std::io::IoSliceMut;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::format::block::{BlockAad, CodecError, is_hole, open_in_place, open_to, seal_in_place, seal_to};
+use crate::format::block::{BlockAad, CodecError, is_hole, open_detached, open_in_place, seal_in_place, seal_to};
 use crate::format::header::{FileHeader, HeaderError};
 use crate::format::layout::Layout;
 use crate::format::{BLOCK_OVERHEAD, Id, NONCE_LEN, random_fill};
@@ -196,8 +198,8 @@ impl EncryptedFile {
     /// Like `read_at`, but into a caller-owned buffer that is reused across
     /// calls (no fresh 1 MiB allocation per request). Returns the plaintext
     /// length, which starts at `out[0]`. Whole blocks decrypt straight from
-    /// the per-thread ciphertext buffer into `out`, in parallel for large
-    /// requests; only a partly wanted first or last block takes a copy.
+    /// the per-thread ciphertext buffer into `out`; only a partly wanted
+    /// first or last block takes a copy.
     pub fn read_into(
         &self,
         key: Option<&DataKey>,
@@ -219,54 +221,62 @@ impl EncryptedFile {
         let bs = self.layout.block_size();
         let (first, last) = (off / bs, (end - 1) / bs);
         let start = self.layout.block_offset(first);
-        let stop = self.layout.block_offset(last) + self.layout.plain_len(self.size, last) + BLOCK_OVERHEAD as u64;
-        let total = (stop - start) as usize;
         let want = (end - off) as usize;
         if out.len() < want {
             out.resize(want, 0);
         }
-        let mut out = &mut out[..want];
-        let mut scratch = Scratch::take();
-        let mut stored = scratch.get(total);
-        read_exact_at(&self.file, stored, start)
-            .map_err(|_| FileError::Block { index: last, what: "missing (file truncated)" })?;
-        // A partly wanted first or last block is opened in place and the
-        // wanted part copied; the whole blocks between open straight into `out`.
+        let out = &mut out[..want];
+        // A partly wanted first or last block is read into scratch, opened in
+        // place and the wanted part copied. Every whole block in between is
+        // read scattered: its nonce and tag into scratch, its ciphertext
+        // straight into its slot in `out`, where it is opened in place.
         let last_plen = self.layout.plain_len(self.size, last) as usize;
         let from_first = (off - first * bs) as usize;
         let to_last = (end - last * bs) as usize;
         let head = from_first != 0 || (first == last && to_last < last_plen);
         let tail = first != last && to_last < last_plen;
+        let head_len = if head { self.layout.plain_len(self.size, first) as usize + BLOCK_OVERHEAD } else { 0 };
+        let tail_len = if tail { last_plen + BLOCK_OVERHEAD } else { 0 };
+        let mid_first = first + u64::from(head);
+        let mids = ((last + 1 - u64::from(tail)).saturating_sub(mid_first)) as usize;
+        let head_out = if head { (head_len - BLOCK_OVERHEAD - from_first).min(want) } else { 0 };
+        let tail_out = if tail { to_last } else { 0 };
+        let mut scratch = Scratch::take();
+        let (head_buf, rest) = scratch.get(head_len + tail_len + mids * TRAILER).split_at_mut(head_len);
+        let (tail_buf, trailers) = rest.split_at_mut(tail_len);
+        let (out_head, rest) = out.split_at_mut(head_out);
+        let (out_mid, out_tail) = rest.split_at_mut(want - head_out - tail_out);
+        {
+            let mut iov = Vec::with_capacity(2 + 3 * mids);
+            iov.push(IoSliceMut::new(head_buf));
+            let mut plains = out_mid.chunks_mut(bs as usize);
+            for t in trailers.chunks_mut(TRAILER) {
+                let (nonce, tag) = t.split_at_mut(NONCE_LEN);
+                iov.push(IoSliceMut::new(nonce));
+                iov.push(IoSliceMut::new(plains.next().unwrap_or_default()));
+                iov.push(IoSliceMut::new(tag));
+            }
+            iov.push(IoSliceMut::new(tail_buf));
+            iov.retain(|b| !b.is_empty());
+            crate::sys::preadv_exact(self.file.as_raw_fd(), &mut iov, start)
+                .map_err(|_| FileError::Block { index: last, what: "missing (file truncated)" })?;
+        }
         if head {
-            let plen = self.layout.plain_len(self.size, first) as usize;
-            let (sealed, rest) = std::mem::take(&mut stored).split_at_mut(plen + BLOCK_OVERHEAD);
-            let (dst, rest_out) = std::mem::take(&mut out).split_at_mut((plen - from_first).min(want));
-            let n = dst.len();
-            dst.copy_from_slice(&self.open_one(h, key, first, sealed)?[from_first..from_first + n]);
-            (stored, out) = (rest, rest_out);
+            let n = out_head.len();
+            out_head.copy_from_slice(&self.open_one(h, key, first, head_buf)?[from_first..from_first + n]);
         }
         if tail {
-            let (at, cut) = (stored.len() - (last_plen + BLOCK_OVERHEAD), out.len() - to_last);
-            let (rest, sealed) = std::mem::take(&mut stored).split_at_mut(at);
-            let (rest_out, dst) = std::mem::take(&mut out).split_at_mut(cut);
-            dst.copy_from_slice(&self.open_one(h, key, last, sealed)?[..to_last]);
-            (stored, out) = (rest, rest_out);
+            out_tail.copy_from_slice(&self.open_one(h, key, last, tail_buf)?[..to_last]);
         }
-        if !stored.is_empty() {
-            let stride = bs as usize + BLOCK_OVERHEAD;
-            let last_index = self.last_index();
-            for_each_part(stored, out, first + u64::from(head), stride, bs as usize, |i0, sp, op| {
-                for (k, (sealed, plain)) in sp.chunks(stride).zip(op.chunks_mut(bs as usize)).enumerate() {
-                    let i = i0 + k as u64;
-                    let is_last = Some(i) == last_index;
-                    if !is_last && is_hole(sealed) {
-                        plain.fill(0);
-                        continue;
-                    }
-                    open_to(key, &self.aad(h, i, is_last), sealed, plain).map_err(|e| block_error(i, e))?;
-                }
-                Ok(())
-            })?;
+        let last_index = self.last_index();
+        for (k, (t, plain)) in trailers.chunks(TRAILER).zip(out_mid.chunks_mut(bs as usize)).enumerate() {
+            let i = mid_first + k as u64;
+            let is_last = Some(i) == last_index;
+            if !is_last && is_hole(t) && is_hole(plain) {
+                continue; // a hole: its "ciphertext" already reads as zeros
+            }
+            let (nonce, tag) = t.split_at(NONCE_LEN);
+            open_detached(key, &self.aad(h, i, is_last), nonce, tag, plain).map_err(|e| block_error(i, e))?;
         }
         Ok(want)
     }
@@ -367,30 +377,28 @@ impl EncryptedFile {
         let new_last = (new_size - 1) >> self.layout.block_log2();
         let bs = self.layout.block_size();
         let stride = bs as usize + BLOCK_OVERHEAD;
-        for_each_part(region, &mut [], first, stride, 0, |i0, part, _| {
-            // Nonces come from the RNG in batches, not one call per block.
-            let mut nonces = [0u8; NONCE_LEN * 32];
-            for (k, chunk) in part.chunks_mut(stride).enumerate() {
-                let slot = k % 32;
-                if slot == 0 {
-                    random_fill(&mut nonces).map_err(|_| FileError::Random)?;
-                }
-                let mut nn = [0u8; NONCE_LEN];
-                nn.copy_from_slice(&nonces[slot * NONCE_LEN..(slot + 1) * NONCE_LEN]);
-                let i = i0 + k as u64;
-                let aad = self.aad(h, i, i == new_last);
-                let plen = chunk.len() - BLOCK_OVERHEAD;
-                let whole = src.and_then(|(data, off)| {
-                    let at = (i * bs).checked_sub(off)? as usize;
-                    data.get(at..at + plen)
-                });
-                match whole {
-                    Some(plain) => seal_to(key, &aad, nn, plain, chunk)?,
-                    None => seal_in_place(key, &aad, nn, chunk)?,
-                }
+        // Nonces come from the RNG in batches, not one call per block.
+        let mut nonces = [0u8; NONCE_LEN * 32];
+        for (k, chunk) in region.chunks_mut(stride).enumerate() {
+            let slot = k % 32;
+            if slot == 0 {
+                random_fill(&mut nonces).map_err(|_| FileError::Random)?;
             }
-            Ok(())
-        })
+            let mut nn = [0u8; NONCE_LEN];
+            nn.copy_from_slice(&nonces[slot * NONCE_LEN..(slot + 1) * NONCE_LEN]);
+            let i = first + k as u64;
+            let aad = self.aad(h, i, i == new_last);
+            let plen = chunk.len() - BLOCK_OVERHEAD;
+            let whole = src.and_then(|(data, off)| {
+                let at = (i * bs).checked_sub(off)? as usize;
+                data.get(at..at + plen)
+            });
+            match whole {
+                Some(plain) => seal_to(key, &aad, nn, plain, chunk)?,
+                None => seal_in_place(key, &aad, nn, chunk)?,
+            }
+        }
+        Ok(())
     }
 
     /// Re-seals the current last block as a full, non-final block (zero
@@ -542,6 +550,9 @@ fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
     f.read_exact_at(buf, off)
 }
 
+/// A stored block's nonce and tag, read apart from its ciphertext.
+const TRAILER: usize = BLOCK_OVERHEAD;
+
 /// The error for block `index` failing to open.
 fn block_error(index: u64, e: CodecError) -> FileError {
     let what = match e {
@@ -549,80 +560,6 @@ fn block_error(index: u64, e: CodecError) -> FileError {
         CodecError::Auth | CodecError::Random => "authentication failed",
     };
     FileError::Block { index, what }
-}
-
-/// Bytes of stored blocks per share below which splitting does not pay: a
-/// share must seal for longer than a worker wakeup (~10 µs) takes.
-const PAR_SHARE_MIN: usize = 128 * 1024;
-/// Most shares one request is split into.
-const PAR_MAX_WAYS: usize = 8;
-
-/// Runs `f(first_index, stored_part, out_part)` over `stored`, a run of
-/// stored blocks of `stride` bytes each (the very last may be shorter), and
-/// the matching plaintext slots in `out` (`out_stride` bytes each; pass an
-/// empty `out` when there is none), split at block boundaries. Large regions
-/// are split across the AEAD worker pool with the calling thread doing one
-/// share; small ones run inline. Returns the error of the lowest failing
-/// share, so the log names the first bad block.
-fn for_each_part<F>(
-    stored: &mut [u8],
-    out: &mut [u8],
-    first: u64,
-    stride: usize,
-    out_stride: usize,
-    f: F,
-) -> Result<(), FileError>
-where
-    F: Fn(u64, &mut [u8], &mut [u8]) -> Result<(), FileError> + Sync,
-{
-    let blocks = stored.len().div_ceil(stride);
-    let wide = stored.len() / PAR_SHARE_MIN;
-    let pool = if wide >= 2 { aead_pool() } else { None };
-    let Some(pool) = pool else { return f(first, stored, out) };
-    let ways = wide.min(pool.current_num_threads()).min(PAR_MAX_WAYS).min(blocks);
-    if ways <= 1 {
-        return f(first, stored, out);
-    }
-    let per = blocks.div_ceil(ways);
-    let mut results: [Result<(), FileError>; PAR_MAX_WAYS] = std::array::from_fn(|_| Ok(()));
-    let mut outs: [&mut [u8]; PAR_MAX_WAYS] = Default::default();
-    let mut rest = out;
-    for o in outs.iter_mut().take(ways) {
-        let (a, b) = rest.split_at_mut((per * out_stride).min(rest.len()));
-        *o = a;
-        rest = b;
-    }
-    pool.in_place_scope(|s| {
-        let mut parts = stored.chunks_mut(per * stride).zip(outs).zip(results.iter_mut()).enumerate();
-        let Some((_, ((head, head_out), head_res))) = parts.next() else { return };
-        for (j, ((part, o), res)) in parts {
-            let f = &f;
-            s.spawn(move |_| *res = f(first + (j * per) as u64, part, o));
-        }
-        *head_res = f(first, head, head_out);
-    });
-    results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
-}
-
-/// The AEAD worker pool, one thread per CPU, built on first use. None on a
-/// single CPU or when threads cannot be spawned: then everything runs on the
-/// calling thread. Our own pool, not rayon's global one, whose lazy start
-/// panics when it cannot spawn threads.
-fn aead_pool() -> Option<&'static rayon::ThreadPool> {
-    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
-    POOL.get_or_init(|| {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if cpus < 2 {
-            return None;
-        }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(cpus)
-            .thread_name(|i| format!("kmsfs-aead-{i}"))
-            .build()
-            .map_err(|e| tracing::warn!("no AEAD worker pool, sealing on one thread: {e}"))
-            .ok()
-    })
-    .as_ref()
 }
 
 /// A per-thread reusable buffer, so a 1 MiB read or write allocates and

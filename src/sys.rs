@@ -223,3 +223,30 @@ pub mod xattr {
         check(unsafe { libc::removexattr(p.as_ptr(), n.as_ptr()) }).map(|_| ())
     }
 }
+
+/// preadv(2) until every buffer is full, in runs of at most IOV_MAX buffers.
+/// Fails with UnexpectedEof if the file ends first.
+pub fn preadv_exact(fd: RawFd, mut bufs: &mut [io::IoSliceMut<'_>], mut off: u64) -> io::Result<()> {
+    const IOV_MAX: usize = 1024;
+    while !bufs.is_empty() {
+        let n = bufs.len().min(IOV_MAX) as libc::c_int;
+        let at = libc::off_t::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: IoSliceMut is ABI-compatible with iovec, and each one
+        // borrows a live buffer exclusively for the call.
+        let r = unsafe { libc::preadv(fd, bufs.as_ptr().cast(), n, at) };
+        match r {
+            r if r < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            r => {
+                off += r as u64;
+                io::IoSliceMut::advance_slices(&mut bufs, r as usize);
+            }
+        }
+    }
+    Ok(())
+}

@@ -143,18 +143,19 @@ fn large_reads_at_odd_offsets_and_reused_buffer() {
     }
 }
 
-/// A bad block in any share of a split request fails the whole read and
-/// names the first bad block.
+/// A bad block anywhere in a large request, in its nonce, ciphertext or tag
+/// (which the scattered read puts in different buffers), fails the whole
+/// read and names the first bad block.
 #[test]
 fn corrupt_block_in_a_large_read_names_the_first_bad_block() {
     let fx = Fixture::new();
     let data = pattern(1 << 20, 5);
     write_file(&fx, "v", 12, &data, 1 << 20);
     let bytes = std::fs::read(fx.path("v")).unwrap();
-    for bad in [vec![200u64], vec![10, 200], vec![0], vec![255]] {
+    for (bad, within) in [(vec![200u64], 100), (vec![10, 200], 3), (vec![0], SB - 5), (vec![255], 100), (vec![7], SB - 1)] {
         std::fs::write(fx.path("c"), &bytes).unwrap();
         for &i in &bad {
-            flip(&fx.path("c"), H + i * SB + 100);
+            flip(&fx.path("c"), H + i * SB + within);
         }
         let f = EncryptedFile::open(open_rw(&fx.path("c")), layout(12), VOL).unwrap();
         let key = fx.key_for(&f);

@@ -149,6 +149,25 @@ pub fn open_to(key: &DataKey, aad: &BlockAad<'_>, sealed: &[u8], out: &mut [u8])
         .map_err(|_| CodecError::Auth)
 }
 
+/// Opens a block whose parts were read apart (a scattered read): `nonce`
+/// and `tag` as stored, and the ciphertext in `inout`, which becomes the
+/// plaintext. On failure `inout` holds no plaintext (ring zeroes it).
+pub fn open_detached(
+    key: &DataKey,
+    aad: &BlockAad<'_>,
+    nonce: &[u8],
+    tag: &[u8],
+    inout: &mut [u8],
+) -> Result<(), CodecError> {
+    let (Ok(nonce), Ok(tag)) = (<[u8; NONCE_LEN]>::try_from(nonce), Tag::try_from(tag)) else {
+        return Err(CodecError::Length(nonce.len() + inout.len() + tag.len()));
+    };
+    key.aead()
+        .open_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad.bytes()), tag, inout, 0..)
+        .map(|_| ())
+        .map_err(|_| CodecError::Auth)
+}
+
 /// Convenience: seals `plain` into a new vector with a random nonce.
 pub fn seal_block(key: &DataKey, aad: &BlockAad<'_>, plain: &[u8]) -> Result<Vec<u8>, CodecError> {
     let mut out = vec![0u8; plain.len() + BLOCK_OVERHEAD];
