@@ -152,7 +152,9 @@ fn corrupt_block_in_a_large_read_names_the_first_bad_block() {
     let data = pattern(1 << 20, 5);
     write_file(&fx, "v", 12, &data, 1 << 20);
     let bytes = std::fs::read(fx.path("v")).unwrap();
-    for (bad, within) in [(vec![200u64], 100), (vec![10, 200], 3), (vec![0], SB - 5), (vec![255], 100), (vec![7], SB - 1)] {
+    for (bad, within) in
+        [(vec![200u64], 100), (vec![10, 200], 3), (vec![0], SB - 5), (vec![255], 100), (vec![7], SB - 1)]
+    {
         std::fs::write(fx.path("c"), &bytes).unwrap();
         for &i in &bad {
             flip(&fx.path("c"), H + i * SB + within);
