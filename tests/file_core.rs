@@ -106,9 +106,10 @@ fn round_trip_10_mib() {
     }
 }
 
-/// Large requests split their AEAD across threads and decrypt whole blocks
-/// straight into the output: check odd offsets, holes, and a reused buffer
-/// full of stale bytes against the plaintext.
+/// Large requests read whole blocks scattered straight into the output
+/// (8 MiB at 4 KiB blocks is 6,144 buffers, over preadv's 1,024 per call) and
+/// open them there: check odd offsets, holes, and a reused buffer full of
+/// stale bytes against the plaintext.
 #[test]
 fn large_reads_at_odd_offsets_and_reused_buffer() {
     let fx = Fixture::new();
