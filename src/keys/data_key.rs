@@ -59,13 +59,20 @@ impl DataKey {
     }
 }
 
-impl Drop for DataKey {
-    #[inline(never)]
-    fn drop(&mut self) {
+impl DataKey {
+    /// Overwrites the raw bytes and the expanded key; the key is unusable after.
+    fn wipe(&mut self) {
         self.bytes.zeroize();
         // ring's key types are plain data without `Drop`, so overwriting the
         // bytes in place is all their destruction needs.
         self.aead.zeroize();
+    }
+}
+
+impl Drop for DataKey {
+    #[inline(never)]
+    fn drop(&mut self) {
+        self.wipe();
     }
 }
 
@@ -85,5 +92,18 @@ mod tests {
         let k = DataKey::from_bytes(&mut raw);
         assert_eq!(raw, [0u8; 32], "caller copy is zeroized");
         assert_eq!(format!("{k:?}"), "DataKey(..)");
+    }
+
+    #[test]
+    fn wipe_clears_bytes_and_key_schedule() {
+        // ManuallyDrop: the wiped key is leaked, never used or dropped again.
+        let mut k = std::mem::ManuallyDrop::new(DataKey::from_bytes(&mut [0x41u8; 32]));
+        k.wipe();
+        assert_eq!(*k.bytes, [0u8; DEK_LEN]);
+        let n = std::mem::size_of::<LessSafeKey>();
+        assert!(n >= 15 * 16, "holds the 15 AES-256 round keys inline");
+        // SAFETY: after `wipe` every byte of the slot is initialized (zero).
+        let schedule = unsafe { std::slice::from_raw_parts(k.aead.as_ptr().cast::<u8>(), n) };
+        assert!(schedule.iter().all(|&b| b == 0));
     }
 }
