@@ -197,9 +197,9 @@ impl EncryptedFile {
 
     /// Like `read_at`, but into a caller-owned buffer that is reused across
     /// calls (no fresh 1 MiB allocation per request). Returns the plaintext
-    /// length, which starts at `out[0]`. Whole blocks decrypt straight from
-    /// the per-thread ciphertext buffer into `out`; only a partly wanted
-    /// first or last block takes a copy.
+    /// length, which starts at `out[0]`. Whole blocks are read scattered
+    /// (ciphertext into `out`) and opened there; only a partly wanted first
+    /// or last block takes a copy.
     pub fn read_into(
         &self,
         key: Option<&DataKey>,
