@@ -105,8 +105,13 @@ fn decrypt_of_tampered_file_fails_and_leaves_no_output() {
     std::fs::write(&plain, random_bytes(20_000, 1)).unwrap();
     let enc = v.tmp.path().join("e");
     assert_eq!(run(&["encrypt", "--key-file", p(&v.key), p(&plain), p(&enc)]).0, 0);
-    let f = std::fs::OpenOptions::new().write(true).open(&enc).unwrap();
-    f.write_all_at(&[0xff], 256 + 4124 * 2 + 3).unwrap();
+    // Flip a bit: overwriting with a constant left the random nonce byte
+    // unchanged one run in 256, and the decrypt then rightly succeeded.
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&enc).unwrap();
+    let at = 256 + 4124 * 2 + 3;
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x01], at).unwrap();
     let out = v.tmp.path().join("o");
     let (code, _, err) = run(&["decrypt", "--key-file", p(&v.key), p(&enc), p(&out)]);
     assert_eq!(code, 6, "{err}");
