@@ -492,9 +492,13 @@ impl EncFs {
 
     /// Attributes of an inode.
     pub fn getattr(&self, ino: u64) -> Result<Attr, FsError> {
-        let n = self.node(ino)?;
+        self.node_attr(ino, &*self.node(ino)?)
+    }
+
+    /// The attributes of a node already in hand, fresh from the backing file.
+    fn node_attr(&self, ino: u64, n: &Node) -> Result<Attr, FsError> {
         let st = sys::fstat(n.fd.as_raw_fd())?;
-        Ok(self.attr_of(ino, &st, Some(&n)))
+        Ok(self.attr_of(ino, &st, Some(n)))
     }
 
     /// The kernel's flush of its cached mtime/ctime (writeback cache only),
@@ -512,8 +516,7 @@ impl EncFs {
         }
         self.writable()?;
         self.set_times(&n, None, mtime)?;
-        let st = sys::fstat(n.fd.as_raw_fd())?;
-        Ok(self.attr_of(ino, &st, Some(&n)))
+        self.node_attr(ino, &n)
     }
 
     /// utimensat on the backing entry (through the parent for a symlink,
@@ -568,8 +571,7 @@ impl EncFs {
         if atime.is_some() || mtime.is_some() {
             self.set_times(&n, atime, mtime)?;
         }
-        let st = sys::fstat(n.fd.as_raw_fd())?;
-        Ok(self.attr_of(ino, &st, Some(&n)))
+        self.node_attr(ino, &n)
     }
 
     fn reopen(&self, n: &Node, write: bool) -> Result<File, FsError> {
@@ -773,9 +775,8 @@ impl EncFs {
     /// fallocates or copies into a file. The kernel leaves this to us
     /// (FUSE_HANDLE_KILLPRIV_V2, which spares a security.capability GETXATTR
     /// on every write), and the backing file system keeps the bits because
-    /// the daemon writes as root.
+    /// the daemon writes as root. Callers have checked the mount is writable.
     fn clear_set_id(&self, n: &Node) -> Result<(), FsError> {
-        self.writable()?;
         if n.kind != Kind::File {
             return Ok(());
         }
@@ -1035,10 +1036,9 @@ impl EncFs {
         Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EAGAIN)))
     }
 
-    /// Writes to an open file; returns bytes written.
-    /// Writes `data` at `off`; `kill_suid` first clears set-ID bits (see
-    /// `clear_set_id`), which the kernel asks for on a write by a caller
-    /// without CAP_FSETID.
+    /// Writes `data` at `off` of an open file; returns bytes written.
+    /// `kill_suid` first clears set-ID bits (see `clear_set_id`), which the
+    /// kernel asks for on a write by a caller without CAP_FSETID.
     pub fn write(&self, fh: u64, off: u64, data: &[u8], kill_suid: bool) -> Result<u32, FsError> {
         self.writable()?;
         let n = self.file_handle(fh)?;
