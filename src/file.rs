@@ -248,16 +248,16 @@ impl EncryptedFile {
         let (out_mid, out_tail) = rest.split_at_mut(want - head_out - tail_out);
         {
             let mut iov = Vec::with_capacity(2 + 3 * mids);
-            iov.push(IoSliceMut::new(head_buf));
-            let mut plains = out_mid.chunks_mut(bs as usize);
-            for t in trailers.chunks_mut(TRAILER) {
-                let (nonce, tag) = t.split_at_mut(NONCE_LEN);
-                iov.push(IoSliceMut::new(nonce));
-                iov.push(IoSliceMut::new(plains.next().unwrap_or_default()));
-                iov.push(IoSliceMut::new(tag));
+            if head {
+                iov.push(IoSliceMut::new(head_buf));
             }
-            iov.push(IoSliceMut::new(tail_buf));
-            iov.retain(|b| !b.is_empty());
+            for (t, plain) in trailers.chunks_mut(TRAILER).zip(out_mid.chunks_mut(bs as usize)) {
+                let (nonce, tag) = t.split_at_mut(NONCE_LEN);
+                iov.extend([IoSliceMut::new(nonce), IoSliceMut::new(plain), IoSliceMut::new(tag)]);
+            }
+            if tail {
+                iov.push(IoSliceMut::new(tail_buf));
+            }
             crate::sys::preadv_exact(self.file.as_raw_fd(), &mut iov, start)
                 .map_err(|_| FileError::Block { index: last, what: "missing (file truncated)" })?;
         }
@@ -347,25 +347,11 @@ impl EncryptedFile {
         }
     }
 
-    /// Seals blocks `first..` into `region` (see `seal_region` for `src`) for
-    /// a file of `new_size` bytes and writes them in one pwrite.
-    fn seal_and_write(
-        &self,
-        key: &DataKey,
-        first: u64,
-        region: &mut [u8],
-        new_size: u64,
-        src: Option<(&[u8], u64)>,
-    ) -> Result<(), FileError> {
-        self.seal_region(key, first, region, new_size, src)?;
-        self.file.write_all_at(region, self.layout.block_offset(first))?;
-        Ok(())
-    }
-
-    /// Seals blocks `first..` into `region`. A block that `src` (data, offset)
+    /// Seals blocks `first..` into `region` for a file of `new_size` bytes
+    /// and writes them in one pwrite. A block that `src` (data, offset)
     /// covers whole is sealed straight from it; any other block's plaintext
     /// must already sit in its slot.
-    fn seal_region(
+    fn seal_and_write(
         &self,
         key: &DataKey,
         first: u64,
@@ -398,6 +384,7 @@ impl EncryptedFile {
                 None => seal_in_place(key, &aad, nn, chunk)?,
             }
         }
+        self.file.write_all_at(region, self.layout.block_offset(first))?;
         Ok(())
     }
 
@@ -564,7 +551,8 @@ fn block_error(index: u64, e: CodecError) -> FileError {
 
 /// A per-thread reusable buffer, so a 1 MiB read or write allocates and
 /// zeroes nothing. Each thread keeps up to `SCRATCH_SLOTS` of them: a read
-/// needs two at once (ciphertext and reply), copy_file_range three briefly.
+/// needs two at once (the reply, and the partial blocks, nonces and tags),
+/// and copy_file_range holds its reply while the write takes another.
 /// Taken out of the pool while in use, so nested use never aliases.
 pub(crate) struct Scratch(Vec<u8>);
 

@@ -57,9 +57,7 @@ impl DataKey {
         // SAFETY: initialized in `from_bytes`; only `drop` de-initializes it.
         unsafe { self.aead.assume_init_ref() }
     }
-}
 
-impl DataKey {
     /// Overwrites the raw bytes and the expanded key; the key is unusable after.
     fn wipe(&mut self) {
         self.bytes.zeroize();
