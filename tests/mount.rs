@@ -512,8 +512,9 @@ fn copy_file_range_within_mount() {
 
 /// A write, truncation, fallocate or copy_file_range by a caller without
 /// CAP_FSETID clears the set-user-ID bit, and set-group-ID on a
-/// group-executable file, as on a local file system; root's writes keep them. kmsfs does this itself
-/// (FUSE_HANDLE_KILLPRIV_V2), so it is tested through the mount.
+/// group-executable file, as on a local file system; root's writes keep
+/// them. kmsfs does this itself (FUSE_HANDLE_KILLPRIV_V2), so it is tested
+/// through the mount.
 #[test]
 fn unprivileged_writes_clear_set_id_bits() {
     if !fuse_available("unprivileged_writes_clear_set_id_bits") {
