@@ -167,7 +167,7 @@ impl EncryptedFile {
 
     /// The context the header's wrapped key is bound to.
     pub fn key_context(&self) -> Option<KeyContext> {
-        self.header.as_ref().map(|h| KeyContext { volume_id: h.volume_id, file_id: h.file_id })
+        self.header.as_ref().map(|h| KeyContext::file(h.volume_id, h.file_id))
     }
 
     fn check_key(&self, key: &DataKey) -> Result<&FileHeader, FileError> {

@@ -606,7 +606,7 @@ impl EncFs {
             KeyNeed::Empty if fresh_if_empty => Ok(Obtained::Fresh(self.pool.take()?)),
             KeyNeed::Empty => Ok(Obtained::None),
             KeyNeed::Existing(h) => {
-                let ctx = KeyContext { volume_id: h.volume_id, file_id: h.file_id };
+                let ctx = KeyContext::file(h.volume_id, h.file_id);
                 Ok(Obtained::Existing(self.keys.get(&h.wrapped, &ctx)?))
             }
         }

@@ -14,4 +14,5 @@ pub mod keys;
 pub mod names;
 pub mod ops;
 pub mod sys;
+pub mod trust;
 pub mod volume;

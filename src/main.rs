@@ -16,7 +16,7 @@ use kmsfs::keys::cache::{DEFAULT_CAPACITY, DEFAULT_MAX_AGE, KeyCache};
 use kmsfs::keys::local::LocalProvider;
 use kmsfs::keys::pool::KeyPool;
 use kmsfs::keys::stats::KeyStats;
-use kmsfs::volume::{ProviderKind, VolumeConfig};
+use kmsfs::volume::{KeyArgs, OpenVolume, ProviderKind, VolumeConfig, VolumeError};
 
 /// Exit codes (stable; documented in README.md).
 mod exit {
@@ -85,6 +85,13 @@ enum Cmd {
         /// Local key file.
         #[arg(long)]
         key_file: Option<PathBuf>,
+        /// The KMS key to trust: the file's header must name it.
+        #[arg(long, conflicts_with = "trust_header_key")]
+        kms_key: Option<String>,
+        /// Without --volume or --kms-key: trust whatever KMS key the file's
+        /// header names (the header is not authenticated before the unwrap).
+        #[arg(long)]
+        trust_header_key: bool,
         /// Input file or '-'.
         input: PathBuf,
         /// Output file or '-'.
@@ -111,9 +118,24 @@ enum Cmd {
         /// The current local key file, if not the recorded one.
         #[arg(long)]
         key_file: Option<PathBuf>,
+        /// The current KMS key, if this host has not recorded it yet.
+        #[arg(long)]
+        kms_key: Option<String>,
         /// Show what would change, write nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Authenticate the config of a volume made by an older kmsfs (once,
+    /// on a trusted host), and record its key as trusted here.
+    Upgrade {
+        /// The cipher dir (must not be mounted).
+        cipherdir: PathBuf,
+        /// Local key file, if not the recorded one.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// The volume's KMS key, if not the recorded one.
+        #[arg(long)]
+        kms_key: Option<String>,
     },
     /// Verify every header and block of a volume.
     Fsck {
@@ -122,6 +144,9 @@ enum Cmd {
         /// Local key file, if not the recorded one.
         #[arg(long)]
         key_file: Option<PathBuf>,
+        /// The volume's KMS key, if this host has not recorded it yet.
+        #[arg(long)]
+        kms_key: Option<String>,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -141,6 +166,9 @@ enum Cmd {
         /// Local key file, if not the recorded one.
         #[arg(long)]
         key_file: Option<PathBuf>,
+        /// The volume's KMS key, if this host has not recorded it yet.
+        #[arg(long)]
+        kms_key: Option<String>,
     },
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     #[command(hide = true)]
@@ -178,6 +206,10 @@ struct MountArgs {
     /// Local key file, if not the recorded one.
     #[arg(long)]
     key_file: Option<PathBuf>,
+    /// The volume's KMS key (ARN), if this host has not recorded it yet;
+    /// also `-o kms_key=ARN`.
+    #[arg(long)]
+    kms_key: Option<String>,
     /// Key cache capacity (number of data keys).
     #[arg(long, default_value_t = DEFAULT_CAPACITY)]
     cache_size: usize,
@@ -234,6 +266,7 @@ fn main() -> ExitCode {
         "completions",
         "path",
         "manpage",
+        "upgrade",
     ];
     if args.len() >= 3 && args[1].to_str().is_none_or(|a| !known.contains(&a) && !a.starts_with('-')) {
         // mount(8)-helper flags: -n (no mtab), -s (sloppy), -v (verbose) do not
@@ -261,7 +294,8 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(Failure(code, msg)) => {
             eprintln!("kmsfs: {msg}");
-            daemon::report_ready(&format!("kmsfs: {msg}"));
+            // The background parent exits with the daemon's own code.
+            daemon::report_ready(&format!("exit={code} kmsfs: {msg}"));
             ExitCode::from(code)
         }
     }
@@ -271,8 +305,29 @@ fn load(cipherdir: &Path) -> Result<VolumeConfig, Failure> {
     VolumeConfig::load(cipherdir).map_err(|e| Failure(exit::VOLUME, e.to_string()))
 }
 
-fn provider_of(cfg: &VolumeConfig, key_file: Option<&Path>) -> Result<Arc<dyn KeyProvider>, Failure> {
-    cfg.provider(key_file).map_err(|e| Failure(exit::KEY, e.to_string()))
+/// The exit code for a volume error: key problems are 4, the rest 3.
+fn volume_failure(e: VolumeError) -> Failure {
+    let code = match &e {
+        VolumeError::Key(_) => exit::KEY,
+        VolumeError::Busy(_) => exit::MOUNT,
+        _ => exit::VOLUME,
+    };
+    Failure(code, e.to_string())
+}
+
+/// Opens a volume through its trust anchor (see `volume::open`).
+fn open_volume(cipherdir: &Path, key_file: Option<PathBuf>, kms_key: Option<String>) -> Result<OpenVolume, Failure> {
+    kmsfs::volume::open(cipherdir, &KeyArgs { key_file, kms_key }).map_err(volume_failure)
+}
+
+/// Refuses a key file inside the cipher dir, for any command or option.
+fn key_outside(cipherdir: &Path, key: Option<&Path>) -> Result<(), Failure> {
+    match key {
+        Some(k) if kmsfs::volume::inside(cipherdir, k) => {
+            Err(Failure(exit::USAGE, format!("{}: the key file must live outside the cipher dir", k.display())))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn layout_of(cfg: &VolumeConfig) -> Result<Layout, Failure> {
@@ -341,10 +396,11 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
         }
         Cmd::Encrypt { volume, kms_key, key_file, input, output } => {
             let (provider, layout, vid): (Arc<dyn KeyProvider>, Layout, _) = if let Some(v) = &volume {
-                let cfg = load(v)?;
-                (provider_of(&cfg, key_file.as_deref())?, layout_of(&cfg)?, cfg.volume_id())
+                key_outside(v, key_file.as_deref())?;
+                let ov = open_volume(v, key_file, None)?;
+                (ov.provider, layout_of(&ov.config)?, ov.config.volume_id())
             } else if let Some(k) = kms_key {
-                let p = kmsfs::keys::open_aws_kms(&k).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+                let p = kmsfs::keys::open_aws_kms(&k, &[]).map_err(|e| Failure(exit::KEY, e.to_string()))?;
                 let l = Layout::new(kmsfs::volume::KMS_HEADER_SIZE, 12).ok_or(Failure(exit::ERROR, "layout".into()))?;
                 (p, l, kmsfs::format::random_id().map_err(|e| Failure(exit::ERROR, e.to_string()))?)
             } else if let Some(k) = key_file {
@@ -361,10 +417,14 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                 .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
             Ok(0)
         }
-        Cmd::Decrypt { volume, key_file, input, output } => {
+        Cmd::Decrypt { volume, key_file, kms_key, trust_header_key, input, output } => {
             let mut i = open_in(&input)?;
             let provider: Arc<dyn KeyProvider> = if let Some(v) = &volume {
-                provider_of(&load(v)?, key_file.as_deref())?
+                key_outside(v, key_file.as_deref())?;
+                open_volume(v, key_file.clone(), kms_key.clone())?.provider
+            } else if let Some(k) = &kms_key {
+                // Only this key is trusted: a header naming another is refused.
+                kmsfs::keys::open_aws_kms(k, &[]).map_err(|e| Failure(exit::KEY, e.to_string()))?
             } else if let Some(k) = &key_file {
                 Arc::new(LocalProvider::open(k).map_err(|e| Failure(exit::KEY, e.to_string()))?)
             } else {
@@ -379,8 +439,18 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                 if h.wrapped.provider != "aws-kms" {
                     return Err(Failure(exit::USAGE, "a local-provider file needs --key-file or --volume".into()));
                 }
+                if !trust_header_key {
+                    return Err(Failure(
+                        exit::USAGE,
+                        format!(
+                            "the file's header names KMS key {}; the header is not authenticated, so say which key \
+                             you trust: --kms-key ARN, --volume CIPHERDIR, or --trust-header-key",
+                            h.wrapped.key_id.escape_debug()
+                        ),
+                    ));
+                }
                 i = Box::new(std::io::Cursor::new(prefix).chain(i));
-                kmsfs::keys::open_aws_kms(&h.wrapped.key_id).map_err(|e| Failure(exit::KEY, e.to_string()))?
+                kmsfs::keys::open_aws_kms(&h.wrapped.key_id, &[]).map_err(|e| Failure(exit::KEY, e.to_string()))?
             };
             // Decrypt into a temp file and rename, so a failed authentication
             // never leaves partial plaintext under the output name.
@@ -401,9 +471,9 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
             }
             Ok(0)
         }
-        Cmd::Path { cipherdir, path, reverse, key_file } => {
-            let cfg = load(&cipherdir)?;
-            let p = provider_of(&cfg, key_file.as_deref())?;
+        Cmd::Path { cipherdir, path, reverse, key_file, kms_key } => {
+            key_outside(&cipherdir, key_file.as_deref())?;
+            let OpenVolume { config: cfg, provider: p } = open_volume(&cipherdir, key_file, kms_key)?;
             let names = cfg.names(p.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
             let out = if reverse {
                 kmsfs::ops::backing_to_plain(&cipherdir, &path, &names)
@@ -414,9 +484,9 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
             println!("{}", out.display());
             Ok(0)
         }
-        Cmd::Fsck { cipherdir, key_file, json, repair } => {
-            let cfg = load(&cipherdir)?;
-            let p = provider_of(&cfg, key_file.as_deref())?;
+        Cmd::Fsck { cipherdir, key_file, kms_key, json, repair } => {
+            key_outside(&cipherdir, key_file.as_deref())?;
+            let OpenVolume { config: cfg, provider: p } = open_volume(&cipherdir, key_file, kms_key)?;
             let names = cfg.names(p.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
             let r = kmsfs::ops::fsck(
                 &cipherdir,
@@ -436,6 +506,9 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                     let blocks =
                         if d.bad_blocks.is_empty() { String::new() } else { format!(" (blocks {:?})", d.bad_blocks) };
                     println!("DAMAGED {}: {}{blocks}", d.path, d.error);
+                }
+                for (p, k) in &r.foreign {
+                    println!("FOREIGN {p}: wrapped under key {k}, which this volume does not trust");
                 }
                 for (p, z) in &r.zeroed {
                     println!(
@@ -463,11 +536,12 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                     println!("NAME    {d}: name does not decrypt (hidden from the mount)");
                 }
             }
-            Ok(if r.damaged.is_empty() && !dir_damage { 0 } else { exit::DAMAGED })
+            Ok(if r.damaged.is_empty() && r.foreign.is_empty() && !dir_damage { 0 } else { exit::DAMAGED })
         }
-        Cmd::Rewrap { cipherdir, to_key, to_key_file, key_file, dry_run } => {
-            rewrap(&cipherdir, to_key, to_key_file, key_file, dry_run)
+        Cmd::Rewrap { cipherdir, to_key, to_key_file, key_file, kms_key, dry_run } => {
+            rewrap(&cipherdir, to_key, to_key_file, key_file, kms_key, dry_run)
         }
+        Cmd::Upgrade { cipherdir, key_file, kms_key } => upgrade(&cipherdir, key_file, kms_key),
         Cmd::Stats { mountpoint, json } => {
             let v =
                 read_stats(&mountpoint).map_err(|e| Failure(exit::ERROR, format!("{}: {e}", mountpoint.display())))?;
@@ -529,9 +603,10 @@ fn init(
         return Err(Failure(exit::VOLUME, format!("{} {what}", cipherdir.display())));
     }
     let (mut cfg, provider): (VolumeConfig, Arc<dyn KeyProvider>) = if let Some(k) = kms_key {
-        let p = kmsfs::keys::open_aws_kms(&k).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+        let p = kmsfs::keys::open_aws_kms(&k, &[]).map_err(|e| Failure(exit::KEY, e.to_string()))?;
         p.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;
-        let cfg = VolumeConfig::new(ProviderKind::AwsKms, k, None, block_size)
+        // The resolved ARN, not an alias someone could later repoint.
+        let cfg = VolumeConfig::new(ProviderKind::AwsKms, p.key_id(), None, block_size)
             .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
         (cfg, p)
     } else {
@@ -556,7 +631,9 @@ fn init(
     if !plaintext_names {
         cfg.create_name_key(provider.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
     }
+    cfg.create_auth_key(provider.as_ref()).map_err(volume_failure)?;
     cfg.store(cipherdir).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+    kmsfs::volume::pin(&cfg).map_err(volume_failure)?;
     eprintln!(
         "Initialized kmsfs volume {} in {} ({:?} provider, {} byte blocks)",
         cfg.volume_id,
@@ -606,21 +683,20 @@ fn rewrap(
     to_key: Option<String>,
     to_key_file: Option<PathBuf>,
     key_file: Option<PathBuf>,
+    kms_key: Option<String>,
     dry_run: bool,
 ) -> Result<u8, Failure> {
-    let mut cfg = load(cipherdir)?;
-    let cd = std::fs::canonicalize(cipherdir).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
-    let mounted = std::fs::read_to_string("/proc/self/mounts")
-        .is_ok_and(|m| m.lines().any(|l| l.split(' ').next() == Some(&cd.to_string_lossy()) && l.contains(" fuse")));
-    if mounted {
-        return Err(Failure(exit::MOUNT, format!("{} is mounted: unmount it before rewrap", cipherdir.display())));
-    }
-    let source = provider_of(&cfg, key_file.as_deref())?;
+    key_outside(cipherdir, key_file.as_deref())?;
+    key_outside(cipherdir, to_key_file.as_deref())?;
+    // Excludes every mount of this cipher dir, here or on another host.
+    let _lock = kmsfs::volume::lock(cipherdir, !dry_run).map_err(volume_failure)?;
+    let OpenVolume { config: mut cfg, provider: source } = open_volume(cipherdir, key_file, kms_key)?;
     let (dest, kind, key_id, kf): (Arc<dyn KeyProvider>, ProviderKind, String, Option<PathBuf>) =
         if let Some(k) = to_key {
-            let p = kmsfs::keys::open_aws_kms(&k).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+            let p = kmsfs::keys::open_aws_kms(&k, &[]).map_err(|e| Failure(exit::KEY, e.to_string()))?;
             p.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;
-            (p, ProviderKind::AwsKms, k, None)
+            let arn = p.key_id();
+            (p, ProviderKind::AwsKms, arn, None)
         } else if let Some(f) = to_key_file {
             let p = if f.exists() { LocalProvider::open(&f) } else { LocalProvider::create_key_file(&f) }
                 .map_err(|e| Failure(exit::KEY, e.to_string()))?;
@@ -630,21 +706,30 @@ fn rewrap(
         } else {
             return Err(Failure(exit::USAGE, "rewrap needs --to-key or --to-key-file".into()));
         };
+    let old_key = cfg.key_id.clone();
+    let auth = cfg.unwrap_auth_key(source.as_ref()).map_err(volume_failure)?;
+    if !dry_run && kind == ProviderKind::AwsKms && !cfg.previous_keys.contains(&key_id) && key_id != old_key {
+        // Files move to the new key one by one: trust it for reading from
+        // the start, so an interrupted rewrap leaves every file readable.
+        cfg.previous_keys.push(key_id.clone());
+        cfg.sign(&auth).map_err(volume_failure)?;
+        cfg.store(cipherdir).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+        source.trust_also(&cfg.previous_keys);
+    }
     let names = cfg.names(source.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
-    // The name key first: it is small, and a failure here changes nothing.
-    let new_name_key = match &cfg.name_key {
-        Some(sk) => {
-            let (ctx, w) = sk.parts(cfg.volume_id()).ok_or(Failure(exit::VOLUME, "malformed name_key".into()))?;
-            let nw = if source.name() == dest.name() && dest.name() != kmsfs::keys::local::NAME {
-                dest.rewrap(&w, &ctx)
-            } else {
-                source.unwrap(&w, &ctx).and_then(|k| dest.wrap(&k, &ctx))
-            }
-            .map_err(|e| Failure(exit::KEY, format!("name key: {e}")))?;
-            Some(kmsfs::volume::StoredKey::from_wrapped(&ctx.file_id, &nw))
+    // The volume keys first: they are small, and a failure here changes nothing.
+    let move_key = |sk: &kmsfs::volume::StoredKey, what: &str| -> Result<kmsfs::volume::StoredKey, Failure> {
+        let (ctx, w) = sk.parts(cfg.volume_id()).ok_or(Failure(exit::VOLUME, format!("malformed {what}")))?;
+        let nw = if source.name() == dest.name() && dest.name() != kmsfs::keys::local::NAME {
+            dest.rewrap(&w, &ctx)
+        } else {
+            source.unwrap(&w, &ctx).and_then(|k| dest.wrap(&k, &ctx))
         }
-        None => None,
+        .map_err(|e| Failure(exit::KEY, format!("{what}: {e}")))?;
+        Ok(kmsfs::volume::StoredKey::from_wrapped(&ctx, &nw))
     };
+    let new_name_key = cfg.name_key.as_ref().map(|sk| move_key(sk, "name key")).transpose()?;
+    let new_auth_key = cfg.auth_key.as_ref().map(|sk| move_key(sk, "config key")).transpose()?;
     let r = kmsfs::ops::rewrap(
         cipherdir,
         layout_of(&cfg)?,
@@ -673,13 +758,61 @@ fn rewrap(
         return Ok(exit::ERROR);
     }
     if !dry_run {
+        cfg.previous_keys.retain(|k| *k != key_id);
+        if cfg.provider == ProviderKind::AwsKms && !cfg.previous_keys.contains(&old_key) {
+            cfg.previous_keys.push(old_key);
+        }
+        if kind == ProviderKind::Local {
+            // A local key only ever opens its own wrappings.
+            cfg.previous_keys.clear();
+        }
         cfg.provider = kind;
         cfg.key_id = key_id;
         cfg.key_file = kf;
         cfg.name_key = new_name_key;
+        cfg.auth_key = new_auth_key;
+        cfg.sign(&auth).map_err(volume_failure)?;
         cfg.store(cipherdir).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+        kmsfs::volume::pin(&cfg).map_err(volume_failure)?;
         println!("Volume now uses {} for new files.", cfg.key_id);
     }
+    Ok(0)
+}
+
+fn upgrade(cipherdir: &Path, key_file: Option<PathBuf>, kms_key: Option<String>) -> Result<u8, Failure> {
+    key_outside(cipherdir, key_file.as_deref())?;
+    let _lock = kmsfs::volume::lock(cipherdir, true).map_err(volume_failure)?;
+    let mut cfg = load(cipherdir)?;
+    if cfg.mac.is_some() {
+        // Already authenticated: just check it, which also records the pin.
+        open_volume(cipherdir, key_file, kms_key)?;
+        println!("{}: config already authenticated; nothing to do.", cipherdir.display());
+        return Ok(0);
+    }
+    let keys = KeyArgs { key_file, kms_key };
+    let provider = cfg.provider_unchecked(&keys).map_err(volume_failure)?;
+    provider.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;
+    if cfg.provider == ProviderKind::AwsKms {
+        let arn = provider.key_id();
+        if arn.starts_with("arn:") && cfg.key_id != arn {
+            println!("Recording the key's ARN {arn} in place of {}.", cfg.key_id);
+            cfg.key_id = arn;
+        }
+    }
+    // The name key unwraps under this key, or the config is not this volume's.
+    cfg.names(provider.as_ref()).map_err(volume_failure)?;
+    println!(
+        "Authenticating volume {}: provider {:?}, key {}, {} names, {}-byte blocks.",
+        cfg.volume_id,
+        cfg.provider,
+        cfg.key_id,
+        if cfg.plaintext_names { "plaintext" } else { "encrypted" },
+        cfg.block_size
+    );
+    cfg.create_auth_key(provider.as_ref()).map_err(volume_failure)?;
+    cfg.store(cipherdir).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+    kmsfs::volume::pin(&cfg).map_err(volume_failure)?;
+    println!("Done: the config is now authenticated, and this host trusts {}.", cfg.key_id);
     Ok(0)
 }
 
@@ -688,6 +821,7 @@ struct MountPlan {
     read_only: bool,
     writeback: bool,
     key_file: Option<PathBuf>,
+    kms_key: Option<String>,
 }
 
 fn parse_options(m: &MountArgs) -> Result<MountPlan, Failure> {
@@ -697,6 +831,7 @@ fn parse_options(m: &MountArgs) -> Result<MountPlan, Failure> {
         O::Subtype("kmsfs".into()),
     ];
     let (mut read_only, mut writeback, mut key_file) = (false, true, m.key_file.clone());
+    let mut kms_key = m.kms_key.clone();
     let mut acl = fuser::SessionACL::Owner;
     for o in m.options.iter().filter(|o| !o.is_empty()) {
         match o.as_str() {
@@ -720,6 +855,7 @@ fn parse_options(m: &MountArgs) -> Result<MountPlan, Failure> {
             // For mount(8) and fstab, not for the kernel.
             "nofail" | "_netdev" | "auto" | "noauto" | "user" | "users" | "defaults" => {}
             s if s.starts_with("key_file=") => key_file = Some(PathBuf::from(&s["key_file=".len()..])),
+            s if s.starts_with("kms_key=") => kms_key = Some(s["kms_key=".len()..].to_string()),
             s if s.starts_with("fsname=") => opts[0] = O::FSName(s["fsname=".len()..].into()),
             s if s.starts_with("x-") || s.starts_with("comment=") => {}
             s => return Err(Failure(exit::USAGE, format!("unknown mount option {s:?}"))),
@@ -730,7 +866,7 @@ fn parse_options(m: &MountArgs) -> Result<MountPlan, Failure> {
     fuse.acl = acl;
     fuse.n_threads = Some(m.threads.max(1));
     fuse.clone_fd = true;
-    Ok(MountPlan { fuse, read_only, writeback, key_file })
+    Ok(MountPlan { fuse, read_only, writeback, key_file, kms_key })
 }
 
 fn mount(m: MountArgs) -> Result<u8, Failure> {
@@ -740,9 +876,20 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
         // Daemon mode: re-run ourselves in the foreground, detached, and
         // return once the child says the mount serves.
         init_logging(m.log_file.as_deref(), false);
+        // Fail early in the parent for the errors a user is most likely to
+        // hit, without a KMS call (the daemon makes the full check).
+        key_outside(&m.cipherdir, plan.key_file.as_deref())?;
         let cfg = load(&m.cipherdir)?;
-        // Fail early in the parent for the errors a user is most likely to hit.
-        provider_of(&cfg, plan.key_file.as_deref())?;
+        if cfg.mac.is_none() {
+            return Err(volume_failure(VolumeError::Legacy {
+                path: m.cipherdir.join(kmsfs::volume::CONFIG_NAME).display().to_string(),
+                cipherdir: m.cipherdir.display().to_string(),
+            }));
+        }
+        if cfg.provider == ProviderKind::Local {
+            cfg.provider_unchecked(&KeyArgs { key_file: plan.key_file.clone(), kms_key: None })
+                .map_err(volume_failure)?;
+        }
         if is_mounted(&m.mountpoint) {
             return Err(Failure(exit::MOUNT, format!("{} is already mounted", m.mountpoint.display())));
         }
@@ -763,7 +910,11 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
             Ok(()) => Ok(0),
             Err(msg) => {
                 let _ = child.id();
-                Err(Failure(exit::MOUNT, msg.trim_start_matches("kmsfs: ").to_string()))
+                let (code, msg) = match msg.strip_prefix("exit=").and_then(|m| m.split_once(' ')) {
+                    Some((c, m)) => (c.parse().unwrap_or(exit::MOUNT), m),
+                    None => (exit::MOUNT, msg.as_str()),
+                };
+                Err(Failure(code, msg.trim_start_matches("kmsfs: ").to_string()))
             }
         };
     }
@@ -777,9 +928,11 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
     daemon::raise_nofile();
     // SAFETY: umask never fails; backing files get exactly the modes asked for.
     unsafe { libc::umask(0) };
-    let cfg = load(&m.cipherdir)?;
+    key_outside(&m.cipherdir, plan.key_file.as_deref())?;
+    let OpenVolume { config: cfg, provider } = open_volume(&m.cipherdir, plan.key_file.clone(), plan.kms_key.clone())?;
+    // Held for the daemon's life: rewrap refuses while any mount holds it.
+    let _lock = kmsfs::volume::lock(&m.cipherdir, false).map_err(volume_failure)?;
     let layout = layout_of(&cfg)?;
-    let provider = provider_of(&cfg, plan.key_file.as_deref())?;
     provider.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;
     let stats = Arc::new(KeyStats::default());
     let max_age = Duration::from_secs(m.cache_max_age.max(1));

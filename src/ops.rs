@@ -73,7 +73,7 @@ pub fn encrypt_stream(
         return Ok(0); // An empty file has no header.
     }
     let file_id = crate::format::random_id().map_err(|e| KeyError::Other(e.to_string()))?;
-    let (key, wrapped) = provider.generate(&KeyContext { volume_id, file_id })?;
+    let (key, wrapped) = provider.generate(&KeyContext::file(volume_id, file_id))?;
     let mut h = FileHeader::new(layout.block_log2(), layout.header_size() as u16, volume_id, file_id, wrapped);
     h.seal(&key).map_err(|e| OpError::Corrupt { path: "header".into(), detail: e.to_string() })?;
     let hb = h.to_bytes().map_err(|e| OpError::Corrupt { path: "header".into(), detail: e.to_string() })?;
@@ -133,7 +133,7 @@ pub fn decrypt_stream(
         return Err(corrupt("header truncated".into()));
     }
     let h = peek_header(&head).map_err(corrupt)?;
-    let ctx = KeyContext { volume_id: h.volume_id, file_id: h.file_id };
+    let ctx = KeyContext::file(h.volume_id, h.file_id);
     let key = provider.unwrap(&h.wrapped, &ctx)?;
     h.verify(&key).map_err(|e| corrupt(e.to_string()))?;
     let layout = Layout::new(h.header_size, h.block_log2).ok_or_else(|| corrupt("bad geometry".into()))?;
@@ -345,6 +345,9 @@ pub struct FsckReport {
     pub damaged: Vec<Damage>,
     /// Files with all-zero (hole) blocks: path and block indexes.
     pub zeroed: Vec<(String, Vec<u64>)>,
+    /// Files wrapped under a key this volume does not trust: path and the
+    /// key their header names (never sent to KMS).
+    pub foreign: Vec<(String, String)>,
     /// Directory and name problems (encrypted names).
     pub dirs: DirProblems,
 }
@@ -383,9 +386,13 @@ pub fn fsck(
             }
         };
         let Some(h) = enc.header() else { continue };
-        let ctx = KeyContext { volume_id: h.volume_id, file_id: h.file_id };
+        let ctx = KeyContext::file(h.volume_id, h.file_id);
         let key = match provider.unwrap(&h.wrapped, &ctx) {
             Ok(k) => k,
+            Err(KeyError::Untrusted { found }) => {
+                r.foreign.push((rel, found));
+                continue;
+            }
             Err(e) => {
                 damage(format!("header: {e}"), vec![]);
                 continue;
@@ -459,7 +466,7 @@ pub fn rewrap(
                 r.already += 1;
                 return Ok(true);
             }
-            let ctx = KeyContext { volume_id: h.volume_id, file_id: h.file_id };
+            let ctx = KeyContext::file(h.volume_id, h.file_id);
             let new = if source.name() == dest.name() && dest.name() != crate::keys::local::NAME {
                 dest.rewrap(&h.wrapped, &ctx)?
             } else {
@@ -471,6 +478,17 @@ pub fn rewrap(
             let section =
                 h.key_section_bytes().map_err(|e| OpError::Corrupt { path: rel.clone(), detail: e.to_string() })?;
             if !dry_run {
+                // The KMS call took time: under a per-file lock, check that the
+                // header is still the one we re-wrapped before overwriting it.
+                f.lock().map_err(io_err(p))?;
+                let mut now = vec![0u8; buf.len()];
+                f.read_exact_at(&mut now, 0).map_err(io_err(p))?;
+                if now[..KEY_SECTION] != buf[..KEY_SECTION] {
+                    return Err(OpError::Corrupt {
+                        path: rel.clone(),
+                        detail: "the file changed during rewrap (new file ID); run rewrap again".into(),
+                    });
+                }
                 f.write_all_at(&section, KEY_SECTION as u64).map_err(io_err(p))?;
                 f.sync_data().map_err(io_err(p))?;
             }

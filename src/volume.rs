@@ -8,11 +8,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::format::layout::Layout;
 use crate::format::{FORMAT_VERSION, Id, hex, unhex};
-use crate::keys::KeyProvider;
 use crate::keys::local::LocalProvider;
+use crate::keys::{DataKey, KeyContext, KeyError, KeyProvider, Purpose};
+use crate::trust::{Pin, TrustStore};
 
 /// File name of the config inside the cipher dir; hidden from the mount.
 pub const CONFIG_NAME: &str = "kmsfs.conf";
+/// Lock file in the cipher dir: mounts hold it shared, rewrap exclusive.
+pub const LOCK_NAME: &str = ".kmsfs.lock";
+/// Largest config read.
+const CONFIG_MAX: u64 = 64 * 1024;
+/// Domain label of the config MAC (see docs/FORMAT.md).
+const MAC_LABEL: &str = "kmsfs-config-mac-v1";
 /// Header slot for local-provider volumes: fits a 60-byte wrapped key.
 pub const LOCAL_HEADER_SIZE: u16 = 256;
 /// Header slot for aws-kms volumes: real KMS blobs are ~184 bytes, key ARNs
@@ -54,6 +61,33 @@ pub struct VolumeConfig {
     /// The wrapped name key (encrypted-names volumes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name_key: Option<StoredKey>,
+    /// Earlier (or, during a rewrap, next) KMS keys whose wrapped data keys
+    /// may still be unwrapped. Recorded by rewrap; authenticated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous_keys: Vec<String>,
+    /// The wrapped key that authenticates this config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_key: Option<StoredKey>,
+    /// HMAC-SHA256 over the authenticated fields, hex (docs/FORMAT.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// The fields the MAC covers, in a fixed order. `key_file` is left out: it
+/// only says where to look, and the key found there must match `key_id`.
+#[derive(Serialize)]
+struct Authenticated<'a> {
+    label: &'static str,
+    format_version: u8,
+    volume_id: &'a str,
+    provider: &'a ProviderKind,
+    key_id: &'a str,
+    previous_keys: &'a [String],
+    block_size: u32,
+    header_size: u16,
+    plaintext_names: bool,
+    name_key: &'a Option<StoredKey>,
+    auth_key: &'a Option<StoredKey>,
 }
 
 /// A wrapped secret kept in the config: the name key.
@@ -68,6 +102,10 @@ pub struct StoredKey {
     pub key_id: String,
     /// The wrapped blob, base64.
     pub blob: String,
+    /// The purpose bound into the wrapping context (absent in volumes made
+    /// before it existed; authenticated, so it cannot be stripped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<Purpose>,
 }
 
 impl StoredKey {
@@ -77,19 +115,20 @@ impl StoredKey {
         let file_id = unhex::<16>(&self.id)?;
         let blob = base64::engine::general_purpose::STANDARD.decode(&self.blob).ok()?;
         Some((
-            crate::keys::KeyContext { volume_id, file_id },
+            KeyContext { volume_id, file_id, purpose: self.purpose },
             crate::keys::WrappedKey { provider: self.provider.clone(), key_id: self.key_id.clone(), blob },
         ))
     }
 
-    /// Stores a wrapped key.
-    pub fn from_wrapped(id: &Id, w: &crate::keys::WrappedKey) -> Self {
+    /// Stores a wrapped key made under `ctx`.
+    pub fn from_wrapped(ctx: &KeyContext, w: &crate::keys::WrappedKey) -> Self {
         use base64::Engine;
         Self {
-            id: hex(id),
+            id: hex(&ctx.file_id),
             provider: w.provider.clone(),
             key_id: w.key_id.clone(),
             blob: base64::engine::general_purpose::STANDARD.encode(&w.blob),
+            purpose: ctx.purpose,
         }
     }
 }
@@ -120,6 +159,67 @@ pub enum VolumeError {
     /// Key provider could not be set up.
     #[error(transparent)]
     Key(#[from] crate::keys::KeyError),
+    /// The config does not match what this host trusts, or fails its MAC.
+    #[error("{path}: {detail}")]
+    Untrusted {
+        /// Config path.
+        path: String,
+        /// What does not match, and what to do.
+        detail: String,
+    },
+    /// The cipher-dir lock is taken (a mount, or a rewrap).
+    #[error(transparent)]
+    Busy(#[from] BusyError),
+    /// A config from before configs were authenticated.
+    #[error(
+        "{path}: this volume's config is not authenticated (made by an older kmsfs): review it and run \
+         `kmsfs upgrade {cipherdir}` once on a trusted host"
+    )]
+    Legacy {
+        /// Config path.
+        path: String,
+        /// The cipher dir.
+        cipherdir: String,
+    },
+}
+
+/// The cipher-dir lock is held by someone else.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {detail}")]
+pub struct BusyError {
+    /// The cipher dir.
+    pub path: String,
+    /// Who holds it, and what to do.
+    pub detail: String,
+}
+
+/// How a command names the volume's key; explicit names are trust anchors.
+#[derive(Clone, Debug, Default)]
+pub struct KeyArgs {
+    /// Local key file given on the command line (or `key_file=`).
+    pub key_file: Option<PathBuf>,
+    /// KMS key given on the command line (`--kms-key`, `kms_key=`).
+    pub kms_key: Option<String>,
+}
+
+/// A volume whose config has been checked against this host's trust store
+/// and its MAC, with a provider that unwraps only under trusted keys.
+pub struct OpenVolume {
+    /// The authenticated config.
+    pub config: VolumeConfig,
+    /// The provider, pinned to the trusted keys.
+    pub provider: Arc<dyn KeyProvider>,
+}
+
+/// Whether `path` lies inside `cipherdir` (after resolving both). Key files
+/// there would be readable by whoever holds the cipher dir.
+pub fn inside(cipherdir: &Path, path: &Path) -> bool {
+    let Ok(cd) = std::fs::canonicalize(cipherdir) else { return false };
+    let Ok(abs) = std::path::absolute(path) else { return false };
+    // The final component is never followed when the key is opened; resolve
+    // the directory it sits in.
+    let dir = abs.parent().and_then(|p| std::fs::canonicalize(p).ok());
+    abs.starts_with(&cd) || dir.is_some_and(|d| d.starts_with(&cd))
 }
 
 impl VolumeConfig {
@@ -127,7 +227,7 @@ impl VolumeConfig {
     pub fn load(cipherdir: &Path) -> Result<Self, VolumeError> {
         let path = cipherdir.join(CONFIG_NAME);
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(&path).map_err(|source| VolumeError::Io { path: p.clone(), source })?;
+        let text = read_config(&path).map_err(|source| VolumeError::Io { path: p.clone(), source })?;
         let c: Self =
             serde_json::from_str(&text).map_err(|e| VolumeError::Invalid { path: p.clone(), detail: e.to_string() })?;
         let bad = |d: &str| VolumeError::Invalid { path: p.clone(), detail: d.into() };
@@ -194,6 +294,9 @@ impl VolumeConfig {
             header_size,
             plaintext_names: true,
             name_key: None,
+            previous_keys: Vec::new(),
+            auth_key: None,
+            mac: None,
         })
     }
 
@@ -201,9 +304,9 @@ impl VolumeConfig {
     pub fn create_name_key(&mut self, provider: &dyn KeyProvider) -> Result<(), VolumeError> {
         let id = crate::format::random_id()
             .map_err(|e| VolumeError::Invalid { path: CONFIG_NAME.into(), detail: e.to_string() })?;
-        let ctx = crate::keys::KeyContext { volume_id: self.volume_id(), file_id: id };
+        let ctx = KeyContext { volume_id: self.volume_id(), file_id: id, purpose: Some(Purpose::Name) };
         let (_key, wrapped) = provider.generate(&ctx)?;
-        self.name_key = Some(StoredKey::from_wrapped(&id, &wrapped));
+        self.name_key = Some(StoredKey::from_wrapped(&ctx, &wrapped));
         self.plaintext_names = false;
         Ok(())
     }
@@ -220,19 +323,98 @@ impl VolumeConfig {
         Ok(crate::names::Names::new(key.expose_secret()))
     }
 
-    /// Opens the volume's key provider. `key_file` overrides the recorded path.
-    pub fn provider(&self, key_file: Option<&Path>) -> Result<Arc<dyn KeyProvider>, VolumeError> {
+    /// Creates a new config-authentication key and signs the config with
+    /// it: `init` and `upgrade`.
+    pub fn create_auth_key(&mut self, provider: &dyn KeyProvider) -> Result<(), VolumeError> {
+        let id = crate::format::random_id()
+            .map_err(|e| VolumeError::Invalid { path: CONFIG_NAME.into(), detail: e.to_string() })?;
+        let ctx = KeyContext { volume_id: self.volume_id(), file_id: id, purpose: Some(Purpose::Config) };
+        let (key, wrapped) = provider.generate(&ctx)?;
+        self.auth_key = Some(StoredKey::from_wrapped(&ctx, &wrapped));
+        self.sign(&key)
+    }
+
+    /// Unwraps the config-authentication key (one provider call).
+    pub fn unwrap_auth_key(&self, provider: &dyn KeyProvider) -> Result<DataKey, VolumeError> {
+        let path = CONFIG_NAME.to_string();
+        let sk = self.auth_key.as_ref().ok_or_else(|| VolumeError::Untrusted {
+            path: path.clone(),
+            detail: "config has a MAC but no auth_key".into(),
+        })?;
+        let (ctx, w) = sk
+            .parts(self.volume_id())
+            .filter(|(c, _)| c.purpose == Some(Purpose::Config))
+            .ok_or_else(|| VolumeError::Untrusted { path: path.clone(), detail: "malformed auth_key".into() })?;
+        provider.unwrap(&w, &ctx).map_err(|e| match e {
+            KeyError::InvalidCiphertext { .. } | KeyError::Untrusted { .. } | KeyError::WrongKey { .. } => {
+                VolumeError::Untrusted { path, detail: format!("config authentication key does not open: {e}") }
+            }
+            e => VolumeError::Key(e),
+        })
+    }
+
+    fn mac_key(&self, auth: &DataKey) -> aws_lc_rs::hmac::Key {
+        use aws_lc_rs::hkdf;
+        // HKDF-SHA256(salt = volume ID, ikm = auth key, info = label).
+        let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, &self.volume_id());
+        let prk = salt.extract(auth.expose_secret());
+        let info = [MAC_LABEL.as_bytes()];
+        let okm = prk.expand(&info, aws_lc_rs::hmac::HMAC_SHA256);
+        match okm {
+            Ok(okm) => aws_lc_rs::hmac::Key::from(okm),
+            // expand only fails for outputs longer than 255 hashes.
+            Err(_) => aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, auth.expose_secret()),
+        }
+    }
+
+    fn mac_input(&self) -> Result<Vec<u8>, VolumeError> {
+        let a = Authenticated {
+            label: MAC_LABEL,
+            format_version: self.format_version,
+            volume_id: &self.volume_id,
+            provider: &self.provider,
+            key_id: &self.key_id,
+            previous_keys: &self.previous_keys,
+            block_size: self.block_size,
+            header_size: self.header_size,
+            plaintext_names: self.plaintext_names,
+            name_key: &self.name_key,
+            auth_key: &self.auth_key,
+        };
+        serde_json::to_vec(&a).map_err(|e| VolumeError::Invalid { path: CONFIG_NAME.into(), detail: e.to_string() })
+    }
+
+    /// Recomputes the MAC after a change (rewrap).
+    pub fn sign(&mut self, auth: &DataKey) -> Result<(), VolumeError> {
+        let tag = aws_lc_rs::hmac::sign(&self.mac_key(auth), &self.mac_input()?);
+        self.mac = Some(hex(tag.as_ref()));
+        Ok(())
+    }
+
+    /// Checks the MAC in constant time.
+    pub fn verify_mac(&self, auth: &DataKey) -> Result<(), VolumeError> {
+        let bad = || VolumeError::Untrusted {
+            path: CONFIG_NAME.into(),
+            detail: "volume config was modified (its MAC does not verify): refusing to use it".into(),
+        };
+        let mac = self.mac.as_deref().and_then(unhex::<32>).ok_or_else(bad)?;
+        aws_lc_rs::hmac::verify(&self.mac_key(auth), &self.mac_input()?, &mac).map_err(|_| bad())
+    }
+
+    /// Opens the volume's key provider from the config alone, trusting it:
+    /// only for `upgrade` of an unauthenticated config, which the user
+    /// confirms. Everything else goes through [`open`].
+    pub fn provider_unchecked(&self, keys: &KeyArgs) -> Result<Arc<dyn KeyProvider>, VolumeError> {
         match self.provider {
             ProviderKind::Local => {
-                let path = key_file.map(Path::to_path_buf).or_else(|| self.key_file.clone()).ok_or_else(|| {
-                    VolumeError::Invalid {
+                let path =
+                    keys.key_file.clone().or_else(|| self.key_file.clone()).ok_or_else(|| VolumeError::Invalid {
                         path: CONFIG_NAME.into(),
                         detail: "no key_file recorded; pass --key-file".into(),
-                    }
-                })?;
+                    })?;
                 let p = LocalProvider::open(&path)?;
                 if p.key_id() != self.key_id {
-                    return Err(crate::keys::KeyError::KeyFile {
+                    return Err(KeyError::KeyFile {
                         path: path.display().to_string(),
                         detail: format!("this key is {}, but the volume was created with {}", p.key_id(), self.key_id),
                     }
@@ -240,7 +422,167 @@ impl VolumeConfig {
                 }
                 Ok(Arc::new(p))
             }
-            ProviderKind::AwsKms => crate::keys::open_aws_kms(&self.key_id).map_err(VolumeError::Key),
+            ProviderKind::AwsKms => {
+                let key = keys.kms_key.as_deref().unwrap_or(&self.key_id);
+                crate::keys::open_aws_kms(key, &[]).map_err(VolumeError::Key)
+            }
         }
+    }
+}
+
+fn read_config(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut text = String::new();
+    (&f).take(CONFIG_MAX + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > CONFIG_MAX {
+        return Err(std::io::Error::other("too large for a volume config"));
+    }
+    Ok(text)
+}
+
+/// Opens a volume for use: loads its config, checks it against the trust
+/// anchor (an explicitly named key, else this host's pin, else for a local
+/// volume its key file), opens the provider pinned to the trusted key,
+/// verifies the config MAC, and records the pin if this host had none.
+pub fn open(cipherdir: &Path, keys: &KeyArgs) -> Result<OpenVolume, VolumeError> {
+    open_with(cipherdir, keys, &TrustStore::default_location())
+}
+
+/// [`open`] with an explicit trust store.
+pub fn open_with(cipherdir: &Path, keys: &KeyArgs, store: &TrustStore) -> Result<OpenVolume, VolumeError> {
+    let cfg = VolumeConfig::load(cipherdir)?;
+    let path = cipherdir.join(CONFIG_NAME).display().to_string();
+    let untrusted = |detail: String| VolumeError::Untrusted { path: path.clone(), detail };
+    if let Some(k) = keys.key_file.as_ref().or(cfg.key_file.as_ref()).filter(|k| inside(cipherdir, k)) {
+        return Err(KeyError::KeyFile {
+            path: k.display().to_string(),
+            detail: "lies inside the cipher dir: key files must live outside it".into(),
+        }
+        .into());
+    }
+    let vid = cfg.volume_id();
+    let pin = store.get(&vid).map_err(|e| untrusted(format!("trust store: {e}")))?;
+    if cfg.mac.is_none() {
+        return Err(VolumeError::Legacy { path, cipherdir: cipherdir.display().to_string() });
+    }
+    let provider: Arc<dyn KeyProvider> = match cfg.provider {
+        ProviderKind::Local => {
+            let p = cfg.provider_unchecked(keys)?;
+            if let Some(pin) = &pin
+                && (pin.provider != ProviderKind::Local || pin.key_id != cfg.key_id)
+                && keys.key_file.is_none()
+            {
+                return Err(untrusted(format!(
+                    "this host trusts {} for volume {}, but the config names {}; if the volume was re-keyed, \
+                     pass --key-file with its new key once",
+                    pin.key_id, cfg.volume_id, cfg.key_id
+                )));
+            }
+            p
+        }
+        ProviderKind::AwsKms => {
+            let trusted = match (&keys.kms_key, &pin) {
+                (Some(k), _) => k.clone(),
+                (None, Some(pin)) if pin.provider == ProviderKind::AwsKms => pin.key_id.clone(),
+                _ => {
+                    return Err(untrusted(format!(
+                        "this host has no trusted KMS key for volume {}: pass --kms-key with the volume's key \
+                         ARN once (it is then recorded in {})",
+                        cfg.volume_id,
+                        store.dir().display()
+                    )));
+                }
+            };
+            let p = crate::keys::open_aws_kms(&trusted, &[])?;
+            // The config must name the trusted key itself; an alias given on
+            // the command line is resolved first (one DescribeKey).
+            if cfg.key_id != trusted {
+                p.check()?;
+                if cfg.key_id != p.key_id() {
+                    return Err(untrusted(format!(
+                        "the config names KMS key {}, but the trusted key for volume {} is {}; \
+                         if you rewrapped the volume, pass --kms-key with its new key once",
+                        cfg.key_id,
+                        cfg.volume_id,
+                        p.key_id()
+                    )));
+                }
+            }
+            p
+        }
+    };
+    // The auth key is always wrapped under the volume's current key, so
+    // this unwrap trusts that key alone.
+    let auth = cfg.unwrap_auth_key(provider.as_ref())?;
+    cfg.verify_mac(&auth)?;
+    drop(auth);
+    provider.trust_also(&cfg.previous_keys);
+    let want = Pin { volume_id: cfg.volume_id.clone(), provider: cfg.provider.clone(), key_id: cfg.key_id.clone() };
+    if pin.as_ref() != Some(&want) {
+        // First use on this host, or a re-key the user confirmed by naming
+        // the new key: remember it.
+        if let Err(e) = store.put(&want) {
+            tracing::warn!("cannot record the trusted key in {}: {e}", store.dir().display());
+        }
+    }
+    Ok(OpenVolume { config: cfg, provider })
+}
+
+/// Records this host's trust in a volume's key (`init`, `upgrade`, rewrap).
+pub fn pin(cfg: &VolumeConfig) -> Result<(), VolumeError> {
+    let store = TrustStore::default_location();
+    store
+        .put(&Pin { volume_id: cfg.volume_id.clone(), provider: cfg.provider.clone(), key_id: cfg.key_id.clone() })
+        .map_err(|e| VolumeError::Io { path: store.dir().display().to_string(), source: e })
+}
+
+/// Takes the cipher-dir lock: shared for a mount, exclusive for rewrap and
+/// upgrade. A `flock` on a file inside the cipher dir, so it holds across
+/// mount namespaces, whatever `fsname=` says, and (on NFS, where Linux maps
+/// flock to byte-range locks) across hosts. Held until the file is dropped.
+pub fn lock(cipherdir: &Path, exclusive: bool) -> Result<std::fs::File, VolumeError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = cipherdir.join(LOCK_NAME);
+    let io = |source| VolumeError::Io { path: path.display().to_string(), source };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&path)
+        .or_else(|e| {
+            // A read-only cipher dir can still be mounted read-only.
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+                .open(&path)
+                .map_err(|_| e)
+        })
+        .map_err(io)?;
+    if !f.metadata().map_err(io)?.is_file() {
+        return Err(io(std::io::Error::other("not a regular file")));
+    }
+    let r = if exclusive { f.try_lock() } else { f.try_lock_shared() };
+    match r {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(VolumeError::Busy(BusyError {
+            path: cipherdir.display().to_string(),
+            detail: if exclusive {
+                "the volume is mounted (on this or another host) or another rewrap/upgrade runs: unmount it first"
+            } else {
+                "a rewrap or upgrade of this volume is running: wait for it to finish"
+            }
+            .into(),
+        })),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
     }
 }

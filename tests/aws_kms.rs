@@ -42,7 +42,7 @@ fn ctx() -> KeyContext {
     let mut file_id = [0u8; 16];
     getrandom::fill(&mut volume_id).expect("random");
     getrandom::fill(&mut file_id).expect("random");
-    KeyContext { volume_id, file_id }
+    KeyContext::file(volume_id, file_id)
 }
 
 #[test]

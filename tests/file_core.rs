@@ -27,7 +27,7 @@ impl Fixture {
     }
     fn fresh(&self) -> FreshKey {
         let file_id = kmsfs::format::random_id().unwrap();
-        let (key, wrapped) = self.provider.generate(&KeyContext { volume_id: VOL, file_id }).unwrap();
+        let (key, wrapped) = self.provider.generate(&KeyContext::file(VOL, file_id)).unwrap();
         FreshKey { file_id, key, wrapped }
     }
     fn path(&self, name: &str) -> std::path::PathBuf {

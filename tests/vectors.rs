@@ -88,7 +88,7 @@ fn write_vectors() {
         let layout = Layout::new(256, c.block_log2).unwrap();
         let mut enc = EncryptedFile::open(f, layout, VOLUME).unwrap();
         let file_id = kmsfs::format::random_id().unwrap();
-        let (key, wrapped) = p.generate(&KeyContext { volume_id: VOLUME, file_id }).unwrap();
+        let (key, wrapped) = p.generate(&KeyContext::file(VOLUME, file_id)).unwrap();
         let fresh = FreshKey { file_id, key, wrapped };
         for (i, &(off, len)) in c.writes.iter().enumerate() {
             let arg = if i == 0 { KeyArg::Fresh(&fresh) } else { KeyArg::Existing(&fresh.key) };

@@ -352,6 +352,10 @@ pub struct AwsKmsProvider {
     region: String,
     /// The key ARN once a response has told us (aliases resolve to it).
     resolved: RwLock<Option<String>>,
+    /// Earlier keys whose wrapped DEKs may still be unwrapped (recorded by
+    /// rewrap, or named by the user). With the volume's own key, the only
+    /// KeyIds ever sent to Decrypt and ReEncrypt.
+    trusted: RwLock<Vec<String>>,
 }
 
 impl std::fmt::Debug for AwsKmsProvider {
@@ -419,7 +423,33 @@ impl AwsKmsProvider {
             KeyRef::KeyArn { arn, .. } => Some(arn.clone()),
             _ => None,
         };
-        Ok(Self { rt, client, key, region, resolved: RwLock::new(resolved) })
+        Ok(Self { rt, client, key, region, resolved: RwLock::new(resolved), trusted: RwLock::new(Vec::new()) })
+    }
+
+    /// Also trusts these keys (ARNs or key IDs) for unwrapping.
+    pub fn with_trusted(self, keys: &[String]) -> Self {
+        self.trust_also(keys);
+        self
+    }
+
+    /// The trusted KeyId to send for a blob whose header names `found`, or
+    /// `Untrusted`. The header's own string is never sent: it is attacker
+    /// input, and KMS would happily decrypt under any key the role may use
+    /// (the AWS Encryption SDK's strict mode rule).
+    fn trusted_key_for(&self, found: &str) -> Result<String, KeyError> {
+        let own = self.key_id();
+        let matches = |t: &str| {
+            t == found
+                // A bare key ID names the same key as its ARN in this region.
+                || (is_key_id(t) && arn_region(found) == Some(self.region.as_str())
+                    && found.strip_suffix(t).is_some_and(|p| p.ends_with(":key/")))
+        };
+        let trusted = self.trusted.read().unwrap_or_else(|e| e.into_inner());
+        std::iter::once(own.as_str())
+            .chain(trusted.iter().map(String::as_str))
+            .find(|t| matches(t))
+            .map(str::to_string)
+            .ok_or_else(|| KeyError::Untrusted { found: found.to_string() })
     }
 
     /// The key reference this provider wraps new keys under, as given.
@@ -547,26 +577,28 @@ impl KeyProvider for AwsKmsProvider {
 
     fn unwrap(&self, wrapped: &WrappedKey, ctx: &KeyContext) -> Result<DataKey, KeyError> {
         self.check_provider(wrapped)?;
-        // Pinning KeyId makes KMS refuse a blob from any other key.
+        let key = self.trusted_key_for(&wrapped.key_id)?;
+        // A trusted KeyId makes KMS refuse a blob made under any other key.
         let fut = self
             .client
             .decrypt()
             .ciphertext_blob(Blob::new(wrapped.blob.clone()))
-            .set_key_id((!wrapped.key_id.is_empty()).then(|| wrapped.key_id.clone()))
+            .key_id(key.clone())
             .set_encryption_context(Some(context_map(ctx)))
             .send();
-        let mut out = self.run(&wrapped.key_id, fut)?;
+        let mut out = self.run(&key, fut)?;
         data_key_from(out.plaintext.take())
     }
 
     fn rewrap(&self, wrapped_key: &WrappedKey, ctx: &KeyContext) -> Result<WrappedKey, KeyError> {
         self.check_provider(wrapped_key)?;
+        let source = self.trusted_key_for(&wrapped_key.key_id)?;
         let map = context_map(ctx);
         let fut = self
             .client
             .re_encrypt()
             .ciphertext_blob(Blob::new(wrapped_key.blob.clone()))
-            .set_source_key_id((!wrapped_key.key_id.is_empty()).then(|| wrapped_key.key_id.clone()))
+            .source_key_id(source)
             .set_source_encryption_context(Some(map.clone()))
             .destination_key_id(self.key.as_str())
             .set_destination_encryption_context(Some(map))
@@ -615,6 +647,15 @@ impl KeyProvider for AwsKmsProvider {
             p.into_inner().zeroize();
         }
         Ok(())
+    }
+
+    fn trust_also(&self, keys: &[String]) {
+        let mut t = self.trusted.write().unwrap_or_else(|e| e.into_inner());
+        for k in keys {
+            if !t.contains(k) {
+                t.push(k.clone());
+            }
+        }
     }
 }
 
@@ -754,9 +795,30 @@ mod tests {
         assert_eq!(p.key_id(), "alias/x");
         // A blob from another region is refused before any request.
         let w = WrappedKey { provider: PROVIDER_NAME.into(), key_id: ARN.into(), blob: vec![1, 2, 3] };
-        let ctx = KeyContext { volume_id: [1; 16], file_id: [2; 16] };
+        let ctx = KeyContext::file([1; 16], [2; 16]);
         assert!(matches!(p.unwrap(&w, &ctx), Err(KeyError::Region(_))));
         let w = WrappedKey { provider: "local".into(), ..w };
         assert!(matches!(p.unwrap(&w, &ctx), Err(KeyError::WrongProvider { .. })));
+    }
+
+    #[test]
+    fn only_trusted_keys_are_sent() {
+        let sdk = SdkConfig::builder().behavior_version(BehaviorVersion::latest()).build();
+        let other = "arn:aws:kms:us-east-1:111122223333:key/0987dcba-09fe-87dc-65ba-ab0987654321";
+        let p = AwsKmsProvider::from_sdk_config(ARN, &sdk, AwsKmsOptions::default()).expect("provider");
+        assert_eq!(p.trusted_key_for(ARN), Ok(ARN.to_string()));
+        assert!(matches!(p.trusted_key_for(other), Err(KeyError::Untrusted { .. })));
+        // An attacker's header is refused before any request is made.
+        let w = WrappedKey { provider: PROVIDER_NAME.into(), key_id: other.into(), blob: vec![1, 2, 3] };
+        assert!(matches!(p.unwrap(&w, &KeyContext::file([1; 16], [2; 16])), Err(KeyError::Untrusted { .. })));
+        let p = p.with_trusted(&[other.to_string()]);
+        assert_eq!(p.trusted_key_for(other), Ok(other.to_string()));
+        // A bare key ID trusts its ARN in the provider's region only.
+        let p = AwsKmsProvider::from_sdk_config(ARN, &sdk, AwsKmsOptions::default())
+            .expect("provider")
+            .with_trusted(&["0987dcba-09fe-87dc-65ba-ab0987654321".to_string()]);
+        assert!(p.trusted_key_for(other).is_ok());
+        let elsewhere = other.replace("us-east-1", "eu-west-1");
+        assert!(p.trusted_key_for(&elsewhere).is_err());
     }
 }

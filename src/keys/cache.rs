@@ -198,7 +198,7 @@ pub(crate) mod tests {
     }
 
     fn ctx(f: u8) -> KeyContext {
-        KeyContext { volume_id: [1; 16], file_id: [f; 16] }
+        KeyContext::file([1; 16], [f; 16])
     }
 
     #[test]

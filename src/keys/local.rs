@@ -19,6 +19,8 @@ use crate::format::{DEK_LEN, NONCE_LEN, TAG_LEN, hex};
 /// Provider name in headers.
 pub const NAME: &str = "local";
 const WRAP_LABEL: &[u8] = b"kmsfs-local-wrap-v1";
+/// Read limit for a key file.
+const KEY_FILE_MAX: u64 = 256;
 
 /// The local key-file provider.
 pub struct LocalProvider {
@@ -65,11 +67,28 @@ impl LocalProvider {
         Self::from_raw(&raw)
     }
 
-    /// Loads a key file, refusing one that group or others can access.
+    /// Loads a key file. Opened once without following a final symlink, then
+    /// checked and read through that one descriptor, so a swap between the
+    /// check and the read changes nothing. The file must be a small regular
+    /// file owned by us or root with no group or other bits.
     pub fn open(path: &Path) -> Result<Self, KeyError> {
-        let meta = std::fs::metadata(path).map_err(|e| kf_err(path, format!("cannot read: {e}")))?;
+        use std::io::Read;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => kf_err(path, "is a symbolic link; give the real path"),
+                _ => kf_err(path, format!("cannot read: {e}")),
+            })?;
+        let meta = f.metadata().map_err(|e| kf_err(path, format!("cannot stat: {e}")))?;
         if !meta.is_file() {
             return Err(kf_err(path, "not a regular file"));
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        if meta.uid() != euid && meta.uid() != 0 {
+            return Err(kf_err(path, format!("owned by uid {}, not by you ({euid}) or root", meta.uid())));
         }
         let mode = meta.mode() & 0o777;
         if mode & 0o077 != 0 {
@@ -78,7 +97,12 @@ impl LocalProvider {
                 format!("permissions {mode:04o} are too open; run: chmod 600 {}", path.display()),
             ));
         }
-        let text = Zeroizing::new(std::fs::read(path).map_err(|e| kf_err(path, format!("cannot read: {e}")))?);
+        // 64 hex digits and a newline; anything much larger is not a key file.
+        let mut text = Zeroizing::new(Vec::with_capacity(80));
+        (&f).take(KEY_FILE_MAX).read_to_end(&mut text).map_err(|e| kf_err(path, format!("cannot read: {e}")))?;
+        if text.len() as u64 >= KEY_FILE_MAX {
+            return Err(kf_err(path, "not a kmsfs key file (too large)"));
+        }
         let trimmed = text.strip_suffix(b"\n").unwrap_or(&text);
         let s = std::str::from_utf8(trimmed).map_err(|_| kf_err(path, "not a kmsfs key file"))?;
         let mut raw = Zeroizing::new(
@@ -181,7 +205,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn ctx(f: u8) -> KeyContext {
-        KeyContext { volume_id: [1; 16], file_id: [f; 16] }
+        KeyContext::file([1; 16], [f; 16])
     }
 
     #[test]
@@ -210,6 +234,21 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = LocalProvider::open(&path).err().unwrap();
         assert!(e.to_string().contains("chmod 600"), "{e}");
+        // A symlink to a good key file is refused, as is a huge or odd file.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.path().join("link.key");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let e = LocalProvider::open(&link).err().unwrap();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        let big = dir.path().join("big.key");
+        std::fs::write(&big, vec![b'a'; 4096]).unwrap();
+        std::fs::set_permissions(&big, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(LocalProvider::open(&big).err().unwrap().to_string().contains("too large"));
+        assert!(LocalProvider::open(dir.path()).is_err(), "a directory");
+        // A name-key context never opens a file-key wrapping (domain separation).
+        let (_, w) = p.generate(&ctx(2)).unwrap();
+        let name_ctx = KeyContext { purpose: Some(crate::keys::Purpose::Name), ..ctx(2) };
+        assert!(matches!(p.unwrap(&w, &name_ctx), Err(KeyError::InvalidCiphertext { .. })));
         let other = LocalProvider::create_key_file(&dir.path().join("o.key")).unwrap();
         let (_, w) = p.generate(&ctx(2)).unwrap();
         assert!(matches!(other.unwrap(&w, &ctx(2)), Err(KeyError::WrongKey { .. })));

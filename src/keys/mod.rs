@@ -22,22 +22,60 @@ use crate::format::{Id, hex};
 pub struct KeyContext {
     /// The volume's random ID.
     pub volume_id: Id,
-    /// The file's random ID.
+    /// The file's random ID (for volume keys: the key's own random ID).
     pub file_id: Id,
+    /// What the key is for. File keys carry none, as in every v1 header, and
+    /// every other key carries one, so a file key context never equals a
+    /// name-key or config-key context (domain separation).
+    pub purpose: Option<Purpose>,
+}
+
+/// The purpose of a volume-level key, bound into its wrapping context.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Purpose {
+    /// The name key (AES-SIV for names, symlink targets, xattr values).
+    Name,
+    /// The key that authenticates the volume config.
+    Config,
+}
+
+impl Purpose {
+    /// The value in the encryption context.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Name => "name",
+            Self::Config => "config",
+        }
+    }
 }
 
 impl KeyContext {
-    /// Key/value pairs for a KMS EncryptionContext.
-    pub fn pairs(&self) -> [(&'static str, String); 2] {
-        [("kmsfs:volume", hex(&self.volume_id)), ("kmsfs:file", hex(&self.file_id))]
+    /// The context of a file's data key.
+    pub fn file(volume_id: Id, file_id: Id) -> Self {
+        Self { volume_id, file_id, purpose: None }
     }
 
-    /// Bytes bound as AAD by providers that wrap locally.
+    /// Key/value pairs for a KMS EncryptionContext.
+    pub fn pairs(&self) -> Vec<(&'static str, String)> {
+        let mut v = vec![("kmsfs:volume", hex(&self.volume_id)), ("kmsfs:file", hex(&self.file_id))];
+        if let Some(p) = self.purpose {
+            v.push(("kmsfs:purpose", p.as_str().to_string()));
+        }
+        v
+    }
+
+    /// Bytes bound as AAD by providers that wrap locally. The IDs have a
+    /// fixed length, so the optional purpose suffix keeps encodings distinct.
     pub fn aad(&self, label: &[u8]) -> Vec<u8> {
-        let mut v = Vec::with_capacity(label.len() + 32);
+        let mut v = Vec::with_capacity(label.len() + 40);
         v.extend_from_slice(label);
         v.extend_from_slice(&self.volume_id);
         v.extend_from_slice(&self.file_id);
+        if let Some(p) = self.purpose {
+            v.push(0);
+            v.extend_from_slice(p.as_str().as_bytes());
+        }
         v
     }
 }
@@ -105,6 +143,15 @@ pub enum KeyError {
         /// What the header names.
         found: String,
     },
+    /// The header names a key that is neither the volume's key nor one that
+    /// `rewrap` recorded or the user named: never sent to KMS.
+    #[error(
+        "file is wrapped under key {found}, which this volume does not trust (not its key, nor an earlier key recorded by rewrap)"
+    )]
+    Untrusted {
+        /// What the header names.
+        found: String,
+    },
     /// The header names a provider this volume does not use.
     #[error("file is wrapped by provider {found:?}, but this volume uses {expected:?}")]
     WrongProvider {
@@ -144,7 +191,10 @@ impl KeyError {
     /// Whether this error means "the key refuses", as opposed to a transient
     /// or infrastructure fault. Maps to EACCES rather than EIO.
     pub fn is_denied(&self) -> bool {
-        matches!(self, Self::Disabled { .. } | Self::InvalidState { .. } | Self::AccessDenied { .. })
+        matches!(
+            self,
+            Self::Disabled { .. } | Self::InvalidState { .. } | Self::AccessDenied { .. } | Self::Untrusted { .. }
+        )
     }
 }
 
@@ -184,6 +234,10 @@ pub trait KeyProvider: Send + Sync {
     /// Checks the key is usable before serving, so a disabled key or missing
     /// credentials stop the mount with a clear message.
     fn check(&self) -> Result<(), KeyError>;
+
+    /// Also trusts these earlier keys for unwrapping (recorded by rewrap in
+    /// the authenticated config). Providers that hold one key ignore it.
+    fn trust_also(&self, _keys: &[String]) {}
 }
 
 /// Wraps an `Arc` provider so trait objects compose.
@@ -209,10 +263,17 @@ impl<T: KeyProvider + ?Sized> KeyProvider for std::sync::Arc<T> {
     fn check(&self) -> Result<(), KeyError> {
         (**self).check()
     }
+    fn trust_also(&self, keys: &[String]) {
+        (**self).trust_also(keys)
+    }
 }
 
 /// Opens the aws-kms provider for a key reference (key ID, ARN, alias) with
 /// the standard AWS configuration chain. Makes no KMS request.
-pub fn open_aws_kms(key_ref: &str) -> Result<std::sync::Arc<dyn KeyProvider>, KeyError> {
-    Ok(std::sync::Arc::new(aws_kms::AwsKmsProvider::new(key_ref, aws_kms::AwsKmsOptions::default())?))
+///
+/// `trusted` are the key ARNs (besides `key_ref` itself) whose wrapped keys
+/// may be unwrapped: a header's own key string is never sent to KMS.
+pub fn open_aws_kms(key_ref: &str, trusted: &[String]) -> Result<std::sync::Arc<dyn KeyProvider>, KeyError> {
+    let p = aws_kms::AwsKmsProvider::new(key_ref, aws_kms::AwsKmsOptions::default())?.with_trusted(trusted);
+    Ok(std::sync::Arc::new(p))
 }

@@ -74,7 +74,7 @@ impl KeyPool {
 
     fn generate(&self) -> Result<FreshKey, KeyError> {
         let file_id = crate::format::random_id().map_err(|e| KeyError::Other(e.to_string()))?;
-        let ctx = KeyContext { volume_id: self.volume_id, file_id };
+        let ctx = KeyContext::file(self.volume_id, file_id);
         let t = Instant::now();
         let res = self.provider.generate(&ctx);
         self.stats.call(Op::Generate, t.elapsed(), res.is_ok());
@@ -161,7 +161,7 @@ mod tests {
         let mut ids = std::collections::HashSet::new();
         for _ in 0..50 {
             let k = pool.take().unwrap();
-            let ctx = KeyContext { volume_id: [1; 16], file_id: k.file_id };
+            let ctx = KeyContext::file([1; 16], k.file_id);
             assert_eq!(p.unwrap(&k.wrapped, &ctx).unwrap().expose_secret(), k.key.expose_secret());
             assert!(ids.insert(k.file_id));
         }

@@ -1,0 +1,204 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The cipher dir is untrusted: its config is authenticated, key files are
+//! checked, and rewrap and mounts exclude each other. Each test attacks one
+//! point with the real binary (and a real mount where a mount is involved).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+    s.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), s)
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn config(v: &Volume) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(v.cipher.join("kmsfs.conf")).unwrap()).unwrap()
+}
+
+fn set_config(v: &Volume, c: &serde_json::Value) {
+    std::fs::write(v.cipher.join("kmsfs.conf"), serde_json::to_vec_pretty(c).unwrap()).unwrap();
+}
+
+/// `kmsfs mount` in the background mode a user runs: (exit code, output).
+fn try_mount(v: &Volume, extra: &[&str]) -> (i32, String) {
+    let mnt = v.tmp.path().join("try");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mut args = vec!["mount", p(&v.cipher), p(&mnt)];
+    args.extend_from_slice(extra);
+    let r = run(&args);
+    if mounted(&mnt) {
+        let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
+    }
+    r
+}
+
+#[test]
+fn every_security_field_of_the_config_is_authenticated() {
+    if !fuse_available("every_security_field_of_the_config_is_authenticated") {
+        return;
+    }
+    let v = Volume::new();
+    let good = config(&v);
+    assert!(good["mac"].is_string() && good["auth_key"].is_object(), "{good}");
+    // The untouched config mounts.
+    let (code, out) = try_mount(&v, &[]);
+    assert_eq!(code, 0, "{out}");
+    let edits: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+        ("plaintext_names", Box::new(|c| c["plaintext_names"] = true.into())),
+        ("block_size", Box::new(|c| c["block_size"] = 65536.into())),
+        ("header_size", Box::new(|c| c["header_size"] = 512.into())),
+        ("volume_id", Box::new(|c| c["volume_id"] = "00112233445566778899aabbccddeeff".into())),
+        ("name_key", Box::new(|c| c["name_key"]["blob"] = "AAAA".into())),
+        ("previous_keys", Box::new(|c| c["previous_keys"] = serde_json::json!(["arn:aws:kms:x"]))),
+        ("mac", Box::new(|c| c["mac"] = "00".repeat(32).into())),
+        ("key_id", Box::new(|c| c["key_id"] = "local:0000000000000000".into())),
+    ];
+    for (what, edit) in edits {
+        let mut c = good.clone();
+        edit(&mut c);
+        set_config(&v, &c);
+        let (code, out) = try_mount(&v, &[]);
+        assert_ne!(code, 0, "{what}: a tampered config mounted: {out}");
+        assert!(matches!(code, 3 | 4), "{what}: exit {code}: {out}");
+        let (code, out) = run(&["fsck", p(&v.cipher)]);
+        assert!(matches!(code, 3 | 4), "{what}: fsck exit {code}: {out}");
+        let (code, _) = run(&["path", p(&v.cipher), "x"]);
+        assert!(matches!(code, 3 | 4), "{what}: path exit {code}");
+    }
+    // Stripping the MAC makes it look legacy: refused, pointing at upgrade.
+    let mut c = good.clone();
+    c.as_object_mut().unwrap().remove("mac");
+    c.as_object_mut().unwrap().remove("auth_key");
+    c["plaintext_names"] = true.into();
+    set_config(&v, &c);
+    let (code, out) = try_mount(&v, &[]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("kmsfs upgrade"), "{out}");
+    set_config(&v, &good);
+    let (code, out) = run(&["fsck", p(&v.cipher)]);
+    assert_eq!(code, 0, "restored config: {out}");
+}
+
+#[test]
+fn legacy_config_upgrades_once_and_then_mounts() {
+    if !fuse_available("legacy_config_upgrades_once_and_then_mounts") {
+        return;
+    }
+    let v = Volume::new();
+    {
+        let m = v.mount("m", &[]);
+        std::fs::write(m.path("kept"), b"old data").unwrap();
+    }
+    // What an older kmsfs wrote: no auth_key, no mac.
+    let mut c = config(&v);
+    c.as_object_mut().unwrap().remove("mac");
+    c.as_object_mut().unwrap().remove("auth_key");
+    set_config(&v, &c);
+    let (code, out) = try_mount(&v, &[]);
+    assert_eq!(code, 3, "{out}");
+    let (code, out) = run(&["upgrade", p(&v.cipher)]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("now authenticated"), "{out}");
+    let m = v.mount("m2", &[]);
+    assert_eq!(std::fs::read(m.path("kept")).unwrap(), b"old data");
+}
+
+#[test]
+fn key_files_inside_the_cipher_dir_or_behind_links_are_refused() {
+    let v = Volume::new();
+    let inside = v.cipher.join("stolen.key");
+    std::fs::copy(&v.key, &inside).unwrap();
+    let out_file = v.tmp.path().join("out");
+    for args in [
+        vec!["fsck", p(&v.cipher), "--key-file", p(&inside)],
+        vec!["path", p(&v.cipher), "x", "--key-file", p(&inside)],
+        vec!["rewrap", p(&v.cipher), "--to-key-file", p(&inside)],
+        vec!["rewrap", p(&v.cipher), "--to-key-file", p(&v.tmp.path().join("new.key")), "--key-file", p(&inside)],
+        vec!["decrypt", "--volume", p(&v.cipher), "--key-file", p(&inside), p(&inside), p(&out_file)],
+        vec!["mount", p(&v.cipher), p(&v.tmp.path().join("mnt")), "--key-file", p(&inside)],
+    ] {
+        let (code, out) = run(&args);
+        assert_eq!(code, 2, "{args:?}: {out}");
+        assert!(out.contains("outside the cipher dir"), "{args:?}: {out}");
+    }
+    let opt = format!("key_file={}", p(&inside));
+    let (code, out) = run(&["mount", p(&v.cipher), p(&v.tmp.path().join("mnt")), "-o", &opt]);
+    assert_eq!(code, 2, "-o key_file=: {out}");
+    // A key path recorded in the config that points inside is refused too.
+    let good = config(&v);
+    let mut c = good.clone();
+    c["key_file"] = p(&inside).into();
+    set_config(&v, &c);
+    let (code, out) = run(&["fsck", p(&v.cipher)]);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("inside the cipher dir"), "{out}");
+    set_config(&v, &good);
+    // A symlink to the real key file is never followed.
+    let link = v.tmp.path().join("link.key");
+    std::os::unix::fs::symlink(&v.key, &link).unwrap();
+    let (code, out) = run(&["fsck", p(&v.cipher), "--key-file", p(&link)]);
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("symbolic link"), "{out}");
+    std::fs::remove_file(&inside).unwrap();
+    let (code, out) = run(&["fsck", p(&v.cipher), "--key-file", p(&v.key)]);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn rewrap_and_a_live_mount_exclude_each_other() {
+    if !fuse_available("rewrap_and_a_live_mount_exclude_each_other") {
+        return;
+    }
+    let v = Volume::new();
+    let new_key = v.tmp.path().join("new.key");
+    {
+        // A custom fsname hides the cipher dir from /proc/mounts: the lock
+        // does not depend on it.
+        let m = v.mount("m", &["fsname=elsewhere"]);
+        std::fs::write(m.path("f"), b"data").unwrap();
+        let (code, out) = run(&["rewrap", p(&v.cipher), "--to-key-file", p(&new_key)]);
+        assert_eq!(code, 5, "{out}");
+        assert!(out.contains("mounted"), "{out}");
+        assert!(!new_key.exists(), "a refused rewrap created nothing");
+        // A second mount of the same volume is still allowed (shared lock).
+        let _m2 = v.mount("m2", &[]);
+        assert_eq!(std::fs::read(_m2.path("f")).unwrap(), b"data");
+    }
+    let (code, out) = run(&["rewrap", p(&v.cipher), "--to-key-file", p(&new_key)]);
+    assert_eq!(code, 0, "{out}");
+    let m = Mounted::start(&v.cipher, &v.tmp.path().join("m3"), &[&format!("key_file={}", p(&new_key))]);
+    assert_eq!(std::fs::read(m.path("f")).unwrap(), b"data");
+    // A planted symlink as the lock file is never followed.
+    drop(m);
+    std::fs::remove_file(v.cipher.join(".kmsfs.lock")).unwrap();
+    let target = v.tmp.path().join("root-owned-target");
+    std::os::unix::fs::symlink(&target, v.cipher.join(".kmsfs.lock")).unwrap();
+    let (code, out) = run(&["rewrap", p(&v.cipher), "--to-key-file", p(&v.key), "--key-file", p(&new_key)]);
+    assert_ne!(code, 0, "{out}");
+    assert!(!target.exists(), "followed the planted link");
+}
+
+#[test]
+fn another_volumes_config_under_another_key_is_refused() {
+    // The attacker cannot forge a MAC, but can copy a whole config made
+    // under a key they hold: its key differs from this host's pin.
+    let v = Volume::new();
+    let theirs = Volume::new();
+    let mut c = config(&theirs);
+    c["volume_id"] = config(&v)["volume_id"].clone();
+    set_config(&v, &c);
+    // Their key file path is in their config; even with it, the MAC binds
+    // their volume ID, so the swap fails one way or the other.
+    let (code, out) = run(&["fsck", p(&v.cipher)]);
+    assert!(matches!(code, 3 | 4), "{out}");
+}
