@@ -237,9 +237,23 @@ fn init_logging(to: Option<&Path>, syslog: bool) {
     let filter = EnvFilter::try_from_env("KMSFS_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Whatever KMSFS_LOG asks for, the AWS SDK and HTTP stack never log
+    // below WARN: their debug and trace levels can print request bodies,
+    // which carry data keys (Encrypt) and responses with plaintext keys.
+    let filter =
+        ["aws_smithy_runtime", "aws_smithy_http", "aws_sdk_kms", "aws_config", "hyper", "hyper_util", "h2", "rustls"]
+            .iter()
+            .filter_map(|t| format!("{t}=warn").parse().ok())
+            .fold(filter, |f, d| f.add_directive(d));
     let b = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    use std::os::unix::fs::OpenOptionsExt;
     if let Some(p) = to
-        && let Ok(f) = std::fs::OpenOptions::new().create(true).append(true).open(p)
+        && let Ok(f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(p)
     {
         let _ = b.with_ansi(false).with_writer(Arc::new(f)).try_init();
     } else if syslog {
@@ -707,6 +721,9 @@ fn rewrap(
             return Err(Failure(exit::USAGE, "rewrap needs --to-key or --to-key-file".into()));
         };
     let old_key = cfg.key_id.clone();
+    // ReEncrypt runs on the destination's client: it may name as source only
+    // the keys this volume trusts.
+    dest.trust_also(&[vec![old_key.clone()], cfg.previous_keys.clone()].concat());
     let auth = cfg.unwrap_auth_key(source.as_ref()).map_err(volume_failure)?;
     if !dry_run && kind == ProviderKind::AwsKms && !cfg.previous_keys.contains(&key_id) && key_id != old_key {
         // Files move to the new key one by one: trust it for reading from

@@ -53,19 +53,23 @@ fn every_security_field_of_the_config_is_authenticated() {
     // The untouched config mounts.
     let (code, out) = try_mount(&v, &[]);
     assert_eq!(code, 0, "{out}");
-    let edits: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
-        ("plaintext_names", Box::new(|c| c["plaintext_names"] = true.into())),
-        ("block_size", Box::new(|c| c["block_size"] = 65536.into())),
-        ("header_size", Box::new(|c| c["header_size"] = 512.into())),
-        ("volume_id", Box::new(|c| c["volume_id"] = "00112233445566778899aabbccddeeff".into())),
-        ("name_key", Box::new(|c| c["name_key"]["blob"] = "AAAA".into())),
-        ("previous_keys", Box::new(|c| c["previous_keys"] = serde_json::json!(["arn:aws:kms:x"]))),
-        ("mac", Box::new(|c| c["mac"] = "00".repeat(32).into())),
-        ("key_id", Box::new(|c| c["key_id"] = "local:0000000000000000".into())),
+    // (JSON pointer, forged value): each a field that decides security.
+    let edits = [
+        ("/plaintext_names", serde_json::json!(true)),
+        ("/block_size", serde_json::json!(65536)),
+        ("/header_size", serde_json::json!(512)),
+        ("/volume_id", serde_json::json!("00112233445566778899aabbccddeeff")),
+        ("/name_key/blob", serde_json::json!("AAAA")),
+        ("/previous_keys", serde_json::json!(["arn:aws:kms:x"])),
+        ("/mac", serde_json::json!("00".repeat(32))),
+        ("/key_id", serde_json::json!("local:0000000000000000")),
     ];
-    for (what, edit) in edits {
+    for (what, value) in edits {
         let mut c = good.clone();
-        edit(&mut c);
+        match c.pointer_mut(what) {
+            Some(slot) => *slot = value,
+            None => c[&what[1..]] = value,
+        }
         set_config(&v, &c);
         let (code, out) = try_mount(&v, &[]);
         assert_ne!(code, 0, "{what}: a tampered config mounted: {out}");
@@ -166,6 +170,9 @@ fn rewrap_and_a_live_mount_exclude_each_other() {
         // does not depend on it.
         let m = v.mount("m", &["fsname=elsewhere"]);
         std::fs::write(m.path("f"), b"data").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&m.log).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the log file is private: {mode:o}");
         let (code, out) = run(&["rewrap", p(&v.cipher), "--to-key-file", p(&new_key)]);
         assert_eq!(code, 5, "{out}");
         assert!(out.contains("mounted"), "{out}");

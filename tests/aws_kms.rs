@@ -124,9 +124,15 @@ fn blob_of_another_key_is_refused() {
     let p = provider(&k1.id);
     let c = ctx();
     let (_dek, w) = p.generate(&c).expect("generate");
-    // A header claiming key 2 for key 1's blob: real KMS says
-    // IncorrectKeyException (InvalidCiphertext), moto AccessDeniedException.
-    let forged = WrappedKey { key_id: k2.arn.clone(), ..w };
+    // A header claiming key 2 for key 1's blob: key 2 is not trusted, so
+    // no request names it at all.
+    let forged = WrappedKey { key_id: k2.arn.clone(), ..w.clone() };
+    assert!(matches!(p.unwrap(&forged, &c), Err(KeyError::Untrusted { .. })));
+    assert_eq!(count(&k2, "Decrypt"), 0);
+    // When key 2 is trusted too, KMS itself refuses a blob of another key:
+    // real KMS says IncorrectKeyException (InvalidCiphertext), moto
+    // AccessDeniedException.
+    let p = provider(&k1.id).with_trusted(std::slice::from_ref(&k2.arn));
     match p.unwrap(&forged, &c) {
         Err(KeyError::InvalidCiphertext { .. }) | Err(KeyError::AccessDenied { .. }) => {}
         other => panic!("expected a refusal, got {other:?}"),
@@ -308,7 +314,12 @@ fn rewrap_to_second_key_survives_disabling_first() {
     let k1 = create_key("rewrap source");
     let k2 = create_key("rewrap destination");
     let p1 = provider(&k1.id);
-    let p2 = provider(&k2.id);
+    // The destination may name the source key only because it trusts it.
+    assert!(matches!(
+        provider(&k2.id).rewrap(&p1.generate(&ctx()).expect("g").1, &ctx()),
+        Err(KeyError::Untrusted { .. })
+    ));
+    let p2 = provider(&k2.id).with_trusted(std::slice::from_ref(&k1.arn));
     let c = ctx();
     let (dek, w1) = p1.generate(&c).expect("generate");
     let w2 = p2.rewrap(&w1, &c).expect("ReEncrypt");

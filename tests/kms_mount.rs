@@ -158,7 +158,7 @@ fn rewrap_to_new_key_touches_no_data() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(count(&new, "ReEncrypt") - re0, 5, "one ReEncrypt per file");
+    assert_eq!(count(&new, "ReEncrypt") - re0, 6, "one ReEncrypt per file and one for the config key");
     for (i, b) in before.iter().enumerate() {
         let a = std::fs::read(cipher.join(format!("f{i}"))).unwrap();
         assert_eq!(a.len(), b.len());
@@ -190,12 +190,15 @@ fn offline_encrypt_decrypt_with_kms() {
     let back = tmp.path().join("b");
     let (ok, out) = sh(&format!("{BIN} encrypt --kms-key {} {} {}", key.id, plain.display(), enc.display()));
     assert!(ok, "{out}");
+    // The header names its key, but it is not trusted until the user says so.
     let (ok, out) = sh(&format!("{BIN} decrypt {} {}", enc.display(), back.display()));
+    assert!(!ok && out.contains("--trust-header-key"), "{out}");
+    let (ok, out) = sh(&format!("{BIN} decrypt --kms-key {} {} {}", key.id, enc.display(), back.display()));
     assert!(ok, "{out}");
     assert_eq!(std::fs::read(&back).unwrap(), std::fs::read(&plain).unwrap());
     // Via pipes too.
     let (ok, out) = sh(&format!(
-        "cat {} | {BIN} encrypt --kms-key {} - - | {BIN} decrypt - - | cmp - {}",
+        "cat {} | {BIN} encrypt --kms-key {} - - | {BIN} decrypt --trust-header-key - - | cmp - {}",
         plain.display(),
         key.id,
         plain.display()
