@@ -427,15 +427,57 @@ enum Stop {
     Unmount,
 }
 
+/// A shared writable mapping of a whole file.
+struct Mapping(*mut libc::c_void, usize);
+
+impl Mapping {
+    fn new(f: &std::fs::File, len: usize) -> Self {
+        // SAFETY: a fresh shared mapping of an open file of `len` bytes.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Mapping(p, len)
+    }
+    fn write(&self, data: &[u8]) {
+        assert_eq!(data.len(), self.1);
+        // SAFETY: the mapping is `self.1` bytes long and writable.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.0.cast::<u8>(), data.len()) };
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping.
+        unsafe { libc::munmap(self.0, self.1) };
+    }
+}
+
 /// A process writes 200,000 bytes (no fsync) and keeps the file open, so
 /// the data sits in the kernel's writeback cache and the mount is busy;
-/// then the daemon is stopped. Every byte must be in the volume after.
+/// another 200,000 bytes go through a shared mapping whose descriptor is
+/// already closed. Then the daemon is stopped. Every byte must be in the
+/// volume after.
 fn stop_keeps_dirty_writes(stop: Stop, name: &str) {
     let v = Volume::new();
     let mut m = v.mount("m", &[]);
     let data = random_bytes(200_000, 42);
     let mut f = std::fs::File::create(m.path("dirty")).unwrap();
     f.write_all(&data).unwrap();
+    let mapped = random_bytes(200_000, 43);
+    let g = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(m.path("mapped"));
+    let g = g.unwrap();
+    g.set_len(mapped.len() as u64).unwrap();
+    let map = Mapping::new(&g, mapped.len());
+    drop(g);
+    map.write(&mapped);
     let pid = m.child.as_ref().unwrap().id();
     let t = Instant::now();
     match stop {
@@ -459,12 +501,17 @@ fn stop_keeps_dirty_writes(stop: Stop, name: &str) {
     assert!(st.success(), "{name}: daemon exit {st}: {}", m.log());
     assert!(!mounted(&m.mnt), "{name}: still mounted");
     eprintln!("{name}: daemon exited {:?} after the stop", t.elapsed());
-    // The writer finds its mount gone; its late close may fail.
+    // The writer finds its mount gone: a late write and fsync report it.
+    let late = f.write_all(b"late").and_then(|()| f.sync_all());
+    eprintln!("{name}: late write+fsync: {late:?}");
+    assert!(late.is_err(), "{name}: a write after the stop looked durable");
     drop(f);
+    drop(map);
     let m2 = v.mount("m2", &[]);
     let back = std::fs::read(m2.path("dirty")).unwrap();
     assert_eq!(back.len(), data.len(), "{name}: bytes lost");
     assert!(back == data, "{name}: content differs");
+    assert!(std::fs::read(m2.path("mapped")).unwrap() == mapped, "{name}: mapped writes lost");
 }
 
 #[test]
@@ -475,4 +522,37 @@ fn stop_with_dirty_pages_keeps_acknowledged_writes() {
     stop_keeps_dirty_writes(Stop::Signal(libc::SIGTERM), "SIGTERM");
     stop_keeps_dirty_writes(Stop::Signal(libc::SIGINT), "SIGINT");
     stop_keeps_dirty_writes(Stop::Unmount, "kmsfs unmount");
+}
+
+/// `kmsfs unmount` of a mount in daemon mode (not the test's child), busy
+/// with dirty pages and then idle.
+#[test]
+fn unmount_command_busy_and_idle() {
+    if !fuse_available("unmount_command_busy_and_idle") {
+        return;
+    }
+    let v = Volume::new();
+    let mnt = v.tmp.path().join("m");
+    std::fs::create_dir(&mnt).unwrap();
+    let mount = || {
+        let o = Command::new(BIN).arg("mount").arg(&v.cipher).arg(&mnt).output().unwrap();
+        assert!(o.status.success(), "mount: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    let unmount = || {
+        let o = Command::new(BIN).arg("unmount").arg(&mnt).output().unwrap();
+        assert!(o.status.success(), "unmount: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(!mounted(&mnt));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    mount();
+    let data = random_bytes(200_000, 9);
+    let mut f = std::fs::File::create(mnt.join("dirty")).unwrap();
+    f.write_all(&data).unwrap();
+    assert!(unmount().contains("was busy"));
+    drop(f);
+    mount();
+    assert!(std::fs::read(mnt.join("dirty")).unwrap() == data, "bytes lost");
+    assert_eq!(unmount(), "");
+    let o = Command::new(BIN).arg("unmount").arg(&mnt).output().unwrap();
+    assert_eq!(o.status.code(), Some(5), "not mounted any more");
 }
