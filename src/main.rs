@@ -1,6 +1,7 @@
 //! The `kmsfs` command line. Exit codes are documented in README.md.
 
 use std::io::{IsTerminal, Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -56,7 +57,9 @@ enum Cmd {
     },
     /// Mount CIPHERDIR's plaintext view at MOUNTPOINT.
     Mount(MountArgs),
-    /// Unmount a kmsfs mount.
+    /// Unmount a kmsfs mount. If it is busy, its daemon writes back every
+    /// pending write, detaches it and exits; processes still using it then
+    /// get errors.
     Unmount {
         /// The mount point.
         mountpoint: PathBuf,
@@ -824,7 +827,9 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
     let session = fuser::spawn_mount(adapter, &m.mountpoint, &plan.fuse)
         .map_err(|e| Failure(exit::MOUNT, format!("cannot mount {}: {e}", m.mountpoint.display())))?;
     // The mount serves once a stat through it answers.
-    std::fs::metadata(&m.mountpoint).map_err(|e| Failure(exit::MOUNT, format!("mount does not answer: {e}")))?;
+    let dev = std::fs::metadata(&m.mountpoint)
+        .map_err(|e| Failure(exit::MOUNT, format!("mount does not answer: {e}")))?
+        .dev();
     daemon::set_readahead(&m.mountpoint, 1024);
     tracing::info!("mounted {} at {}", m.cipherdir.display(), m.mountpoint.display());
     daemon::report_ready("ready");
@@ -855,7 +860,7 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
             None => {}
         }
     }
-    stop(session, &fs, &m.mountpoint);
+    stop(session, &fs, &m.mountpoint, dev);
     Ok(0)
 }
 
@@ -869,16 +874,32 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
 /// mount, and the daemon exits: from then on that process gets errors
 /// (ENOTCONN) instead of silently lost writes. The whole stop stays within
 /// `daemon::STOP_BUDGET`, which the unit's TimeoutStopSec allows for.
-fn stop(session: fuser::BackgroundSession, fs: &EncFs, mnt: &Path) {
+fn stop(session: fuser::BackgroundSession, fs: &EncFs, mnt: &Path, dev: u64) {
     let deadline = std::time::Instant::now() + daemon::STOP_BUDGET;
-    let flush = |root: &std::fs::File| {
-        if !daemon::flush_mount(root, fs.open_files(), deadline) {
-            tracing::warn!("some dirty pages may not have been written back");
+    // The mount's root, if the path still shows this mount: never unmount
+    // or write back through whatever else is there now.
+    let ours = || std::fs::metadata(mnt).is_ok_and(|m| m.dev() == dev);
+    let open_root = || match std::fs::File::open(mnt) {
+        Ok(root) => root.metadata().is_ok_and(|m| m.dev() == dev).then_some(root),
+        Err(e) => {
+            tracing::error!("cannot open the mount to write back its pages: {e}");
+            None
         }
     };
-    match std::fs::File::open(mnt) {
-        Ok(root) => flush(&root),
-        Err(e) => tracing::error!("cannot open the mount to write back its pages: {e}"),
+    let write_back = |root: &std::fs::File, when: &str| {
+        if !daemon::flush_mount(root, fs.open_files(), deadline) {
+            tracing::warn!("some dirty pages may not have been written back ({when})");
+        }
+    };
+    if !ours() {
+        tracing::info!("{} no longer shows this mount", mnt.display());
+        fs.shutdown();
+        // Unmounted already: dropping the session would try again.
+        std::mem::forget(session);
+        return;
+    }
+    if let Some(root) = open_root() {
+        write_back(&root, "before unmounting");
     }
     // A plain unmount makes the kernel write back anything dirtied since.
     match daemon::unmount(mnt, false) {
@@ -889,13 +910,16 @@ fn stop(session: fuser::BackgroundSession, fs: &EncFs, mnt: &Path) {
         }
         Err(e) => {
             tracing::warn!("unmount failed ({e}); detaching lazily after writing back");
-            let root = std::fs::File::open(mnt);
-            if let Err(e) = daemon::unmount(mnt, true) {
+            // This descriptor keeps the detached mount reachable for writing
+            // back what was dirtied since the first pass.
+            let root = open_root();
+            if ours()
+                && let Err(e) = daemon::unmount(mnt, true)
+            {
                 tracing::error!("lazy unmount failed: {e}");
             }
-            match root {
-                Ok(root) => flush(&root),
-                Err(e) => tracing::error!("cannot open the mount to write back its pages: {e}"),
+            if let Some(root) = root {
+                write_back(&root, "after detaching");
             }
             // Detached: dropping the session would unmount whatever is at
             // the path now. The process exits next, which ends the session.
