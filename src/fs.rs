@@ -1338,8 +1338,9 @@ impl EncFs {
     /// handles: under the writeback cache only these can hold dirty pages
     /// (close writes them back; an mmap keeps its handle open). A stop
     /// fsyncs each through the mount, which waits for their writeback on
-    /// every kernel. A file unlinked while open has no path and is skipped:
-    /// nothing can reach its data after it is closed.
+    /// every kernel. A file unlinked while open is not found under its old
+    /// name (or another file there is fsynced for nothing): nothing can
+    /// reach its data once it is closed anyway.
     pub fn open_files(&self) -> Vec<PathBuf> {
         let mut inos: Vec<u64> = rlock(&self.handles)
             .values()
