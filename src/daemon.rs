@@ -3,9 +3,10 @@
 #![allow(unsafe_code)]
 
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// Environment variable carrying the readiness pipe's fd to the daemon child.
 pub const READY_FD_ENV: &str = "KMSFS_READY_FD";
@@ -69,7 +70,7 @@ pub fn sd_notify(state: &str) {
 /// Signals the daemon handles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sig {
-    /// SIGTERM / SIGINT / SIGHUP: unmount and exit.
+    /// SIGTERM / SIGINT / SIGHUP: flush, unmount and exit.
     Stop,
     /// SIGUSR1: log statistics.
     Stats,
@@ -106,6 +107,79 @@ pub fn wait_signal(timeout: Duration) -> Option<Sig> {
         s if s > 0 => Some(Sig::Stop),
         _ => None,
     }
+}
+
+/// How long a stop may spend writing back before the mount goes anyway.
+/// scripts/kmsfs@.service gives the whole stop TimeoutStopSec=90, which
+/// leaves room for the unmount itself after this budget.
+pub const STOP_BUDGET: Duration = Duration::from_secs(60);
+
+/// Makes the kernel write back its dirty pages of the mount whose root is
+/// open as `root`, and waits, until `deadline` at most, for this daemon to
+/// have answered the WRITEs. It fsyncs each file in `open` (paths relative
+/// to the root, from `EncFs::open_files`) through the mount: syncfs(2) will
+/// not do, as recent kernels let it return without writing back FUSE pages
+/// (sync must not hang on a FUSE server; tests/tools.rs loses all 200,000
+/// bytes with syncfs alone), while fsync waits for them on every kernel.
+/// The WRITEs come back to this very daemon: the caller keeps the session
+/// serving and this runs on its own thread, so a stuck writeback costs the
+/// deadline, never a deadlock. True when all went well.
+pub fn flush_mount(root: &std::fs::File, open: Vec<std::path::PathBuf>, deadline: Instant) -> bool {
+    let Ok(root) = root.try_clone() else { return false };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new().name("kmsfs-flush".into()).spawn(move || {
+        let mut ok = true;
+        for rel in open {
+            let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
+            let f = match crate::sys::openat(root.as_raw_fd(), rel.as_os_str(), flags, 0) {
+                Ok(f) => std::fs::File::from(f),
+                Err(e) => {
+                    tracing::debug!("flush: cannot reopen {}: {e}", rel.display());
+                    continue;
+                }
+            };
+            if let Err(e) = f.sync_data() {
+                tracing::error!("flush: writing back /{} failed: {e}", rel.display());
+                ok = false;
+            }
+        }
+        let _ = tx.send(ok);
+    });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the flush thread: {e}");
+        return false;
+    }
+    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        Ok(ok) => ok,
+        Err(_) => {
+            tracing::error!("writing back the mount's dirty pages did not finish within the stop budget");
+            false
+        }
+    }
+}
+
+/// Unmounts `mnt`, lazily (MNT_DETACH) if asked. Without privilege, goes
+/// through the setuid `fusermount3` as fuser does.
+pub fn unmount(mnt: &Path, lazy: bool) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EPERM) {
+        return Err(e);
+    }
+    let st = std::process::Command::new("fusermount3")
+        .arg(if lazy { "-uz" } else { "-u" })
+        .arg("--")
+        .arg(mnt)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    if st.success() { Ok(()) } else { Err(std::io::Error::other(format!("fusermount3 failed ({st})"))) }
 }
 
 /// Detaches from the terminal: new session, stdio to /dev/null.

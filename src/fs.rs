@@ -943,9 +943,8 @@ impl EncFs {
         Ok(())
     }
 
-    /// rmdir. With encrypted names the ID file goes first (the xattr copy
-    /// stays with the directory until it is gone), and comes back if the
-    /// directory turns out not to be empty.
+    /// rmdir. With encrypted names a directory that holds only bookkeeping
+    /// files is empty; see `remove_dir_with_id`.
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
         self.writable()?;
         self.check_name(parent, name)?;
@@ -961,7 +960,8 @@ impl EncFs {
     }
 
     /// rename, with RENAME_NOREPLACE and RENAME_EXCHANGE passed through.
-    /// A directory keeps its ID when moved, so no child is re-encrypted.
+    /// A directory keeps its ID when moved, so no child is re-encrypted; one
+    /// that replaces an empty directory goes through `replace_empty_dir`.
     pub fn rename(
         &self,
         parent: u64,
@@ -980,7 +980,17 @@ impl EncFs {
             // Side files are keyed by stored name, so an exchange needs none.
             self.write_side(&q, &to)?;
         }
-        if let Err(e) = sys::renameat2(p.fd.as_raw_fd(), &from.on_disk, q.fd.as_raw_fd(), &to.on_disk, flags) {
+        let (pfd, qfd) = (p.fd.as_raw_fd(), q.fd.as_raw_fd());
+        let mut moved = sys::renameat2(pfd, &from.on_disk, qfd, &to.on_disk, flags);
+        if let Err(e) = &moved
+            && matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST))
+            && flags == 0
+            && self.names.encrypted()
+        {
+            // The target directory may hold nothing but its ID file.
+            moved = replace_empty_dir(pfd, &from.on_disk, qfd, &to.on_disk);
+        }
+        if let Err(e) = moved {
             if !exchange && to.long.is_some() && sys::statat(q.fd.as_raw_fd(), &to.on_disk).is_err() {
                 self.remove_side(&q, &to);
             }
@@ -1126,28 +1136,55 @@ impl EncFs {
         }
     }
 
-    /// SEEK_DATA / SEEK_HOLE, mapped through the block layout.
+    /// SEEK_DATA / SEEK_HOLE in whole plaintext blocks. A block is data when
+    /// any byte of its stored slot is data in the backing file, and a hole
+    /// when its whole slot is (it then reads as zeros). The backing file's
+    /// extents are page-grained while slots are B+28 bytes, so an extent
+    /// edge seldom falls on a slot edge: a page shared by two slots makes
+    /// both data, and a hole narrower than a slot is no hole at all.
     pub fn lseek(&self, fh: u64, off: u64, whence: i32) -> Result<u64, FsError> {
         let n = self.file_handle(fh)?;
         let g = rlock(&n.open);
         let o = g.as_ref().ok_or(FsError::BadHandle)?;
         let size = o.enc.size();
+        let enxio = || FsError::Io(std::io::Error::from_raw_os_error(libc::ENXIO));
         if off >= size {
-            return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::ENXIO)));
+            return Err(enxio());
         }
         let l = self.layout;
-        let bs = l.block_size();
+        let (bs, sb, blocks) = (l.block_size(), l.stored_block(), l.block_count(size));
+        let end = l.backing_size(size);
         let fd = o.enc.backing().as_raw_fd();
-        let block_at = |c: u64| (c.saturating_sub(l.header_size())) / l.stored_block();
+        // The first backing data byte at or after `c` within our blocks.
+        let next_data = |c: u64| match sys::lseek(fd, c, libc::SEEK_DATA) {
+            Ok(d) => Ok((d < end).then_some(d)),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            Err(e) => Err(FsError::Io(e)),
+        };
         match whence {
             libc::SEEK_DATA => {
-                let c = sys::lseek(fd, l.block_offset(off / bs), libc::SEEK_DATA)?;
-                Ok(off.max(block_at(c) * bs).min(size))
+                // Every slot between the start of off's block and `d` is a
+                // hole, so the block holding `d` is the first data block.
+                let d = next_data(l.block_offset(off / bs))?.ok_or_else(enxio)?;
+                Ok(off.max((d - l.header_size()) / sb * bs))
             }
             libc::SEEK_HOLE => {
-                let c = sys::lseek(fd, l.block_offset(off / bs), libc::SEEK_HOLE)?;
-                let blk = (c.saturating_sub(l.header_size())).div_ceil(l.stored_block());
-                Ok(off.max(blk * bs).min(size))
+                let mut i = off / bs;
+                while i < blocks {
+                    let h = sys::lseek(fd, l.block_offset(i), libc::SEEK_HOLE)?;
+                    // Blocks i.. that start before `h` start with data; the
+                    // first candidate is the first slot starting at or after h.
+                    let k = (h.max(l.header_size()) - l.header_size()).div_ceil(sb);
+                    if h >= end || k >= blocks {
+                        break;
+                    }
+                    let slot_end = (l.block_offset(k) + sb).min(end);
+                    match next_data(l.block_offset(k))? {
+                        Some(d) if d < slot_end => i = k + 1,
+                        _ => return Ok(off.max(k * bs)),
+                    }
+                }
+                Ok(size)
             }
             _ => Err(FsError::Invalid),
         }
@@ -1297,9 +1334,46 @@ impl EncFs {
         Ok(sys::xattr::remove(&n.fd, name)?)
     }
 
+    /// Paths, relative to the mount root, of the files that have open
+    /// handles: under the writeback cache only these can hold dirty pages
+    /// (close writes them back; an mmap keeps its handle open). A stop
+    /// fsyncs each through the mount, which waits for their writeback on
+    /// every kernel. A file unlinked while open is not found under its old
+    /// name (or another file there is fsynced for nothing): nothing can
+    /// reach its data once it is closed anyway.
+    pub fn open_files(&self) -> Vec<PathBuf> {
+        let mut inos: Vec<u64> = rlock(&self.handles)
+            .values()
+            .filter_map(|h| match &**h {
+                Handle::File(n) => Some(n.ino),
+                Handle::Dir(_) => None,
+            })
+            .collect();
+        inos.sort_unstable();
+        inos.dedup();
+        let nodes = rlock(&self.nodes);
+        inos.into_iter()
+            .filter_map(|ino| {
+                let mut parts = Vec::new();
+                let mut cur = ino;
+                while cur != ROOT_INO {
+                    let (parent, name) = lock(&nodes.get(&cur)?.name).clone();
+                    parts.push(name);
+                    cur = parent;
+                    if parts.len() > 4096 {
+                        return None;
+                    }
+                }
+                Some(parts.iter().rev().collect())
+            })
+            .collect()
+    }
+
     /// Live statistics.
     pub fn stats_json(&self) -> serde_json::Value {
         let mut v = self.keys.stats().to_json();
+        // `kmsfs unmount` of a busy mount asks this process to stop.
+        v["pid"] = std::process::id().into();
         v["cache"]["size"] = self.keys.len().into();
         v["pool_ready"] = self.pool.ready().into();
         v["inodes"] = rlock(&self.nodes).len().into();
@@ -1363,20 +1437,91 @@ pub fn store_dir_id(dir: &OwnedFd, id: &Id) -> std::io::Result<()> {
     File::open(sys::proc_path(dir))?.sync_all()
 }
 
-/// Removes an (empty) encrypted-names directory: its ID file first, then
-/// the directory; restores the ID file if the directory was not empty.
-pub fn remove_dir_with_id(parent: std::os::fd::RawFd, name: &OsStr) -> std::io::Result<()> {
-    let d = sys::openat(parent, name, libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY, 0)?;
-    let id = load_dir_id(&d, false).ok();
-    for e in std::fs::read_dir(sys::proc_path(&d))? {
-        if e?.file_name() != names::DIRID_FILE {
-            return Err(std::io::Error::from_raw_os_error(libc::ENOTEMPTY));
+/// kmsfs's own entries in an encrypted-names directory, the `Internal` kind
+/// of `Names::classify`: the ID file, long-name side files (an orphan one is
+/// left when a crash cuts an operation short) and unfinished mkdirs.
+fn is_bookkeeping(name: &OsStr) -> bool {
+    let b = name.as_bytes();
+    b.starts_with(b".kmsfs")
+        || (b.starts_with(names::LONG_PREFIX.as_bytes()) && b.ends_with(names::LONG_SUFFIX.as_bytes()))
+}
+
+/// Deletes the bookkeeping entries of encrypted-names directory `d` except
+/// its ID file, after checking that it holds nothing else: any other entry,
+/// even one that does not decrypt (the mount hides it), gives ENOTEMPTY and
+/// nothing is deleted. `depth` bounds the descent into unfinished mkdirs,
+/// which hold at most their own ID file.
+fn clear_bookkeeping(d: &OwnedFd, depth: u32) -> std::io::Result<()> {
+    let not_empty = || std::io::Error::from_raw_os_error(libc::ENOTEMPTY);
+    let (mut files, mut dirs) = (Vec::new(), Vec::new());
+    for e in std::fs::read_dir(sys::proc_path(d))? {
+        let e = e?;
+        let name = e.file_name();
+        if name == names::DIRID_FILE {
+            continue;
+        }
+        if !is_bookkeeping(&name) {
+            return Err(not_empty());
+        }
+        if !e.file_type()?.is_dir() {
+            files.push(name);
+        } else if depth > 0 && name.as_bytes().starts_with(names::TMP_PREFIX.as_bytes()) {
+            dirs.push(name);
+        } else {
+            return Err(not_empty());
         }
     }
+    for name in dirs {
+        remove_dir_at(d.as_raw_fd(), &name, depth - 1)?;
+    }
+    for name in files {
+        sys::unlinkat(d.as_raw_fd(), &name, 0)?;
+    }
+    Ok(())
+}
+
+/// Removes an encrypted-names directory that holds only bookkeeping files:
+/// the others first, then its ID file (the xattr copy stays with the
+/// directory until it is gone, so a crash in between leaves a directory
+/// that still has its ID), then the directory. The ID file comes back if
+/// the last step fails.
+pub fn remove_dir_with_id(parent: std::os::fd::RawFd, name: &OsStr) -> std::io::Result<()> {
+    remove_dir_at(parent, name, 1)
+}
+
+fn remove_dir_at(parent: std::os::fd::RawFd, name: &OsStr, depth: u32) -> std::io::Result<()> {
+    let d = sys::openat(parent, name, libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY, 0)?;
+    let id = load_dir_id(&d, false).ok();
+    clear_bookkeeping(&d, depth)?;
     let _ = sys::unlinkat(d.as_raw_fd(), OsStr::new(names::DIRID_FILE), 0);
     if let Err(e) = sys::unlinkat(parent, name, libc::AT_REMOVEDIR) {
         if let Some(id) = id {
             let _ = write_dir_id_file(&d, &id);
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Renames directory `from` over directory `to` that holds only bookkeeping
+/// files (POSIX lets a rename replace an empty directory; the backing one
+/// is not empty because of its ID file). The target is cleared as in
+/// `remove_dir_with_id`, then one atomic rename replaces it: the source is
+/// never touched before that, and a crash in between leaves the target with
+/// its xattr ID copy. The target's ID file comes back if the rename fails.
+fn replace_empty_dir(
+    pfd: std::os::fd::RawFd,
+    from: &OsStr,
+    qfd: std::os::fd::RawFd,
+    to: &OsStr,
+) -> std::io::Result<()> {
+    let t = sys::openat(qfd, to, libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY, 0)?;
+    let id = load_dir_id(&t, false).ok();
+    clear_bookkeeping(&t, 1)?;
+    let _ = sys::unlinkat(t.as_raw_fd(), OsStr::new(names::DIRID_FILE), 0);
+    if let Err(e) = sys::renameat2(pfd, from, qfd, to, 0) {
+        if let Some(id) = id {
+            let _ = write_dir_id_file(&t, &id);
         }
         return Err(e);
     }

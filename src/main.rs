@@ -1,6 +1,7 @@
 //! The `kmsfs` command line. Exit codes are documented in README.md.
 
 use std::io::{IsTerminal, Read, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -56,7 +57,9 @@ enum Cmd {
     },
     /// Mount CIPHERDIR's plaintext view at MOUNTPOINT.
     Mount(MountArgs),
-    /// Unmount a kmsfs mount.
+    /// Unmount a kmsfs mount. If it is busy, its daemon writes back every
+    /// pending write, detaches it and exits; processes still using it then
+    /// get errors.
     Unmount {
         /// The mount point.
         mountpoint: PathBuf,
@@ -673,23 +676,42 @@ fn unmount(mnt: &Path) -> Result<u8, Failure> {
     if !is_mounted(mnt) {
         return Err(Failure(exit::MOUNT, format!("{} is not a FUSE mount", mnt.display())));
     }
-    let st = std::process::Command::new("fusermount3").arg("-u").arg(mnt).status();
-    match st {
-        Ok(s) if s.success() => Ok(0),
-        _ => {
-            let c = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes())
-                .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
-            // SAFETY: valid C string.
-            if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
-                Ok(0)
-            } else {
-                Err(Failure(
-                    exit::MOUNT,
-                    format!("cannot unmount {}: {}", mnt.display(), std::io::Error::last_os_error()),
-                ))
-            }
-        }
+    // A plain unmount: the kernel writes its dirty pages back through the
+    // daemon first, and the daemon exits when its session ends.
+    let err = match daemon::unmount(mnt, false) {
+        Ok(()) => return Ok(0),
+        Err(e) => e,
+    };
+    // Busy. A lazy unmount here would let the daemon lose the dirty pages
+    // of files still open there, so the daemon stops itself as on SIGTERM:
+    // it writes them back, then detaches.
+    let Some(pid) = read_stats(mnt).ok().and_then(|v| v["pid"].as_u64()).and_then(|p| i32::try_from(p).ok()) else {
+        return Err(Failure(exit::MOUNT, format!("cannot unmount {}: {err}", mnt.display())));
+    };
+    // SAFETY: plain kill(2); the pid comes from the mount's own daemon.
+    if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(Failure(exit::MOUNT, format!("cannot unmount {} ({err}) nor stop its daemon: {e}", mnt.display())));
     }
+    let t = std::time::Instant::now();
+    // Running, as opposed to gone or a zombie its parent has not reaped.
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()))
+            .is_some_and(|state| state != 'Z' && state != 'X')
+    };
+    while is_mounted(mnt) || running() {
+        if t.elapsed() > daemon::STOP_BUDGET + Duration::from_secs(20) {
+            return Err(Failure(exit::MOUNT, format!("the daemon of {} (pid {pid}) did not stop", mnt.display())));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!(
+        "{} was busy: its daemon wrote back all pending writes and detached it; processes still using it now get errors",
+        mnt.display()
+    );
+    Ok(0)
 }
 
 fn rewrap(
@@ -975,7 +997,9 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
     let session = fuser::spawn_mount(adapter, &m.mountpoint, &plan.fuse)
         .map_err(|e| Failure(exit::MOUNT, format!("cannot mount {}: {e}", m.mountpoint.display())))?;
     // The mount serves once a stat through it answers.
-    std::fs::metadata(&m.mountpoint).map_err(|e| Failure(exit::MOUNT, format!("mount does not answer: {e}")))?;
+    let dev = std::fs::metadata(&m.mountpoint)
+        .map_err(|e| Failure(exit::MOUNT, format!("mount does not answer: {e}")))?
+        .dev();
     daemon::set_readahead(&m.mountpoint, 1024);
     tracing::info!("mounted {} at {}", m.cipherdir.display(), m.mountpoint.display());
     daemon::report_ready("ready");
@@ -990,7 +1014,7 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
     loop {
         match daemon::wait_signal(Duration::from_millis(500)) {
             Some(Sig::Stop) => {
-                tracing::info!("signal received: unmounting");
+                tracing::info!("signal received: writing back and unmounting");
                 daemon::sd_notify("STOPPING=1");
                 break;
             }
@@ -1006,17 +1030,72 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
             None => {}
         }
     }
-    let r = session.umount_and_join();
-    fs.shutdown();
-    match r {
-        Ok(()) => Ok(0),
+    stop(session, &fs, &m.mountpoint, dev);
+    Ok(0)
+}
+
+/// Stops a mount without losing a write the kernel has acknowledged. Under
+/// the writeback cache those may still be dirty pages in the kernel, and a
+/// FUSE mount that is detached and whose daemon exits drops them. So the
+/// pages are written back first, through this daemon, while the session
+/// keeps serving; then the mount goes. If it is busy (a process holds a
+/// file or its working directory there), it is detached lazily, the pages
+/// written since are flushed through a descriptor kept on the detached
+/// mount, and the daemon exits: from then on that process gets errors
+/// (ENOTCONN) instead of silently lost writes. The whole stop stays within
+/// `daemon::STOP_BUDGET`, which the unit's TimeoutStopSec allows for.
+fn stop(session: fuser::BackgroundSession, fs: &EncFs, mnt: &Path, dev: u64) {
+    let deadline = std::time::Instant::now() + daemon::STOP_BUDGET;
+    // The mount's root, if the path still shows this mount: never unmount
+    // or write back through whatever else is there now.
+    let ours = || std::fs::metadata(mnt).is_ok_and(|m| m.dev() == dev);
+    let open_root = || match std::fs::File::open(mnt) {
+        Ok(root) => root.metadata().is_ok_and(|m| m.dev() == dev).then_some(root),
         Err(e) => {
-            // Busy: detach lazily so the service can stop; writes were synchronous.
-            tracing::warn!("unmount failed ({e}); detaching lazily");
-            let c = std::ffi::CString::new(m.mountpoint.as_os_str().as_encoded_bytes()).unwrap_or_default();
-            // SAFETY: valid C string.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            Ok(0)
+            tracing::error!("cannot open the mount to write back its pages: {e}");
+            None
+        }
+    };
+    let write_back = |root: &std::fs::File, when: &str| {
+        if !daemon::flush_mount(root, fs.open_files(), deadline) {
+            tracing::warn!("some dirty pages may not have been written back ({when})");
+        }
+    };
+    if !ours() {
+        tracing::info!("{} no longer shows this mount", mnt.display());
+        fs.shutdown();
+        // Unmounted already: dropping the session would try again.
+        std::mem::forget(session);
+        return;
+    }
+    if let Some(root) = open_root() {
+        write_back(&root, "before unmounting");
+    }
+    // A plain unmount makes the kernel write back anything dirtied since.
+    match daemon::unmount(mnt, false) {
+        Ok(()) => {
+            if session.join().is_err() {
+                tracing::warn!("the FUSE session ended with an error");
+            }
+        }
+        Err(e) => {
+            tracing::warn!("unmount failed ({e}); detaching lazily after writing back");
+            // This descriptor keeps the detached mount reachable for writing
+            // back what was dirtied since the first pass.
+            let root = open_root();
+            if ours()
+                && let Err(e) = daemon::unmount(mnt, true)
+            {
+                tracing::error!("lazy unmount failed: {e}");
+            }
+            if let Some(root) = root {
+                write_back(&root, "after detaching");
+            }
+            // Detached: dropping the session would unmount whatever is at
+            // the path now. The process exits next, which ends the session.
+            std::mem::forget(session);
         }
     }
+    fs.shutdown();
+    tracing::info!("unmounted {}", mnt.display());
 }
