@@ -21,7 +21,11 @@ request to moto and
       GET  /__proxy/counts[?key=ID]             per-operation call counts (JSON),
                                                 all calls or those on one key
       POST /__proxy/reset-counts                zero the counts
-      POST /__proxy/clear-faults                latency 0, pending faults dropped
+      POST /__proxy/down?on=1|0                 outage: while on, every KMS call is
+                                                read, counted and answered by closing
+                                                the connection (no response), as when
+                                                KMS is unreachable
+      POST /__proxy/clear-faults                latency 0, pending faults dropped, up
       POST /__proxy/reset                       both of the above
       GET  /__proxy/keys                        tracked key states
 
@@ -74,6 +78,7 @@ class State:
         self.arns = {}  # raw key id -> key ARN, learned from traffic
         self.latency_ms = 0
         self.faults = []  # dicts: kind, count, op, key, status
+        self.down = False
         self.reset_counts()
 
     def reset_counts(self):
@@ -220,6 +225,11 @@ class Handler(BaseHTTPRequestHandler):
                 with st.lock:
                     st.faults.append(fault)
                     return self._send_json(200, {"pending": st.faults})
+            if what == "down":
+                with st.lock:
+                    if "on" in q:
+                        st.down = q["on"] not in ("0", "false", "")
+                    return self._send_json(200, {"down": st.down})
             if what == "counts":
                 with st.lock:
                     if q.get("key"):
@@ -231,6 +241,7 @@ class Handler(BaseHTTPRequestHandler):
                     st.reset_counts()
                     st.latency_ms = 0
                     st.faults = []
+                    st.down = False
                 return self._send_json(200, {"ok": True})
             if what == "reset-counts":
                 with st.lock:
@@ -240,6 +251,7 @@ class Handler(BaseHTTPRequestHandler):
                 with st.lock:
                     st.latency_ms = 0
                     st.faults = []
+                    st.down = False
                 return self._send_json(200, {"ok": True})
             if what == "keys":
                 with st.lock:
@@ -303,6 +315,12 @@ class Handler(BaseHTTPRequestHandler):
         with self.state.lock:
             delay = self.state.latency_ms
             need_key = any(f["key"] for f in self.state.faults)
+            down = self.state.down
+        if down:
+            # Unreachable: no answer at all, so the SDK sees an I/O error.
+            self._count(op, raw_key_id(req_ref))
+            self.close_connection = True
+            return
         if delay:
             time.sleep(delay / 1000.0)
 
