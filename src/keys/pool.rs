@@ -152,13 +152,16 @@ impl KeyPool {
 
     /// Returns a key that was taken but never used (no header names its file
     /// ID), so a created-but-never-written file costs no KMS call. Dropped
-    /// (zeroized) if the pool is full, stopped or the key too old.
+    /// (zeroized) if the pool is stopped, over-full or the key too old.
     pub fn give_back(&self, key: FreshKey, born: Instant) {
         if self.target == 0 || self.stop.load(Ordering::Relaxed) || born.elapsed() >= self.max_age {
             return;
         }
         let mut g = lock(&self.inner);
-        if g.ready.len() < self.target {
+        // Refills replaced the key when it was taken; up to twice the target
+        // lets a loop of creates that never write (touch, lock files) run on
+        // given-back keys instead of a GenerateDataKey each.
+        if g.ready.len() < 2 * self.target {
             // The front is taken first: a given-back key is the oldest one.
             g.ready.push_front((key, born));
         }
