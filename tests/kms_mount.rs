@@ -447,3 +447,41 @@ fn truncation_needs_no_old_key() {
     assert!(std::fs::read(m.path("e")).unwrap() == old);
     assert_eq!(std::fs::read_to_string(m.path("g")).unwrap(), "gg");
 }
+
+#[test]
+fn disable_key_takes_effect_at_the_next_open() {
+    need_harness!("disable_key_takes_effect_at_the_next_open");
+    if !fuse_available("disable_key_takes_effect_at_the_next_open") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let key = create_key("revoke");
+    let (tmp, cipher) = kms_volume(&key.id);
+    let old = random_bytes(10_000, 41);
+    let mut m = mount_args(&cipher, &tmp.path().join("m"), &["--cache-max-age", "2"]);
+    std::fs::write(m.path("w"), &old).unwrap();
+    std::fs::write(m.path("r"), &old).unwrap();
+    let mut w = std::fs::OpenOptions::new().append(true).open(m.path("w")).unwrap();
+    assert!(std::fs::read(m.path("r")).unwrap() == old); // its pages are in the page cache now
+    disable(&key);
+    std::thread::sleep(std::time::Duration::from_secs(3)); // past the max age
+    // The open writer keeps its key: the write in progress completes.
+    let more = random_bytes(5_000, 42);
+    w.write_all(&more).unwrap();
+    w.sync_all().unwrap();
+    // A new open needs the key: a reader gets EACCES although the file's
+    // pages were cached (an open without FOPEN_KEEP_CACHE drops them).
+    let mut buf = Vec::new();
+    let e = std::fs::File::open(m.path("r")).unwrap().read_to_end(&mut buf).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+    drop(w);
+    // And once the last writer is gone, so is its key.
+    let e = std::fs::OpenOptions::new().append(true).open(m.path("w")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+    enable(&key);
+    m.unmount();
+    let m = Mounted::start(&cipher, &tmp.path().join("m2"), &[]);
+    let mut want = old.clone();
+    want.extend_from_slice(&more);
+    assert!(std::fs::read(m.path("w")).unwrap() == want, "the write made after disable-key was lost");
+}
