@@ -215,6 +215,18 @@ enum Obtained {
     Fresh(FreshKey, Instant),
 }
 
+/// A key taken from the pool for an operation that may fail before using
+/// it (create): given back unless taken out.
+struct Lent<'a>(&'a KeyPool, Option<(FreshKey, Instant)>);
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some((k, born)) = self.1.take() {
+            self.0.give_back(k, born);
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -1045,7 +1057,7 @@ impl EncFs {
         // No write without a key: a new file's key is in hand before its
         // entry exists, so a create that cannot have one (pool empty and KMS
         // unreachable) fails with nothing left behind.
-        let fresh = self.pool.take_dated()?;
+        let mut fresh = Lent(&self.pool, Some(self.pool.take_dated()?));
         self.write_side(&p, &s)?;
         let excl = flags & libc::O_EXCL != 0;
         let f = sys::openat(
@@ -1064,13 +1076,13 @@ impl EncFs {
         if flags & libc::O_TRUNC != 0 && st.st_size > 0 {
             // An existing file opened with O_TRUNC: take the normal path.
             drop(f);
-            self.pool.give_back(fresh.0, fresh.1);
+            drop(fresh);
             let fh = self.open(attr.ino, (flags & !libc::O_CREAT & !libc::O_EXCL) | libc::O_RDWR, caller)?;
             return Ok((self.getattr(attr.ino)?, fh));
         }
         self.attach_with(&n, true, true, Some(File::from(f)))?;
         // An existing non-empty file needs its own key, not the fresh one.
-        if let Err(e) = self.pin_key(&n, Some(fresh)) {
+        if let Err(e) = self.pin_key(&n, fresh.1.take()) {
             self.detach(&n, true);
             return Err(e);
         }
@@ -1559,11 +1571,11 @@ impl EncFs {
         v["cache"]["size"] = self.keys.len().into();
         v["pool_ready"] = self.pool.ready().into();
         v["pool"] = self.pool.to_json();
-        v["keys_pinned"] = rlock(&self.nodes)
-            .values()
-            .filter(|n| n.kind == Kind::File && rlock(&n.open).as_ref().is_some_and(|o| o.pin.is_some()))
-            .count()
-            .into();
+        // The node table is released before any inode lock is taken: error
+        // paths take them the other way round (file_error -> path_of).
+        let files: Vec<Arc<Node>> = rlock(&self.nodes).values().filter(|n| n.kind == Kind::File).cloned().collect();
+        v["keys_pinned"] =
+            files.iter().filter(|n| rlock(&n.open).as_ref().is_some_and(|o| o.pin.is_some())).count().into();
         v["inodes"] = rlock(&self.nodes).len().into();
         v["handles"] = rlock(&self.handles).len().into();
         v
