@@ -215,8 +215,8 @@ enum Obtained {
     Fresh(FreshKey, Instant),
 }
 
-/// A key taken from the pool for an operation that may fail before using
-/// it (create): given back unless taken out.
+/// A key taken from the pool for an operation that may fail or change its
+/// mind before using it: given back unless taken out.
 struct Lent<'a>(&'a KeyPool, Option<(FreshKey, Instant)>);
 
 impl Drop for Lent<'_> {
@@ -786,51 +786,46 @@ impl EncFs {
     /// header's key from the cache or KMS, or for an empty file a fresh one
     /// (`fresh` if given, else from the pool or KMS). Fails, with nothing
     /// pinned, if the key cannot be had within the provider's retry budget.
-    fn pin_key(&self, n: &Node, mut fresh: Option<(FreshKey, Instant)>) -> Result<(), FsError> {
-        let res = (|| {
-            for _ in 0..8 {
-                let need = {
-                    let g = rlock(&n.open);
-                    let o = g.as_ref().ok_or(FsError::BadHandle)?;
-                    if o.pin_ready() || o.writers == 0 {
-                        return Ok(());
-                    }
-                    o.enc.key_need()
-                };
-                let got = match &need {
-                    KeyNeed::Empty => match fresh.take() {
-                        Some((k, born)) => Pin::Fresh(k, born),
-                        None => {
-                            let (k, born) = self.pool.take_dated()?;
-                            Pin::Fresh(k, born)
-                        }
-                    },
-                    KeyNeed::Existing(h) => {
-                        let ctx = KeyContext { volume_id: h.volume_id, file_id: h.file_id };
-                        Pin::Existing(h.file_id, self.keys.get(&h.wrapped, &ctx)?)
-                    }
-                };
-                let mut g = wlock(&n.open);
-                let o = g.as_mut().ok_or(FsError::BadHandle)?;
-                if o.enc.key_need() == need && !o.pin_ready() && o.writers > 0 {
-                    let old = o.pin.replace(got);
-                    drop(g);
-                    if let Some(p) = old {
-                        self.unpin(p);
-                    }
+    fn pin_key(&self, n: &Node, fresh: Option<(FreshKey, Instant)>) -> Result<(), FsError> {
+        let mut fresh = Lent(&self.pool, fresh);
+        for _ in 0..8 {
+            let need = {
+                let g = rlock(&n.open);
+                let o = g.as_ref().ok_or(FsError::BadHandle)?;
+                if o.pin_ready() || o.writers == 0 {
                     return Ok(());
                 }
-                // Changed meanwhile: keep a fresh key for the next round.
-                if let Pin::Fresh(k, born) = got {
-                    fresh = Some((k, born));
+                o.enc.key_need()
+            };
+            let got = match &need {
+                KeyNeed::Empty => {
+                    let (k, born) = match fresh.1.take() {
+                        Some(f) => f,
+                        None => self.pool.take_dated()?,
+                    };
+                    Pin::Fresh(k, born)
                 }
+                KeyNeed::Existing(h) => {
+                    let ctx = KeyContext { volume_id: h.volume_id, file_id: h.file_id };
+                    Pin::Existing(h.file_id, self.keys.get(&h.wrapped, &ctx)?)
+                }
+            };
+            let mut g = wlock(&n.open);
+            let o = g.as_mut().ok_or(FsError::BadHandle)?;
+            if o.enc.key_need() == need && !o.pin_ready() && o.writers > 0 {
+                let old = o.pin.replace(got);
+                drop(g);
+                if let Some(p) = old {
+                    self.unpin(p);
+                }
+                return Ok(());
             }
-            Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EAGAIN)))
-        })();
-        if let Some((k, born)) = fresh {
-            self.pool.give_back(k, born);
+            // Changed meanwhile: keep a fresh key for the next round.
+            if let Pin::Fresh(k, born) = got {
+                fresh.1 = Some((k, born));
+            }
         }
-        res
+        Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EAGAIN)))
     }
 
     /// Attaches open state to a node (shared by all its handles); `writer`
@@ -905,7 +900,8 @@ impl EncFs {
             Some(o) => (o.writers, matches!(o.pin, Some(Pin::Fresh(..))) && o.enc.header().is_none()),
             None => (0, false),
         };
-        let mut fresh = if (new_writer || writers > 0) && !ready { Some(self.pool.take_dated()?) } else { None };
+        let mut fresh =
+            Lent(&self.pool, if (new_writer || writers > 0) && !ready { Some(self.pool.take_dated()?) } else { None });
         let mut g = wlock(&n.open);
         let o = match g.as_mut() {
             Some(o) => {
@@ -924,7 +920,7 @@ impl EncFs {
         let mut old = None;
         if o.writers == 0 {
             old = o.pin.take();
-        } else if let Some((k, born)) = fresh.take() {
+        } else if let Some((k, born)) = fresh.1.take() {
             old = o.pin.replace(Pin::Fresh(k, born));
         }
         if o.handles == 0 {
@@ -934,9 +930,6 @@ impl EncFs {
         drop(g);
         if let Some(p) = old {
             self.unpin(p);
-        }
-        if let Some((k, born)) = fresh {
-            self.pool.give_back(k, born);
         }
         Ok(())
     }
