@@ -286,9 +286,11 @@ fn outage_creates_fail_at_open_or_persist() {
     eprintln!("outage: {} of {N} creates succeeded, {failed} failed at open, in {took:?}", ok.len());
     // The pool's 64 keys carry the first 64 creates; the rest fail at open.
     assert!(ok.len() >= 64 && failed >= 1, "{out}");
+    // The pool's refills fail too (once their SDK retries give up), and say so.
+    wait_until("a failed refill", 30, || stats(&m)["pool"]["refill_errors"].as_u64() >= Some(1));
     let s = stats(&m);
-    assert!(s["pool"]["refill_errors"].as_u64().unwrap() >= 1, "pool stats: {}", s["pool"]);
     assert!(s["pool"]["last_error"].as_str().unwrap().contains("unavailable"), "{}", s["pool"]);
+    assert_eq!(s["pool"]["ready"], 0, "{}", s["pool"]);
     // One log line per failed open, saying why.
     let lines: Vec<String> =
         m.noisy_log_lines().into_iter().filter(|l| l.contains("create") && l.contains("KMS unavailable")).collect();
