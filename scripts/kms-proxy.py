@@ -21,7 +21,12 @@ request to moto and
       GET  /__proxy/counts[?key=ID]             per-operation call counts (JSON),
                                                 all calls or those on one key
       POST /__proxy/reset-counts                zero the counts
-      POST /__proxy/clear-faults                latency 0, pending faults dropped
+      POST /__proxy/down?on=1|0[&key=ID]        outage: while on, every KMS call (on
+                                                key ID only, if given) is read, counted
+                                                and answered by a connection reset (no
+                                                response), as when KMS is unreachable;
+                                                on=0 without key ends every outage
+      POST /__proxy/clear-faults                latency 0, pending faults dropped, up
       POST /__proxy/reset                       both of the above
       GET  /__proxy/keys                        tracked key states
 
@@ -36,6 +41,8 @@ import argparse
 import http.client
 import json
 import os
+import socket
+import struct
 import sys
 import threading
 import time
@@ -74,6 +81,8 @@ class State:
         self.arns = {}  # raw key id -> key ARN, learned from traffic
         self.latency_ms = 0
         self.faults = []  # dicts: kind, count, op, key, status
+        self.down = False
+        self.down_keys = set()  # raw key ids whose calls fail as if KMS were down
         self.reset_counts()
 
     def reset_counts(self):
@@ -220,6 +229,17 @@ class Handler(BaseHTTPRequestHandler):
                 with st.lock:
                     st.faults.append(fault)
                     return self._send_json(200, {"pending": st.faults})
+            if what == "down":
+                on = q.get("on", "1") not in ("0", "false", "")
+                kid = raw_key_id(q["key"]) if q.get("key") else None
+                with st.lock:
+                    if kid:
+                        (st.down_keys.add if on else st.down_keys.discard)(kid)
+                    else:
+                        st.down = on
+                        if not on:
+                            st.down_keys.clear()
+                    return self._send_json(200, {"down": st.down, "down_keys": sorted(st.down_keys)})
             if what == "counts":
                 with st.lock:
                     if q.get("key"):
@@ -231,6 +251,8 @@ class Handler(BaseHTTPRequestHandler):
                     st.reset_counts()
                     st.latency_ms = 0
                     st.faults = []
+                    st.down = False
+                    st.down_keys.clear()
                 return self._send_json(200, {"ok": True})
             if what == "reset-counts":
                 with st.lock:
@@ -240,6 +262,8 @@ class Handler(BaseHTTPRequestHandler):
                 with st.lock:
                     st.latency_ms = 0
                     st.faults = []
+                    st.down = False
+                    st.down_keys.clear()
                 return self._send_json(200, {"ok": True})
             if what == "keys":
                 with st.lock:
@@ -302,13 +326,25 @@ class Handler(BaseHTTPRequestHandler):
 
         with self.state.lock:
             delay = self.state.latency_ms
-            need_key = any(f["key"] for f in self.state.faults)
+            need_key = any(f["key"] for f in self.state.faults) or bool(self.state.down_keys)
         if delay:
             time.sleep(delay / 1000.0)
 
         req_kid = raw_key_id(req_ref)
         if req_kid is None and req_ref and (need_key or op in CRYPTO_OPS | STATE_OPS):
             req_kid = self._resolve(req_ref)
+
+        with self.state.lock:
+            down = self.state.down or req_kid in self.state.down_keys
+        if down:
+            # Unreachable: the connection is reset (RST, no answer), which
+            # the SDK sees as an I/O error, as with a refused connection.
+            self._count(op, req_kid)
+            self.close_connection = True
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            # Closed here: the server's own shutdown would send a FIN first.
+            self.connection.close()
+            return
 
         fault = self._take_fault(op, req_kid)
         if fault is not None:

@@ -13,7 +13,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::FsError;
 use crate::file::{EncryptedFile, FileError, KeyArg, KeyNeed, Scratch};
@@ -143,6 +143,46 @@ pub struct FsOptions {
 struct OpenState {
     enc: EncryptedFile,
     handles: usize,
+    /// Handles open for writing; while there are any, `pin` holds the key.
+    writers: usize,
+    /// The key writers seal with, obtained when the first of them opened.
+    /// The kernel acknowledges a write (writeback cache) before it reaches
+    /// us, so the key must already be in hand then, and stay usable until
+    /// the last writer closes: past the cache max age, through a KMS outage,
+    /// after `disable-key`.
+    pin: Option<Pin>,
+}
+
+/// A key held for a file's writers.
+enum Pin {
+    /// The key of the header with this file ID.
+    Existing(Id, Arc<DataKey>),
+    /// For an empty file: the key its first write will use, and when it was
+    /// generated (an unused one goes back to the pool).
+    Fresh(FreshKey, Instant),
+}
+
+impl OpenState {
+    fn new(enc: EncryptedFile) -> Self {
+        Self { enc, handles: 0, writers: 0, pin: None }
+    }
+
+    /// The pinned key, if it is the current header's.
+    fn pinned(&self) -> Option<&Arc<DataKey>> {
+        match (&self.pin, self.enc.header()) {
+            (Some(Pin::Existing(id, k)), Some(h)) if h.file_id == *id => Some(k),
+            _ => None,
+        }
+    }
+
+    /// Whether writers can seal without asking the cache or the provider.
+    fn pin_ready(&self) -> bool {
+        match (&self.pin, self.enc.header()) {
+            (Some(Pin::Fresh(..)), None) => true,
+            (Some(Pin::Existing(..)), Some(_)) => self.pinned().is_some(),
+            _ => false,
+        }
+    }
 }
 
 struct Node {
@@ -164,14 +204,27 @@ struct Node {
 }
 
 enum Handle {
-    File(Arc<Node>),
+    /// An open file, and whether this handle may write.
+    File(Arc<Node>, bool),
     Dir(Vec<DirEntry>),
 }
 
 enum Obtained {
     None,
     Existing(Arc<DataKey>),
-    Fresh(FreshKey),
+    Fresh(FreshKey, Instant),
+}
+
+/// A key taken from the pool for an operation that may fail or change its
+/// mind before using it: given back unless taken out.
+struct Lent<'a>(&'a KeyPool, Option<(FreshKey, Instant)>);
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some((k, born)) = self.1.take() {
+            self.0.give_back(k, born);
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -603,7 +656,10 @@ impl EncFs {
 
     fn obtain(&self, need: &KeyNeed, fresh_if_empty: bool) -> Result<Obtained, FsError> {
         match need {
-            KeyNeed::Empty if fresh_if_empty => Ok(Obtained::Fresh(self.pool.take()?)),
+            KeyNeed::Empty if fresh_if_empty => {
+                let (k, born) = self.pool.take_dated()?;
+                Ok(Obtained::Fresh(k, born))
+            }
             KeyNeed::Empty => Ok(Obtained::None),
             KeyNeed::Existing(h) => {
                 let ctx = KeyContext::file(h.volume_id, h.file_id);
@@ -612,14 +668,30 @@ impl EncFs {
         }
     }
 
-    /// Runs a mutating file operation with the right key, fetched without
-    /// holding the inode lock; retries if the file changed meanwhile.
+    /// Hands back a key no writer holds any more: an unused fresh key goes
+    /// back to the pool; an existing one stays only in the cache.
+    fn unpin(&self, pin: Pin) {
+        if let Pin::Fresh(k, born) = pin {
+            self.pool.give_back(k, born);
+        }
+    }
+
+    /// Runs a mutating file operation with the right key: the writers' pinned
+    /// key if there is one, else fetched without holding the inode lock;
+    /// retries if the file changed meanwhile.
     fn with_key_mut<T>(
         &self,
         n: &Node,
         fresh_if_empty: bool,
         mut op: impl FnMut(&mut EncryptedFile, Option<KeyArg<'_>>) -> Result<T, FileError>,
     ) -> Result<T, FsError> {
+        {
+            let mut g = wlock(&n.open);
+            let Some(o) = g.as_mut() else { return Err(FsError::BadHandle) };
+            if let Some(r) = self.with_pin(o, fresh_if_empty, &mut op) {
+                return r.map_err(|e| self.file_error(n.ino, e));
+            }
+        }
         for _ in 0..8 {
             let mut need = match rlock(&n.open).as_ref() {
                 Some(o) => o.enc.key_need(),
@@ -640,37 +712,134 @@ impl EncFs {
             let mut g = wlock(&n.open);
             let Some(o) = g.as_mut() else { return Err(FsError::BadHandle) };
             if o.enc.key_need() != need {
+                drop(g);
+                if let Obtained::Fresh(k, born) = got {
+                    self.pool.give_back(k, born);
+                }
                 continue;
             }
             let arg = match &got {
                 Obtained::None => None,
                 Obtained::Existing(k) => Some(KeyArg::Existing(k)),
-                Obtained::Fresh(f) => Some(KeyArg::Fresh(f)),
+                Obtained::Fresh(f, _) => Some(KeyArg::Fresh(f)),
             };
             let res = op(&mut o.enc, arg).map_err(|e| self.file_error(n.ino, e));
-            let used_fresh = o.enc.header().map(|h| h.file_id);
-            drop(g);
-            if let Obtained::Fresh(f) = got
-                && used_fresh == Some(f.file_id)
+            let header_id = o.enc.header().map(|h| h.file_id);
+            let key = match got {
+                Obtained::Fresh(f, _) if header_id == Some(f.file_id) => Some(self.keys.insert(f.file_id, f.key)),
+                Obtained::Fresh(f, born) => {
+                    self.pool.give_back(f, born);
+                    None
+                }
+                Obtained::Existing(k) => Some(k),
+                Obtained::None => None,
+            };
+            // Writers that lost their pin (a race with truncation) get it back.
+            let mut old = None;
+            if let (Some(id), Some(k)) = (header_id, key)
+                && o.writers > 0
+                && !o.pin_ready()
             {
-                self.keys.insert(f.file_id, f.key);
+                old = o.pin.replace(Pin::Existing(id, k));
+            }
+            drop(g);
+            if let Some(p) = old {
+                self.unpin(p);
             }
             return res;
         }
         Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EAGAIN)))
     }
 
-    /// Attaches open state to a node (shared by all its handles).
-    fn attach(&self, n: &Arc<Node>, write: bool) -> Result<(), FsError> {
-        self.attach_with(n, write, None)
+    /// Runs `op` under the inode lock with the writers' pinned key, if it fits
+    /// the file as it is now; `None` if there is no such key.
+    fn with_pin<T>(
+        &self,
+        o: &mut OpenState,
+        fresh_if_empty: bool,
+        op: &mut impl FnMut(&mut EncryptedFile, Option<KeyArg<'_>>) -> Result<T, FileError>,
+    ) -> Option<Result<T, FileError>> {
+        match o.pin.take() {
+            Some(Pin::Existing(id, k)) if o.enc.header().is_some_and(|h| h.file_id == id) => {
+                let r = op(&mut o.enc, Some(KeyArg::Existing(&k)));
+                o.pin = Some(Pin::Existing(id, k));
+                Some(r)
+            }
+            Some(Pin::Fresh(f, born)) if fresh_if_empty && o.enc.header().is_none() => {
+                let r = op(&mut o.enc, Some(KeyArg::Fresh(&f)));
+                o.pin = Some(if o.enc.header().is_some_and(|h| h.file_id == f.file_id) {
+                    Pin::Existing(f.file_id, self.keys.insert(f.file_id, f.key))
+                } else {
+                    Pin::Fresh(f, born)
+                });
+                Some(r)
+            }
+            other => {
+                o.pin = other;
+                None
+            }
+        }
+    }
+
+    /// Gives the writers of `n` the file's key before their open returns, so
+    /// that no write is acknowledged that cannot be sealed: the current
+    /// header's key from the cache or KMS, or for an empty file a fresh one
+    /// (`fresh` if given, else from the pool or KMS). Fails, with nothing
+    /// pinned, if the key cannot be had within the provider's retry budget.
+    fn pin_key(&self, n: &Node, fresh: Option<(FreshKey, Instant)>) -> Result<(), FsError> {
+        let mut fresh = Lent(&self.pool, fresh);
+        for _ in 0..8 {
+            let need = {
+                let g = rlock(&n.open);
+                let o = g.as_ref().ok_or(FsError::BadHandle)?;
+                if o.pin_ready() || o.writers == 0 {
+                    return Ok(());
+                }
+                o.enc.key_need()
+            };
+            let got = match &need {
+                KeyNeed::Empty => {
+                    let (k, born) = match fresh.1.take() {
+                        Some(f) => f,
+                        None => self.pool.take_dated()?,
+                    };
+                    Pin::Fresh(k, born)
+                }
+                KeyNeed::Existing(h) => {
+                    let ctx = KeyContext::file(h.volume_id, h.file_id);
+                    Pin::Existing(h.file_id, self.keys.get(&h.wrapped, &ctx)?)
+                }
+            };
+            let mut g = wlock(&n.open);
+            let o = g.as_mut().ok_or(FsError::BadHandle)?;
+            if o.enc.key_need() == need && !o.pin_ready() && o.writers > 0 {
+                let old = o.pin.replace(got);
+                drop(g);
+                if let Some(p) = old {
+                    self.unpin(p);
+                }
+                return Ok(());
+            }
+            // Changed meanwhile: keep a fresh key for the next round.
+            if let Pin::Fresh(k, born) = got {
+                fresh.1 = Some((k, born));
+            }
+        }
+        Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EAGAIN)))
+    }
+
+    /// Attaches open state to a node (shared by all its handles); `writer`
+    /// counts a handle that may write.
+    fn attach(&self, n: &Arc<Node>, write: bool, writer: bool) -> Result<(), FsError> {
+        self.attach_with(n, write, writer, None)
     }
 
     /// Like `attach`, reusing an already open backing descriptor if given
     /// (create), which saves a reopen through /proc.
-    fn attach_with(&self, n: &Arc<Node>, write: bool, file: Option<File>) -> Result<(), FsError> {
+    fn attach_with(&self, n: &Arc<Node>, write: bool, writer: bool, file: Option<File>) -> Result<(), FsError> {
         let mut g = wlock(&n.open);
-        match g.as_mut() {
-            Some(o) => o.handles += 1,
+        let o = match g.as_mut() {
+            Some(o) => o,
             None => {
                 let enc = match file {
                     Some(f) => {
@@ -678,33 +847,107 @@ impl EncFs {
                     }
                     None => self.open_enc(n, write)?,
                 };
-                *g = Some(OpenState { enc, handles: 1 })
+                g.insert(OpenState::new(enc))
             }
-        }
+        };
+        o.handles += 1;
+        o.writers += usize::from(writer);
         Ok(())
     }
 
-    fn detach(&self, n: &Node) {
+    fn detach(&self, n: &Node, writer: bool) {
         let mut g = wlock(&n.open);
+        let mut unpinned = None;
         if let Some(o) = g.as_mut() {
-            o.handles -= 1;
+            o.handles = o.handles.saturating_sub(1);
+            if writer {
+                o.writers = o.writers.saturating_sub(1);
+                if o.writers == 0 {
+                    // The last writer is gone: from now on the cache's max age
+                    // and the provider decide, so revocation takes effect.
+                    unpinned = o.pin.take();
+                }
+            }
             if o.handles == 0 {
                 *lock(&n.closed_file_id) = o.enc.header().map(|h| h.file_id);
                 *g = None;
             }
         }
+        drop(g);
+        if let Some(p) = unpinned {
+            self.unpin(p);
+        }
     }
 
     fn truncate(&self, n: &Arc<Node>, size: u64) -> Result<(), FsError> {
-        self.attach(n, true)?;
-        let r = self.with_key_mut(n, size > 0, |enc, key| {
-            if let (0, Some(h)) = (size, enc.header()) {
+        if size == 0 {
+            return self.truncate_to_zero(n, false);
+        }
+        self.attach(n, true, false)?;
+        let r = self.with_key_mut(n, true, |enc, key| enc.set_len(key, size));
+        self.detach(n, false);
+        r
+    }
+
+    /// Empties a file without its old key (O_TRUNC, truncate(0)): an
+    /// overwrite must work when the key is disabled, KMS is unreachable or
+    /// the header is damaged. If the file has writers after this (or
+    /// `new_writer` is one more), they get a fresh key first, so when none
+    /// can be had nothing has changed. With `new_writer` the caller's handle
+    /// is attached as a writer.
+    fn truncate_to_zero(&self, n: &Arc<Node>, new_writer: bool) -> Result<(), FsError> {
+        let (writers, ready) = match rlock(&n.open).as_ref() {
+            Some(o) => (o.writers, matches!(o.pin, Some(Pin::Fresh(..))) && o.enc.header().is_none()),
+            None => (0, false),
+        };
+        let mut fresh =
+            Lent(&self.pool, if (new_writer || writers > 0) && !ready { Some(self.pool.take_dated()?) } else { None });
+        let mut g = wlock(&n.open);
+        let o = match g.as_mut() {
+            Some(o) => {
+                if let Some(h) = o.enc.header() {
+                    self.keys.forget(&h.file_id);
+                }
+                o.enc.set_len(None, 0).map_err(|e| self.file_error(n.ino, e))?;
+                o
+            }
+            None => g.insert(OpenState::new(self.open_emptied(n)?)),
+        };
+        if new_writer {
+            o.handles += 1;
+            o.writers += 1;
+        }
+        let mut old = None;
+        if o.writers == 0 {
+            old = o.pin.take();
+        } else if let Some((k, born)) = fresh.1.take() {
+            old = o.pin.replace(Pin::Fresh(k, born));
+        }
+        if o.handles == 0 {
+            *lock(&n.closed_file_id) = None;
+            *g = None;
+        }
+        drop(g);
+        if let Some(p) = old {
+            self.unpin(p);
+        }
+        Ok(())
+    }
+
+    /// Opens the backing file of an unopened node emptied. The header is
+    /// read first only to drop the old key from the cache; if it does not
+    /// parse (damaged, foreign), the file is emptied all the same.
+    fn open_emptied(&self, n: &Node) -> Result<EncryptedFile, FsError> {
+        if let Ok(mut enc) = EncryptedFile::open(self.reopen(n, true)?, self.layout, self.volume_id) {
+            if let Some(h) = enc.header() {
                 self.keys.forget(&h.file_id);
             }
-            enc.set_len(key, size)
-        });
-        self.detach(n);
-        r
+            enc.set_len(None, 0).map_err(|e| self.file_error(n.ino, e))?;
+            return Ok(enc);
+        }
+        let f = self.reopen(n, true)?;
+        f.set_len(0)?;
+        EncryptedFile::open(f, self.layout, self.volume_id).map_err(|e| self.file_error(n.ino, e))
     }
 
     fn new_handle(&self, h: Handle) -> u64 {
@@ -719,7 +962,7 @@ impl EncFs {
 
     fn file_handle(&self, fh: u64) -> Result<Arc<Node>, FsError> {
         match &*self.handle(fh)? {
-            Handle::File(n) => Ok(n.clone()),
+            Handle::File(n, _) => Ok(n.clone()),
             Handle::Dir(_) => Err(FsError::BadHandle),
         }
     }
@@ -738,19 +981,19 @@ impl EncFs {
         if trunc && !caller.keeps_suid() {
             self.clear_set_id(&n)?;
         }
-        self.attach(&n, write)?;
-        if trunc
-            && let Err(e) = self.with_key_mut(&n, false, |enc, key| {
-                if let Some(h) = enc.header() {
-                    self.keys.forget(&h.file_id);
-                }
-                enc.set_len(key, 0)
-            })
-        {
-            self.detach(&n);
-            return Err(e);
+        if trunc {
+            // Needs no old key: the file is emptied, and its writers get a fresh one.
+            self.truncate_to_zero(&n, true)?;
+        } else {
+            self.attach(&n, write, write)?;
+            // No write without a key: a writer holds it from open to release.
+            // Read-only opens stay lazy (the first read fetches it).
+            if write && let Err(e) = self.pin_key(&n, None) {
+                self.detach(&n, true);
+                return Err(e);
+            }
         }
-        Ok(self.new_handle(Handle::File(n)))
+        Ok(self.new_handle(Handle::File(n, write)))
     }
 
     fn set_owner(&self, fd: &OwnedFd, parent: &Node, caller: Caller) -> Result<(), FsError> {
@@ -804,6 +1047,10 @@ impl EncFs {
         self.check_name(parent, name)?;
         let p = self.dir(parent)?;
         let s = self.stored(&p, name)?;
+        // No write without a key: a new file's key is in hand before its
+        // entry exists, so a create that cannot have one (pool empty and KMS
+        // unreachable) fails with nothing left behind.
+        let mut fresh = Lent(&self.pool, Some(self.pool.take_dated()?));
         self.write_side(&p, &s)?;
         let excl = flags & libc::O_EXCL != 0;
         let f = sys::openat(
@@ -822,11 +1069,17 @@ impl EncFs {
         if flags & libc::O_TRUNC != 0 && st.st_size > 0 {
             // An existing file opened with O_TRUNC: take the normal path.
             drop(f);
+            drop(fresh);
             let fh = self.open(attr.ino, (flags & !libc::O_CREAT & !libc::O_EXCL) | libc::O_RDWR, caller)?;
             return Ok((self.getattr(attr.ino)?, fh));
         }
-        self.attach_with(&n, true, Some(File::from(f)))?;
-        let fh = self.new_handle(Handle::File(n.clone()));
+        self.attach_with(&n, true, true, Some(File::from(f)))?;
+        // An existing non-empty file needs its own key, not the fresh one.
+        if let Err(e) = self.pin_key(&n, fresh.1.take()) {
+            self.detach(&n, true);
+            return Err(e);
+        }
+        let fh = self.new_handle(Handle::File(n.clone(), true));
         Ok((attr, fh))
     }
 
@@ -1029,6 +1282,14 @@ impl EncFs {
         let n = self.file_handle(fh)?;
         for _ in 0..8 {
             let need = match rlock(&n.open).as_ref() {
+                // A file being written reads with its writers' key: the
+                // kernel reads pages in to complete partial-page writes.
+                Some(o) if o.pinned().is_some() => {
+                    return o
+                        .enc
+                        .read_into(o.pinned().map(|k| &**k), off, size as usize, buf)
+                        .map_err(|e| self.file_error(n.ino, e));
+                }
                 Some(o) => o.enc.key_need(),
                 None => return Err(FsError::BadHandle),
             };
@@ -1093,8 +1354,8 @@ impl EncFs {
     /// Closes a file or directory handle.
     pub fn release(&self, fh: u64) -> Result<(), FsError> {
         let h = wlock(&self.handles).remove(&fh).ok_or(FsError::BadHandle)?;
-        if let Handle::File(n) = &*h {
-            self.detach(n);
+        if let Handle::File(n, writer) = &*h {
+            self.detach(n, *writer);
         }
         Ok(())
     }
@@ -1257,7 +1518,7 @@ impl EncFs {
     pub fn readdir(&self, fh: u64, offset: u64) -> Result<Vec<DirEntry>, FsError> {
         match &*self.handle(fh)? {
             Handle::Dir(entries) => Ok(entries.iter().skip(offset as usize).cloned().collect()),
-            Handle::File(_) => Err(FsError::BadHandle),
+            Handle::File(..) => Err(FsError::BadHandle),
         }
     }
 
@@ -1345,7 +1606,7 @@ impl EncFs {
         let mut inos: Vec<u64> = rlock(&self.handles)
             .values()
             .filter_map(|h| match &**h {
-                Handle::File(n) => Some(n.ino),
+                Handle::File(n, _) => Some(n.ino),
                 Handle::Dir(_) => None,
             })
             .collect();
@@ -1376,6 +1637,12 @@ impl EncFs {
         v["pid"] = std::process::id().into();
         v["cache"]["size"] = self.keys.len().into();
         v["pool_ready"] = self.pool.ready().into();
+        v["pool"] = self.pool.to_json();
+        // The node table is released before any inode lock is taken: error
+        // paths take them the other way round (file_error -> path_of).
+        let files: Vec<Arc<Node>> = rlock(&self.nodes).values().filter(|n| n.kind == Kind::File).cloned().collect();
+        v["keys_pinned"] =
+            files.iter().filter(|n| rlock(&n.open).as_ref().is_some_and(|o| o.pin.is_some())).count().into();
         v["inodes"] = rlock(&self.nodes).len().into();
         v["handles"] = rlock(&self.handles).len().into();
         v

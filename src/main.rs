@@ -579,6 +579,12 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                     }
                 }
                 println!("pool ready: {}  inodes: {}  handles: {}", v["pool_ready"], v["inodes"], v["handles"]);
+                let p = &v["pool"];
+                let last = p["last_refill_age_s"].as_u64().map_or("never".into(), |s| format!("{s} s ago"));
+                println!(
+                    "key pool: {} of {} ready, {} refill errors, last refill {last}; keys pinned by writers: {}",
+                    p["ready"], p["target"], p["refill_errors"], v["keys_pinned"]
+                );
             }
             Ok(0)
         }

@@ -205,3 +205,288 @@ fn offline_encrypt_decrypt_with_kms() {
     ));
     assert!(ok, "{out}");
 }
+
+/// Mounts with extra command-line flags (Mounted::start passes -o options only).
+fn mount_args(cipher: &std::path::Path, mnt: &std::path::Path, args: &[&str]) -> Mounted {
+    std::fs::create_dir_all(mnt).unwrap();
+    let log = mnt.with_extension("log");
+    let child = Command::new(BIN)
+        .arg("mount")
+        .arg(cipher)
+        .arg(mnt)
+        .arg("-f")
+        .arg("--log-file")
+        .arg(&log)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut m = Mounted { mnt: mnt.to_path_buf(), child: Some(child), log };
+    let t = std::time::Instant::now();
+    while !mounted(mnt) {
+        if let Ok(Some(st)) = m.child.as_mut().unwrap().try_wait() {
+            panic!("mount exited with {st}: {}", m.log());
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(20), "mount did not come up");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    m
+}
+
+fn stats(m: &Mounted) -> serde_json::Value {
+    let (ok, out) = m.stats_json();
+    assert!(ok, "{out}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let t = std::time::Instant::now();
+    while !f() {
+        assert!(t.elapsed() < std::time::Duration::from_secs(secs), "timed out after {secs} s waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// A KMS outage for one key (the proxy resets every call on it), so tests
+/// running alongside are not affected; ends when dropped.
+struct Outage(String);
+impl Outage {
+    fn start(key: &TestKey) -> Self {
+        proxy("POST", &format!("down?on=1&key={}", key.id));
+        Outage(key.id.clone())
+    }
+}
+impl Drop for Outage {
+    fn drop(&mut self) {
+        proxy("POST", &format!("down?on=0&key={}", self.0));
+    }
+}
+
+#[test]
+fn outage_creates_fail_at_open_or_persist() {
+    need_harness!("outage_creates_fail_at_open_or_persist");
+    if !fuse_available("outage_creates_fail_at_open_or_persist") {
+        return;
+    }
+    let key = create_key("outage-creates");
+    let (tmp, cipher) = kms_volume(&key.id);
+    let mut m = Mounted::start(&cipher, &tmp.path().join("m"), &[]);
+    std::fs::write(m.path("before"), b"before\n").unwrap(); // activates the pool
+    wait_until("a full key pool", 30, || stats(&m)["pool"]["ready"].as_u64() >= Some(64));
+    let outage = Outage::start(&key);
+    // A shell loop as a user would write it; each line reports its status.
+    const N: usize = 70;
+    let t = std::time::Instant::now();
+    let (_, out) = sh(&format!(
+        "cd {} && for i in $(seq 1 {N}); do if sh -c \"echo data$i > f$i\" 2>/dev/null; then echo ok $i; else echo fail $i; fi; done",
+        m.mnt.display()
+    ));
+    let took = t.elapsed();
+    let ok: Vec<usize> = out.lines().filter_map(|l| l.strip_prefix("ok ")).map(|i| i.trim().parse().unwrap()).collect();
+    let failed = N - ok.len();
+    eprintln!("outage: {} of {N} creates succeeded, {failed} failed at open, in {took:?}", ok.len());
+    // The pool's 64 keys carry the first 64 creates; the rest fail at open.
+    assert!(ok.len() >= 64 && failed >= 1, "{out}");
+    // The pool's refills fail too (once their SDK retries give up), and say so.
+    wait_until("a failed refill", 30, || stats(&m)["pool"]["refill_errors"].as_u64() >= Some(1));
+    let s = stats(&m);
+    assert!(s["pool"]["last_error"].as_str().unwrap().contains("unavailable"), "{}", s["pool"]);
+    assert_eq!(s["pool"]["ready"], 0, "{}", s["pool"]);
+    // One log line per failed open, saying why.
+    let lines: Vec<String> =
+        m.noisy_log_lines().into_iter().filter(|l| l.contains("create") && l.contains("KMS unavailable")).collect();
+    assert_eq!(lines.len(), failed, "{lines:#?}");
+    // A failed create leaves nothing behind.
+    for i in (1..=N).filter(|i| !ok.contains(i)) {
+        assert!(!m.path(&format!("f{i}")).exists(), "f{i} failed but exists");
+    }
+    // KMS comes back: creates work at once, the pool refills, no remount.
+    drop(outage);
+    let t = std::time::Instant::now();
+    std::fs::write(m.path("after"), b"after\n").unwrap();
+    let create = t.elapsed();
+    wait_until("the pool to refill", 30, || stats(&m)["pool"]["ready"].as_u64().unwrap() >= 32);
+    eprintln!("after the outage: create in {create:?}, pool half full in {:?}", t.elapsed());
+    let s = stats(&m);
+    assert!(s["pool"]["last_refill"].as_u64().unwrap() > 0, "{}", s["pool"]);
+    m.unmount();
+    // Every create the shell saw succeed has its data after a remount.
+    let m = Mounted::start(&cipher, &tmp.path().join("m2"), &[]);
+    for &i in &ok {
+        assert_eq!(std::fs::read_to_string(m.path(&format!("f{i}"))).unwrap(), format!("data{i}\n"), "f{i}");
+    }
+    assert_eq!(std::fs::read_to_string(m.path("after")).unwrap(), "after\n");
+}
+
+#[test]
+fn writer_keeps_its_key_past_max_age_and_through_an_outage() {
+    need_harness!("writer_keeps_its_key_past_max_age_and_through_an_outage");
+    if !fuse_available("writer_keeps_its_key_past_max_age_and_through_an_outage") {
+        return;
+    }
+    use std::io::{Seek, Write};
+    use std::os::unix::fs::FileExt;
+    let key = create_key("outage-writer");
+    let (tmp, cipher) = kms_volume(&key.id);
+    let old = random_bytes(10_000, 21);
+    {
+        let m = Mounted::start(&cipher, &tmp.path().join("m0"), &[]);
+        for f in ["a", "b", "cold"] {
+            std::fs::write(m.path(f), &old).unwrap();
+        }
+    }
+    // A fresh mount: every key is cold, so each open below is counted.
+    let mut m = mount_args(&cipher, &tmp.path().join("m"), &["--cache-max-age", "2"]);
+    let d0 = count(&key, "Decrypt");
+    let r = std::fs::File::open(m.path("cold")).unwrap();
+    assert_eq!(count(&key, "Decrypt"), d0, "a read-only open fetched the key");
+    drop(r);
+    // Opened for writing before the outage: the key is fetched at open.
+    let mut a = std::fs::OpenOptions::new().append(true).open(m.path("a")).unwrap();
+    let b = std::fs::OpenOptions::new().write(true).open(m.path("b")).unwrap();
+    assert_eq!(count(&key, "Decrypt") - d0, 2, "one Decrypt per file opened for writing");
+    let outage = Outage::start(&key);
+    // Past the max age, the sweeper (every 5 s) drops the keys from the cache.
+    wait_until("keys to leave the cache", 15, || stats(&m)["cache"]["size"] == 0);
+    // The cache really lost them: a cold read fails while KMS is down.
+    let e = std::fs::read(m.path("cold")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    // The writers' keys stay pinned: writes land, with and without fsync.
+    let more = random_bytes(5_000, 22);
+    a.write_all(&more).unwrap();
+    a.sync_all().unwrap();
+    a.seek(std::io::SeekFrom::Start(0)).unwrap();
+    drop(a);
+    b.write_all_at(&more, 3_000).unwrap(); // a partial page: the kernel reads it in first
+    b.write_all_at(&more, 20_000).unwrap(); // past the end: a hole, then data
+    drop(b); // close() without fsync
+    assert_eq!(stats(&m)["keys_pinned"], 0, "pins outlived their writers");
+    // Once closed, the key is gone: a new open for writing fails cleanly.
+    let e = std::fs::OpenOptions::new().write(true).open(m.path("a")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    drop(outage);
+    // KMS back: no remount needed.
+    std::fs::OpenOptions::new().append(true).open(m.path("a")).unwrap().write_all(b"!").unwrap();
+    m.unmount();
+    let m = Mounted::start(&cipher, &tmp.path().join("m2"), &[]);
+    let mut want_a = old.clone();
+    want_a.extend_from_slice(&more);
+    want_a.push(b'!');
+    assert!(std::fs::read(m.path("a")).unwrap() == want_a, "a lost data");
+    let mut want_b = old.clone();
+    want_b[3_000..8_000].copy_from_slice(&more);
+    want_b.resize(20_000, 0);
+    want_b.extend_from_slice(&more);
+    assert!(std::fs::read(m.path("b")).unwrap() == want_b, "b lost data");
+}
+
+fn truncate0(p: &std::path::Path) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid C string.
+    let r = unsafe { libc::truncate(c.as_ptr(), 0) };
+    assert_eq!(r, 0, "truncate({}, 0): {}", p.display(), std::io::Error::last_os_error());
+}
+
+#[test]
+fn truncation_needs_no_old_key() {
+    need_harness!("truncation_needs_no_old_key");
+    if !fuse_available("truncation_needs_no_old_key") {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let key = create_key("truncate");
+    let (tmp, cipher) = kms_volume(&key.id);
+    let old = random_bytes(10_000, 31);
+    {
+        let m = Mounted::start(&cipher, &tmp.path().join("m0"), &[]);
+        for f in ["a", "b", "c", "d", "e", "g"] {
+            std::fs::write(m.path(f), &old).unwrap();
+        }
+    }
+    // Damaged headers: the magic of a, a byte inside the header of d.
+    for (f, at) in [("a", 0), ("d", 20)] {
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(cipher.join(f)).unwrap();
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, at).unwrap();
+        file.write_all_at(&[byte[0] ^ 0x55], at).unwrap();
+    }
+    let mut m = Mounted::start(&cipher, &tmp.path().join("m"), &[]);
+    let (ok, out) = sh(&format!("cat {} {} >/dev/null", m.path("a").display(), m.path("d").display()));
+    assert!(!ok, "damaged files read: {out}");
+    // O_TRUNC and truncate(0) overwrite them all the same.
+    let (ok, out) = sh(&format!("echo new > {}", m.path("a").display()));
+    assert!(ok, "O_TRUNC over a damaged header: {out}");
+    // truncate(2) by path. (coreutils truncate opens for writing first,
+    // which needs the key like any open for writing.)
+    truncate0(&m.path("d"));
+    let (ok, out) = sh(&format!("echo dd >> {}", m.path("d").display()));
+    assert!(ok, "append after truncate(0): {out}");
+    assert_eq!(std::fs::read_to_string(m.path("a")).unwrap(), "new\n");
+    assert_eq!(std::fs::read_to_string(m.path("d")).unwrap(), "dd\n");
+    // With the KMS key disabled, the old keys of b, c and e cannot be had;
+    // O_TRUNC takes a pooled key for the new content, truncate(0) none at all.
+    std::fs::write(m.path("p"), b"p").unwrap(); // the pool starts on the first create
+    wait_until("a full key pool", 30, || stats(&m)["pool"]["ready"].as_u64() >= Some(64));
+    let g = std::fs::OpenOptions::new().write(true).open(m.path("g")).unwrap();
+    disable(&key);
+    // ftruncate(0) of a file open for writing: its writers get a pooled key.
+    g.set_len(0).unwrap();
+    g.write_all_at(b"gg", 0).unwrap();
+    drop(g);
+    let (ok, out) = sh(&format!("echo new > {}", m.path("b").display()));
+    assert!(ok, "O_TRUNC with the key disabled: {out}");
+    truncate0(&m.path("c"));
+    let f = std::fs::OpenOptions::new().write(true).open(m.path("e")).unwrap_err();
+    assert_eq!(f.raw_os_error(), Some(libc::EACCES), "open for writing needs the old key: {f}");
+    assert_eq!(std::fs::read_to_string(m.path("b")).unwrap(), "new\n");
+    assert_eq!(std::fs::metadata(m.path("c")).unwrap().len(), 0);
+    enable(&key);
+    m.unmount();
+    let m = Mounted::start(&cipher, &tmp.path().join("m2"), &[]);
+    assert_eq!(std::fs::read_to_string(m.path("a")).unwrap(), "new\n");
+    assert_eq!(std::fs::read_to_string(m.path("b")).unwrap(), "new\n");
+    assert_eq!(std::fs::read(m.path("c")).unwrap(), b"");
+    assert_eq!(std::fs::read_to_string(m.path("d")).unwrap(), "dd\n");
+    assert!(std::fs::read(m.path("e")).unwrap() == old);
+    assert_eq!(std::fs::read_to_string(m.path("g")).unwrap(), "gg");
+}
+
+#[test]
+fn disable_key_takes_effect_at_the_next_open() {
+    need_harness!("disable_key_takes_effect_at_the_next_open");
+    if !fuse_available("disable_key_takes_effect_at_the_next_open") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let key = create_key("revoke");
+    let (tmp, cipher) = kms_volume(&key.id);
+    let old = random_bytes(10_000, 41);
+    let mut m = mount_args(&cipher, &tmp.path().join("m"), &["--cache-max-age", "2"]);
+    std::fs::write(m.path("w"), &old).unwrap();
+    std::fs::write(m.path("r"), &old).unwrap();
+    let mut w = std::fs::OpenOptions::new().append(true).open(m.path("w")).unwrap();
+    assert!(std::fs::read(m.path("r")).unwrap() == old); // its pages are in the page cache now
+    disable(&key);
+    std::thread::sleep(std::time::Duration::from_secs(3)); // past the max age
+    // The open writer keeps its key: the write in progress completes.
+    let more = random_bytes(5_000, 42);
+    w.write_all(&more).unwrap();
+    w.sync_all().unwrap();
+    // A new open needs the key: a reader gets EACCES although the file's
+    // pages were cached (an open without FOPEN_KEEP_CACHE drops them).
+    let mut buf = Vec::new();
+    let e = std::fs::File::open(m.path("r")).unwrap().read_to_end(&mut buf).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+    drop(w);
+    // And once the last writer is gone, so is its key.
+    let e = std::fs::OpenOptions::new().append(true).open(m.path("w")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+    enable(&key);
+    m.unmount();
+    let m = Mounted::start(&cipher, &tmp.path().join("m2"), &[]);
+    let mut want = old.clone();
+    want.extend_from_slice(&more);
+    assert!(std::fs::read(m.path("w")).unwrap() == want, "the write made after disable-key was lost");
+}

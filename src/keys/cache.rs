@@ -37,6 +37,24 @@ pub struct KeyCache {
     stats: Arc<KeyStats>,
 }
 
+/// Removes a single-flight gate from the in-flight map when dropped, if it
+/// is still the one there: a failed unwrap must not leave an entry behind
+/// (one per file ever tried, for as long as the mount lives).
+struct InflightEntry<'a> {
+    map: &'a Mutex<HashMap<Id, Arc<Mutex<()>>>>,
+    id: Id,
+    gate: &'a Arc<Mutex<()>>,
+}
+
+impl Drop for InflightEntry<'_> {
+    fn drop(&mut self) {
+        let mut map = lock(self.map);
+        if map.get(&self.id).is_some_and(|g| Arc::ptr_eq(g, self.gate)) {
+            map.remove(&self.id);
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic elsewhere must not take key lookups down with it.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -81,6 +99,8 @@ impl KeyCache {
         // Single flight: one unwrap per file ID; late arrivals wait, then hit.
         let gate = lock(&self.inflight).entry(ctx.file_id).or_default().clone();
         let _turn = lock(&gate);
+        // Whatever happens next, success or error, the gate leaves the map.
+        let _leave = InflightEntry { map: &self.inflight, id: ctx.file_id, gate: &gate };
         if let Some(k) = self.lookup(&ctx.file_id) {
             self.stats.hit();
             return Ok(k);
@@ -91,7 +111,6 @@ impl KeyCache {
         self.stats.call(Op::Unwrap, t.elapsed(), res.is_ok());
         let key = Arc::new(res?);
         self.insert_arc(ctx.file_id, key.clone());
-        lock(&self.inflight).remove(&ctx.file_id);
         Ok(key)
     }
 
@@ -143,6 +162,11 @@ impl KeyCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Unwraps under way (single-flight gates held).
+    pub fn inflight(&self) -> usize {
+        lock(&self.inflight).len()
+    }
 }
 
 #[cfg(test)]
@@ -158,6 +182,7 @@ pub(crate) mod tests {
         pub generates: AtomicUsize,
         pub delay: Duration,
         pub fail: std::sync::atomic::AtomicBool,
+        pub fail_generate: std::sync::atomic::AtomicBool,
     }
 
     fn xor(k: &[u8], ctx: &KeyContext) -> Vec<u8> {
@@ -173,6 +198,9 @@ pub(crate) mod tests {
         }
         fn generate(&self, ctx: &KeyContext) -> Result<(DataKey, WrappedKey), KeyError> {
             self.generates.fetch_add(1, Ordering::SeqCst);
+            if self.fail_generate.load(Ordering::SeqCst) {
+                return Err(KeyError::Unavailable("mem: down".into()));
+            }
             let k = DataKey::generate().map_err(|e| KeyError::Other(e.to_string()))?;
             let w = self.wrap(&k, ctx)?;
             Ok((k, w))
@@ -246,5 +274,32 @@ pub(crate) mod tests {
         assert!(matches!(cache.get(&w, &ctx(1)), Err(KeyError::Disabled { .. })));
         p.fail.store(false, Ordering::SeqCst);
         assert!(cache.get(&w, &ctx(1)).is_ok());
+    }
+
+    #[test]
+    fn failed_unwraps_leave_no_inflight_entry() {
+        let p = Arc::new(MemProvider { delay: Duration::from_millis(20), ..Default::default() });
+        let cache = Arc::new(KeyCache::new(p.clone(), 100, DEFAULT_MAX_AGE, Default::default()));
+        p.fail.store(true, Ordering::SeqCst);
+        // Many files, several concurrent callers each: every one fails.
+        let threads: Vec<_> = (0..16u8)
+            .map(|i| {
+                let (c, p) = (cache.clone(), p.clone());
+                std::thread::spawn(move || {
+                    let (_, w) = p.generate(&ctx(i % 4)).unwrap();
+                    c.get(&w, &ctx(i % 4)).is_err()
+                })
+            })
+            .collect();
+        for t in threads {
+            assert!(t.join().unwrap(), "unwrap should fail");
+        }
+        assert_eq!(cache.inflight(), 0, "failed unwraps left in-flight entries");
+        assert_eq!(cache.len(), 0);
+        // And success leaves none either.
+        p.fail.store(false, Ordering::SeqCst);
+        let (_, w) = p.generate(&ctx(1)).unwrap();
+        cache.get(&w, &ctx(1)).unwrap();
+        assert_eq!(cache.inflight(), 0);
     }
 }
