@@ -75,11 +75,12 @@ fn update(dir: &Path, rng: &mut Rng, known: &Mutex<Known>) -> std::io::Result<()
     };
     let change = if len > 2 << 20 { 2 } else { rng.below(10) };
     let seed = rng.next();
-    let action: Box<dyn Fn(&std::fs::File) -> std::io::Result<()>> = match change {
+    // Data and where it goes, or a new length.
+    let (data, at, to) = match change {
         0..=4 => {
             let data = random_bytes(size(rng) as usize, seed);
             new.extend_from_slice(&data);
-            Box::new(move |f| f.write_all_at(&data, len))
+            (data, len, None)
         }
         5..=7 => {
             let off = rng.below(len + 1);
@@ -89,7 +90,7 @@ fn update(dir: &Path, rng: &mut Rng, known: &Mutex<Known>) -> std::io::Result<()
                 new.resize(end, 0);
             }
             new[off as usize..end].copy_from_slice(&data);
-            Box::new(move |f| f.write_all_at(&data, off))
+            (data, off, None)
         }
         _ => {
             let to = match rng.below(5) {
@@ -98,13 +99,16 @@ fn update(dir: &Path, rng: &mut Rng, known: &Mutex<Known>) -> std::io::Result<()
                 _ => rng.below(len + 1),
             };
             new.resize(to as usize, 0);
-            Box::new(move |f| f.set_len(to))
+            (vec![], 0, Some(to))
         }
     };
     known.lock().unwrap().in_flight = Some((name.clone(), old, new.clone()));
     use std::sync::atomic::Ordering::SeqCst;
     PHASE.store(IN_WRITE, SeqCst);
-    action(&f)?;
+    match to {
+        Some(to) => f.set_len(to)?,
+        None => f.write_all_at(&data, at)?,
+    }
     PHASE.store(IN_FSYNC, SeqCst);
     f.sync_all()?;
     PHASE.store(0, SeqCst);
@@ -312,6 +316,7 @@ fn check(mnt: &Path, known: &mut Known, t: &mut Totals, what: &str) {
         }
     };
     let mut lost = 0usize;
+    let mut first_lost = None;
     let mut content = Some(vec![]);
     for (i, p) in pieces.iter().enumerate() {
         let at = i * 4096;
@@ -322,6 +327,7 @@ fn check(mnt: &Path, known: &mut Known, t: &mut Totals, what: &str) {
                     let fine = old.get(k) == Some(&x) || new.get(k) == Some(&x) || (k >= keep && x == 0);
                     if !fine && k < keep {
                         lost += 1;
+                        first_lost.get_or_insert((k, x));
                     }
                 }
                 if let Some(c) = content.as_mut() {
@@ -337,7 +343,12 @@ fn check(mnt: &Path, known: &mut Known, t: &mut Totals, what: &str) {
     let read = pieces.iter().map(|p| p.as_ref().map_or(4096, Vec::len)).sum::<usize>();
     lost += keep.saturating_sub(read);
     if lost > 0 {
-        eprintln!("{what}: in flight {name}: {lost} acknowledged bytes lost ({read} bytes read)");
+        eprintln!(
+            "{what}: in flight {name}: {lost} acknowledged bytes lost ({read} bytes read; sizes {} before, {} after \
+             the update; first wrong byte (offset, value) {first_lost:?})",
+            old.len(),
+            new.len()
+        );
     }
     t.bytes_lost += lost as u64;
     match content {
@@ -555,7 +566,7 @@ fn enospc_keeps_fsynced_files_and_the_appended_one() {
             assert!(i < 10_000, "never ran out of space");
             let d = random_bytes((7_000 + i * 3_001 % 90_000) as usize, round as u64 * 100_000 + i);
             let name = format!("r{round}-{i}");
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 match std::fs::write(m.path(&name), &d).and_then(|_| std::fs::File::open(m.path(&name))?.sync_all()) {
                     Ok(()) => {
                         files.insert(name, d);
