@@ -1137,6 +1137,7 @@ mod tests {
             Op::Write(size + 20_000, 100),
             Op::Write(size.saturating_sub(50), 9_000),
             Op::Write(size.saturating_sub(50), 50),
+            Op::Write(size.saturating_sub(B + 10), B as usize + 100),
             Op::Write(0, 3),
             Op::SetLen(size + 10),
             Op::SetLen(size + 30_000),
@@ -1149,12 +1150,25 @@ mod tests {
         v
     }
 
-    fn faults(grows: bool) -> Vec<Fault> {
+    /// The faults to inject into `op` on a file of `old` bytes. A write that
+    /// fails part way (ENOSPC) stops where the file needs new space: past
+    /// its old end, or inside its old last block when that grows in place,
+    /// never inside blocks already allocated before it.
+    fn faults(op: &Op, old: usize) -> Vec<Fault> {
         let mut v = vec![Fault::Fail, Fault::Crash];
-        if grows {
-            for n in [1, 100, 3_000, 4_124, 4_200, 9_000] {
-                v.extend([Fault::FailAfter(n), Fault::CrashAfter(n)]);
+        if !op.grows(old) {
+            return v;
+        }
+        let first = match *op {
+            Op::Write(off, _) => off / B,
+            Op::SetLen(n) => n.saturating_sub(1) / B,
+        };
+        let old_last = (old as u64).saturating_sub(1) / B;
+        for n in [1, 100, 3_000, 4_124, 4_200, 9_000] {
+            if first >= old_last || old == 0 {
+                v.push(Fault::FailAfter(n));
             }
+            v.push(Fault::CrashAfter(n));
         }
         v
     }
@@ -1203,7 +1217,7 @@ mod tests {
             let old = pattern(size as usize, size as u8);
             for op in ops(size) {
                 for step in steps {
-                    for f in faults(op.grows(old.len())) {
+                    for f in faults(&op, old.len()) {
                         let what = format!("size {size}, {op:?}, {f:?} at {step:?}");
                         let mut file = fx.file(&old);
                         fault::arm(step, f);
