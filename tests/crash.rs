@@ -667,3 +667,29 @@ fn torn_tail_through_mount_and_fsck_repair() {
     assert!(std::fs::read(m.path("t")).unwrap() == data[..12 * 4096]);
     assert!(std::fs::read(m.path("ok")).unwrap() == data);
 }
+
+/// Issue 14, point 6: a file left with only its header (its first write
+/// was cut short) reads EIO, and reads fine through the same open file
+/// once a write has landed. Without the writeback cache, so the read after
+/// the write reaches the daemon.
+#[test]
+fn header_only_file_reads_after_a_write_through_the_mount() {
+    if !fuse_available("header_only_file_reads_after_a_write_through_the_mount") {
+        return;
+    }
+    let v = Volume::plain();
+    {
+        let m = v.mount("m", &[]);
+        std::fs::write(m.path("h"), random_bytes(9000, 6)).unwrap();
+    }
+    std::fs::OpenOptions::new().write(true).open(v.cipher.join("h")).unwrap().set_len(256 + 5).unwrap();
+    let m = v.mount("m", &["no_writeback"]);
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(m.path("h")).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 0);
+    f.write_all_at(b"abc", 1).unwrap();
+    let mut b = [0u8; 4];
+    f.read_exact_at(&mut b, 0).unwrap();
+    assert_eq!(&b, b"\0abc");
+    drop(f);
+    assert_eq!(std::fs::read(m.path("h")).unwrap(), b"\0abc");
+}
