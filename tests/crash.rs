@@ -4,7 +4,7 @@
 //! seen through the command line. Data whose fsync returned must survive
 //! all of them.
 //!
-//! The crash harness runs `KMSFS_CRASH_ITERS` iterations (default 60) from
+//! The crash harness runs `KMSFS_CRASH_ITERS` iterations (default 100) from
 //! the seed `KMSFS_CRASH_SEED` (default: from the clock; printed, so a run
 //! can be repeated). `crash_harness_gocryptfs` (ignored: it needs gocryptfs)
 //! runs the same workload against gocryptfs for comparison.
@@ -190,7 +190,11 @@ impl Gocryptfs {
         let pass = tmp.path().join("pass");
         std::fs::create_dir(&cipher).unwrap();
         std::fs::write(&pass, "crash harness\n").unwrap();
-        let out = Command::new("gocryptfs").arg("-init").arg("-q").arg("-passfile").arg(&pass).arg(&cipher).output();
+        let out = Command::new("gocryptfs")
+            .args(["-init", "-q", "-scryptn", "10", "-passfile"])
+            .arg(&pass)
+            .arg(&cipher)
+            .output();
         assert!(out.as_ref().is_ok_and(|o| o.status.success()), "gocryptfs -init: {out:?}");
         Self { _tmp: tmp, cipher, pass }
     }
@@ -478,7 +482,7 @@ fn seed() -> u64 {
 }
 
 fn iterations() -> u64 {
-    std::env::var("KMSFS_CRASH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(60)
+    std::env::var("KMSFS_CRASH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(100)
 }
 
 #[test]
