@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::format::block::{BlockAad, CodecError, is_hole, open_detached, open_in_place, seal_in_place, seal_to};
 use crate::format::header::{FileHeader, HeaderError};
 use crate::format::layout::Layout;
-use crate::format::{BLOCK_OVERHEAD, Id, NONCE_LEN, random_fill};
+use crate::format::{BLOCK_OVERHEAD, Id, NONCE_LEN, TAG_LEN, random_fill};
 use crate::keys::{DataKey, FreshKey, KeyContext};
 
 /// What went wrong in one file. Carries block indexes, never plaintext.
@@ -104,6 +104,36 @@ pub struct VerifyReport {
     pub zero_blocks: Vec<u64>,
     /// The backing size is invalid.
     pub bad_size: bool,
+    /// Blocks that read as a stale last block: an append or truncation was
+    /// interrupted there (or an old block was put back; docs/SECURITY.md).
+    pub stale_blocks: Vec<u64>,
+    /// Bytes past the last whole block that form no block (a torn tail).
+    pub torn_bytes: u64,
+}
+
+/// What `repair` changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RepairReport {
+    /// Bytes cut from the end of the backing file.
+    pub cut_bytes: u64,
+    /// Stored blocks (whole or torn) among them.
+    pub cut_blocks: u64,
+    /// Blocks re-sealed in place: the new last block, stale last blocks.
+    pub resealed: Vec<u64>,
+}
+
+/// The steps of a multi-step update, named so tests can fail or crash one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(test), allow(dead_code))]
+enum Step {
+    /// fallocate(KEEP_SIZE) of the range a growing write fills.
+    Reserve,
+    /// The pwrite of blocks past the old last block.
+    WriteNew,
+    /// The pwrite that changes existing blocks in place.
+    WriteOld,
+    /// The ftruncate that ends a shrink.
+    Truncate,
 }
 
 /// One encrypted file.
@@ -199,7 +229,8 @@ impl EncryptedFile {
     /// calls (no fresh 1 MiB allocation per request). Returns the plaintext
     /// length, which starts at `out[0]`. Whole blocks are read scattered
     /// (ciphertext into `out`) and opened there; only a partly wanted first
-    /// or last block takes a copy.
+    /// or last block takes a copy. A block that fails fails the request and
+    /// names itself; the blocks before it stay readable on their own.
     pub fn read_into(
         &self,
         key: Option<&DataKey>,
@@ -207,12 +238,15 @@ impl EncryptedFile {
         len: usize,
         out: &mut Vec<u8>,
     ) -> Result<usize, FileError> {
-        if !self.size_ok && len > 0 {
-            // A torn or truncated tail (including a header with no blocks).
+        if len == 0 {
+            return Ok(0);
+        }
+        if self.size == 0 && !self.size_ok {
+            // A header and no whole block: block 0 is torn or missing.
             let backing = self.file.metadata()?.len();
             return Err(FileError::BadSize(backing));
         }
-        if off >= self.size || len == 0 {
+        if off >= self.size {
             return Ok(0);
         }
         let key = key.ok_or(FileError::NeedKey)?;
@@ -265,9 +299,6 @@ impl EncryptedFile {
             let n = out_head.len();
             out_head.copy_from_slice(&self.open_one(h, key, first, head_buf)?[from_first..from_first + n]);
         }
-        if tail {
-            out_tail.copy_from_slice(&self.open_one(h, key, last, tail_buf)?[..to_last]);
-        }
         let last_index = self.last_index();
         for (k, (t, plain)) in trailers.chunks(TRAILER).zip(out_mid.chunks_mut(bs as usize)).enumerate() {
             let i = mid_first + k as u64;
@@ -276,12 +307,18 @@ impl EncryptedFile {
                 continue; // a hole: its "ciphertext" already reads as zeros
             }
             let (nonce, tag) = t.split_at(NONCE_LEN);
-            open_detached(key, &self.aad(h, i, is_last), nonce, tag, plain).map_err(|e| block_error(i, e))?;
+            if open_detached(key, &self.aad(h, i, is_last), nonce, tag, plain).is_err() {
+                self.open_stale(h, key, i, plain)?;
+            }
+        }
+        if tail {
+            out_tail.copy_from_slice(&self.open_one(h, key, last, tail_buf)?[..to_last]);
         }
         Ok(want)
     }
 
-    /// Opens stored block `index` in place; returns its plaintext.
+    /// Opens stored block `index` (exactly its stored length) in place;
+    /// returns its plaintext.
     fn open_one<'b>(
         &self,
         h: &FileHeader,
@@ -289,30 +326,81 @@ impl EncryptedFile {
         index: u64,
         sealed: &'b mut [u8],
     ) -> Result<&'b [u8], FileError> {
-        let plen = self.layout.plain_len(self.size, index) as usize;
         let is_last = Some(index) == self.last_index();
+        let n = sealed.len();
         if !is_last && is_hole(sealed) {
-            return Ok(&sealed[NONCE_LEN..NONCE_LEN + plen]);
+            return Ok(&sealed[NONCE_LEN..n - TAG_LEN]);
         }
-        let plain = open_in_place(key, &self.aad(h, index, is_last), sealed).map_err(|e| block_error(index, e))?;
-        if plain.len() != plen {
-            return Err(FileError::Block { index, what: "invalid length" });
+        let opened = open_in_place(key, &self.aad(h, index, is_last), sealed).is_ok();
+        let plain = &mut sealed[NONCE_LEN..n - TAG_LEN];
+        if !opened {
+            self.open_stale(h, key, index, plain)?;
         }
         Ok(plain)
     }
 
-    /// Reads block `index` of the current file (old flags) into a B-sized buffer.
-    fn read_block(&self, h: &FileHeader, key: &DataKey, index: u64, buf: &mut [u8]) -> Result<usize, FileError> {
+    /// The error path of every block read: block `index`, whose plaintext is
+    /// `out.len()` bytes at its current flag, did not open. It may be a stale
+    /// last block that an interrupted append or truncation left (see
+    /// docs/FORMAT.md, "Interrupted updates"). A failed open wipes the
+    /// buffer, so the slot is read again. On success `out` holds the stale
+    /// block's plaintext followed by zeros.
+    fn open_stale(&self, h: &FileHeader, key: &DataKey, index: u64, out: &mut [u8]) -> Result<(), FileError> {
+        let len = out.len() + BLOCK_OVERHEAD;
+        let mut scratch = Scratch::take();
+        let (stored, work) = scratch.get(2 * len).split_at_mut(len);
+        read_exact_at(&self.file, stored, self.layout.block_offset(index))
+            .map_err(|_| FileError::Block { index, what: "missing (file truncated)" })?;
+        let n = open_stale_slot(key, &self.aad(h, index, true), stored, work)
+            .ok_or(FileError::Block { index, what: "authentication failed" })?;
+        out[..n].copy_from_slice(&work[NONCE_LEN..NONCE_LEN + n]);
+        out[n..].fill(0);
+        Ok(())
+    }
+
+    /// Reads block `index` at its current length and flag into `plain`
+    /// (at least that long); returns the length. With `keep`, the stored
+    /// bytes are left there as well, so an update can undo itself; without,
+    /// the ciphertext is read straight into `plain` and the nonce and tag
+    /// apart, with no scratch buffer.
+    fn read_block(
+        &self,
+        h: &FileHeader,
+        key: &DataKey,
+        index: u64,
+        plain: &mut [u8],
+        keep: Option<&mut [u8]>,
+    ) -> Result<usize, FileError> {
         let plen = self.layout.plain_len(self.size, index) as usize;
         if plen == 0 {
             return Ok(0);
         }
-        let mut scratch = Scratch::take();
-        let stored = scratch.get(plen + BLOCK_OVERHEAD);
-        read_exact_at(&self.file, stored, self.layout.block_offset(index))
-            .map_err(|_| FileError::Block { index, what: "missing (file truncated)" })?;
-        let plain = self.open_one(h, key, index, stored)?;
-        buf[..plen].copy_from_slice(plain);
+        let missing = |_| FileError::Block { index, what: "missing (file truncated)" };
+        let off = self.layout.block_offset(index);
+        let plain = &mut plain[..plen];
+        let mut trailer = [0u8; TRAILER];
+        match keep {
+            Some(k) => {
+                let stored = &mut k[..plen + BLOCK_OVERHEAD];
+                read_exact_at(&self.file, stored, off).map_err(missing)?;
+                plain.copy_from_slice(&stored[NONCE_LEN..NONCE_LEN + plen]);
+                trailer[..NONCE_LEN].copy_from_slice(&stored[..NONCE_LEN]);
+                trailer[NONCE_LEN..].copy_from_slice(&stored[NONCE_LEN + plen..]);
+            }
+            None => {
+                let (nonce, tag) = trailer.split_at_mut(NONCE_LEN);
+                let mut iov = [IoSliceMut::new(nonce), IoSliceMut::new(plain), IoSliceMut::new(tag)];
+                crate::sys::preadv_exact(self.file.as_raw_fd(), &mut iov, off).map_err(missing)?;
+            }
+        }
+        let is_last = Some(index) == self.last_index();
+        if !is_last && is_hole(&trailer) && is_hole(plain) {
+            return Ok(plen);
+        }
+        let (nonce, tag) = trailer.split_at(NONCE_LEN);
+        if open_detached(key, &self.aad(h, index, is_last), nonce, tag, plain).is_err() {
+            self.open_stale(h, key, index, plain)?;
+        }
         Ok(plen)
     }
 
@@ -347,11 +435,20 @@ impl EncryptedFile {
         }
     }
 
-    /// Seals blocks `first..` into `region` for a file of `new_size` bytes
-    /// and writes them in one pwrite. A block that `src` (data, offset)
-    /// covers whole is sealed straight from it; any other block's plaintext
-    /// must already sit in its slot.
-    fn seal_and_write(
+    /// The backing size that the current plaintext size implies; the actual
+    /// size differs only after a torn write.
+    fn valid_backing(&self) -> u64 {
+        match (self.size, &self.header) {
+            (0, None) => 0,
+            (0, Some(_)) => self.layout.header_size(),
+            (s, _) => self.layout.backing_size(s),
+        }
+    }
+
+    /// Seals blocks `first..` in `region` for a file of `new_size` bytes. A
+    /// block that `src` (data, offset) covers whole is sealed straight from
+    /// it; any other block's plaintext must already sit in its slot.
+    fn seal(
         &self,
         key: &DataKey,
         first: u64,
@@ -384,43 +481,101 @@ impl EncryptedFile {
                 None => seal_in_place(key, &aad, nn, chunk)?,
             }
         }
-        self.file.write_all_at(region, self.layout.block_offset(first))?;
         Ok(())
     }
 
-    /// Re-seals the current last block as a full, non-final block (zero
-    /// padded), because the file is about to grow past it.
-    fn reseal_old_last(&self, key: &DataKey, new_size: u64) -> Result<(), FileError> {
-        let Some(old_last) = self.last_index() else { return Ok(()) };
-        let h = self.header.as_ref().ok_or(FileError::NeedKey)?;
-        let bs = self.layout.block_size() as usize;
-        let mut scratch = Scratch::take();
-        let region = scratch.get(bs + BLOCK_OVERHEAD);
-        let slot = &mut region[NONCE_LEN..NONCE_LEN + bs];
-        let n = self.read_block(h, key, old_last, slot)?;
-        slot[n..].fill(0); // the reused buffer is stale past the old end
-        self.seal_and_write(key, old_last, region, new_size, None)
+    /// One write of a multi-step update (tests inject faults here).
+    fn pwrite(&self, step: Step, buf: &[u8], off: u64) -> std::io::Result<()> {
+        #[cfg(test)]
+        if let Some(r) = fault::hit(step, |n| self.file.write_all_at(&buf[..n.min(buf.len())], off)) {
+            return r;
+        }
+        let _ = step;
+        self.file.write_all_at(buf, off)
+    }
+
+    /// The ftruncate that ends a shrink.
+    fn cut(&self, len: u64) -> std::io::Result<()> {
+        #[cfg(test)]
+        if let Some(r) = fault::hit(Step::Truncate, |_| Ok(())) {
+            return r;
+        }
+        self.file.set_len(len)
+    }
+
+    /// Reserves `start..end` past the end of the file, so that ENOSPC or
+    /// EDQUOT fail here, before a growing update changes anything. A backing
+    /// filesystem without fallocate goes on without it.
+    fn reserve(&self, start: u64, end: u64) -> std::io::Result<()> {
+        if end <= start {
+            return Ok(());
+        }
+        #[cfg(test)]
+        if let Some(r) = fault::hit(Step::Reserve, |_| Ok(())) {
+            return r;
+        }
+        match crate::sys::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, start, end - start) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Puts a block's stored bytes back after a failed in-place rewrite.
+    fn restore(&self, off: u64, stored: &[u8]) {
+        #[cfg(test)]
+        if fault::crashed() {
+            return;
+        }
+        let _ = self.file.write_all_at(stored, off);
+    }
+
+    /// Undoes a failed growing update: the old last block's stored bytes (if
+    /// its rewrite had started), the old backing size, the space reserved
+    /// past it, and the header of a file that had none.
+    fn undo_growth(&mut self, backing: u64, old_last: Option<(u64, &[u8])>, reserved_to: u64, fresh_header: bool) {
+        #[cfg(test)]
+        if fault::crashed() {
+            return;
+        }
+        if let Some((off, stored)) = old_last {
+            self.restore(off, stored);
+        }
+        let _ = self.file.set_len(backing);
+        if reserved_to > backing {
+            let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            let _ = crate::sys::fallocate(self.file.as_raw_fd(), punch, backing, reserved_to - backing);
+        }
+        if fresh_header {
+            self.header = None;
+            self.verified.store(false, Ordering::Relaxed);
+        }
     }
 
     /// Writes `data` at `off`, growing the file if needed.
+    ///
+    /// An overwrite inside the file is one pwrite. A write that grows the
+    /// file is ordered so that a failure or a crash at any point leaves the
+    /// data before it readable (docs/FORMAT.md, "Interrupted updates"):
+    /// space is reserved first; blocks past the old last block are written
+    /// next; the old last block, which changes in place (re-sealed as not
+    /// last, or longer), is written last and on its own. A failed step puts
+    /// the old last block's bytes and the old size back.
     pub fn write_at(&mut self, key: KeyArg<'_>, off: u64, data: &[u8]) -> Result<(), FileError> {
         if data.is_empty() {
             return Ok(());
         }
         let k = Self::key_of(&key);
-        self.ensure_header(key)?;
         let end = off.checked_add(data.len() as u64).ok_or(FileError::TooLarge)?;
+        let growing = end > self.size;
+        let old_backing = self.valid_backing();
+        let fresh_header = self.header.is_none();
+        self.ensure_header(key)?;
         let new_size = self.size.max(end);
         let bs = self.layout.block_size();
+        let sb = self.layout.stored_block() as usize;
         let (first, last) = (off / bs, (end - 1) / bs);
         let old_last = self.last_index();
         let new_last = (new_size - 1) / bs;
-        if let Some(ol) = old_last
-            && new_last > ol
-            && ol < first
-        {
-            self.reseal_old_last(k, new_size)?;
-        }
         let h = self.header.clone().ok_or(FileError::NeedKey)?;
         let mut len = 0usize;
         for i in first..=last {
@@ -428,6 +583,15 @@ impl EncryptedFile {
         }
         let mut scratch = Scratch::take();
         let region = scratch.get(len);
+        // A growing write keeps the old last block's stored bytes (`saved`)
+        // to undo itself, and re-seals that block in `resealed` when the
+        // write starts past it.
+        let mut keep = (growing && old_last.is_some()).then(Scratch::take);
+        let (saved, resealed): (&mut [u8], &mut [u8]) = match keep.as_mut() {
+            Some(s) => s.get(2 * sb).split_at_mut(sb),
+            None => (&mut [], &mut []),
+        };
+        let mut saved_len = 0usize;
         let mut pos = 0usize;
         for i in first..=last {
             let plen = self.layout.plain_len(new_size, i) as usize;
@@ -442,20 +606,99 @@ impl EncryptedFile {
             // A partial block: its slot in the reused buffer holds stale
             // bytes, so lay down the old block (zeros past its end) first.
             let n = match old_last {
-                Some(ol) if i <= ol => self.read_block(&h, k, i, slot)?,
+                Some(ol) if i <= ol => {
+                    let save = (growing && i == ol).then_some(&mut *saved);
+                    let n = self.read_block(&h, k, i, slot, save)?;
+                    if growing && i == ol {
+                        saved_len = n + BLOCK_OVERHEAD;
+                    }
+                    n
+                }
                 _ => 0,
             };
             slot[n..].fill(0);
             let src = (bstart + from - off) as usize;
             slot[from as usize..to as usize].copy_from_slice(&data[src..src + (to - from) as usize]);
         }
-        self.seal_and_write(k, first, region, new_size, Some((data, off)))?;
+        if let Some(ol) = old_last
+            && growing
+        {
+            let olen = self.layout.plain_len(self.size, ol) as usize + BLOCK_OVERHEAD;
+            if ol < first {
+                // The file grows past its last block, which becomes a full,
+                // not-last block (zero padded).
+                let slot = &mut resealed[NONCE_LEN..NONCE_LEN + bs as usize];
+                let n = self.read_block(&h, k, ol, slot, Some(&mut *saved))?;
+                slot[n..].fill(0);
+                self.seal(k, ol, &mut resealed[..sb], new_size, None)?;
+                saved_len = olen;
+            } else if saved_len == 0 {
+                // The write covers it whole: keep its bytes only to undo.
+                read_exact_at(&self.file, &mut saved[..olen], self.layout.block_offset(ol))
+                    .map_err(|_| FileError::Block { index: ol, what: "missing (file truncated)" })?;
+                saved_len = olen;
+            }
+        }
+        self.seal(k, first, region, new_size, Some((data, off)))?;
+        let off_first = self.layout.block_offset(first);
+        if !growing {
+            // An overwrite: lengths and flags stay; one pwrite.
+            self.pwrite(Step::WriteOld, region, off_first)?;
+            return Ok(());
+        }
+        if !self.size_ok {
+            // A torn tail: the write defines the new end; its bytes must not
+            // linger in a slot that stays a hole.
+            self.file.set_len(old_backing)?;
+        }
+        let new_backing = self.layout.backing_size(new_size);
+        let mut touched_old = false;
+        let mut reserved_to = old_backing;
+        let res = (|| -> std::io::Result<()> {
+            let Some(ol) = old_last.filter(|&ol| new_last > ol) else {
+                // Growing inside the old last block, or the first blocks of
+                // an empty file: one pwrite.
+                touched_old = old_last.is_some();
+                let step = if touched_old { Step::WriteOld } else { Step::WriteNew };
+                return self.pwrite(step, region, off_first);
+            };
+            // Room first, so ENOSPC fails before anything changes. A write
+            // far past the end leaves the gap a hole: reserve around it.
+            let next = self.layout.block_offset(ol + 1);
+            let new_from = self.layout.block_offset(first.max(ol + 1));
+            reserved_to = new_backing;
+            self.reserve(old_backing, if new_from > next { next } else { new_backing })?;
+            if new_from > next {
+                self.reserve(new_from, new_backing)?;
+            }
+            // The new blocks past the old last block...
+            let split = if first > ol { 0 } else { (ol + 1 - first) as usize * sb };
+            self.pwrite(Step::WriteNew, &region[split..], new_from)?;
+            // ...then the in-place change, the old last block with it.
+            touched_old = true;
+            if first > ol {
+                self.pwrite(Step::WriteOld, &resealed[..sb], self.layout.block_offset(ol))
+            } else {
+                self.pwrite(Step::WriteOld, &region[..split], off_first)
+            }
+        })();
+        if let Err(e) = res {
+            let ol = old_last.filter(|_| touched_old).map(|ol| (self.layout.block_offset(ol), &saved[..saved_len]));
+            self.undo_growth(old_backing, ol, reserved_to, fresh_header);
+            return Err(e.into());
+        }
         self.size = new_size;
+        self.size_ok = true;
         Ok(())
     }
 
     /// Truncates or extends to `new_size`. Extending leaves a hole: the gap's
     /// blocks are never written, so the backing file stays sparse.
+    ///
+    /// Extending is a write of one zero byte at the new end (ordered as any
+    /// growing write). Shrinking first re-seals the new last block in place,
+    /// followed by zeros to the end of what its slot held, then cuts the
+    /// file: a crash in between leaves the data before the new size readable.
     pub fn set_len(&mut self, key: Option<KeyArg<'_>>, new_size: u64) -> Result<(), FileError> {
         if new_size == 0 {
             // A fresh file ID and DEK will be minted on the next write.
@@ -470,27 +713,44 @@ impl EncryptedFile {
             return Ok(());
         }
         let key = key.ok_or(FileError::NeedKey)?;
+        if new_size > self.size {
+            return self.write_at(key, new_size - 1, &[0]);
+        }
+        // Shrinking, or cutting a torn tail at the current size.
         let k = Self::key_of(&key);
         self.ensure_header(key)?;
-        let bs = self.layout.block_size();
-        let new_last = (new_size - 1) / bs;
         let h = self.header.clone().ok_or(FileError::NeedKey)?;
-        let mut region = vec![0u8; bs as usize + BLOCK_OVERHEAD];
-        let slot = &mut region[NONCE_LEN..NONCE_LEN + bs as usize];
-        match self.last_index() {
-            Some(ol) if new_size > self.size && new_last > ol => {
-                self.reseal_old_last(k, new_size)?;
+        let bs = self.layout.block_size() as usize;
+        let sb = self.layout.stored_block() as usize;
+        let nl = (new_size - 1) / bs as u64;
+        let q = self.layout.plain_len(new_size, nl) as usize;
+        let olen = self.layout.plain_len(self.size, nl) as usize + BLOCK_OVERHEAD;
+        let off = self.layout.block_offset(nl);
+        let mut scratch = Scratch::take();
+        let (saved, work) = scratch.get(2 * sb).split_at_mut(sb);
+        match self.read_block(&h, k, nl, &mut work[NONCE_LEN..NONCE_LEN + bs], Some(&mut *saved)) {
+            Ok(_) => {}
+            // A torn tail leaves the last whole block sealed as not last:
+            // cutting the file there is what the caller asks for.
+            Err(e) if !self.size_ok && Some(nl) == self.last_index() => {
+                let w = &mut work[..olen];
+                w.copy_from_slice(&saved[..olen]);
+                open_in_place(k, &self.aad(&h, nl, false), w).map_err(|_| e)?;
             }
-            Some(_) => {
-                // The new last block exists now: keep its head.
-                self.read_block(&h, k, new_last, slot)?;
-            }
-            None => {}
+            Err(e) => return Err(e),
         }
-        let plen = self.layout.plain_len(new_size, new_last) as usize;
-        slot[plen..].fill(0);
-        self.file.set_len(self.layout.backing_size(new_size))?;
-        self.seal_and_write(k, new_last, &mut region[..plen + BLOCK_OVERHEAD], new_size, None)?;
+        let mut nonce = [0u8; NONCE_LEN];
+        random_fill(&mut nonce).map_err(|_| FileError::Random)?;
+        seal_in_place(k, &self.aad(&h, nl, true), nonce, &mut work[..q + BLOCK_OVERHEAD])?;
+        work[q + BLOCK_OVERHEAD..olen].fill(0);
+        if let Err(e) = self.pwrite(Step::WriteOld, &work[..olen], off) {
+            self.restore(off, &saved[..olen]);
+            return Err(e.into());
+        }
+        if let Err(e) = self.cut(self.layout.backing_size(new_size)) {
+            self.restore(off, &saved[..olen]);
+            return Err(e.into());
+        }
         self.size = new_size;
         self.size_ok = true;
         Ok(())
@@ -501,24 +761,140 @@ impl EncryptedFile {
         let mut r = VerifyReport { bad_size: !self.size_ok, ..Default::default() };
         let Some(h) = self.header.as_ref() else { return Ok(r) };
         h.verify(key)?;
-        let bs = self.layout.block_size() as usize;
-        let mut stored = vec![0u8; bs + BLOCK_OVERHEAD];
+        if !self.size_ok {
+            r.torn_bytes = self.file.metadata()?.len().saturating_sub(self.valid_backing());
+        }
+        let sb = self.layout.stored_block() as usize;
+        let mut buf = vec![0u8; 2 * sb];
+        let (stored, work) = buf.split_at_mut(sb);
         let count = self.layout.block_count(self.size);
         for i in 0..count {
-            let plen = self.layout.plain_len(self.size, i) as usize;
-            let s = &mut stored[..plen + BLOCK_OVERHEAD];
+            let s = &mut stored[..self.layout.plain_len(self.size, i) as usize + BLOCK_OVERHEAD];
             if read_exact_at(&self.file, s, self.layout.block_offset(i)).is_err() {
                 r.bad_blocks.push(i);
                 continue;
             }
-            if Some(i) != self.last_index() && is_hole(s) {
+            let is_last = Some(i) == self.last_index();
+            if !is_last && is_hole(s) {
                 r.zero_blocks.push(i);
                 continue;
             }
-            if self.open_one(h, key, i, s).is_err() {
+            let w = &mut work[..s.len()];
+            w.copy_from_slice(s);
+            if open_in_place(key, &self.aad(h, i, is_last), w).is_ok() {
+                continue;
+            }
+            if open_stale_slot(key, &self.aad(h, i, true), s, work).is_some() {
+                r.stale_blocks.push(i);
+            } else {
                 r.bad_blocks.push(i);
             }
         }
+        Ok(r)
+    }
+
+    /// Opens a slot as read (`stored`, up to one stored block) in any way a
+    /// crash can leave it: as the last block, as a full not-last block, as
+    /// a hole, or as a stale last block. Returns the plaintext length (at
+    /// `work[NONCE_LEN..]`) and whether the block must be re-sealed to be
+    /// the file's last.
+    fn open_lenient(
+        &self,
+        h: &FileHeader,
+        key: &DataKey,
+        index: u64,
+        stored: &[u8],
+        work: &mut [u8],
+    ) -> Option<(usize, bool)> {
+        let (n, full) = (stored.len(), stored.len() == self.layout.stored_block() as usize);
+        if n <= BLOCK_OVERHEAD {
+            return None;
+        }
+        let attempt = |last: bool, work: &mut [u8]| {
+            work[..n].copy_from_slice(stored);
+            open_in_place(key, &self.aad(h, index, last), &mut work[..n]).is_ok()
+        };
+        if attempt(true, work) {
+            return Some((n - BLOCK_OVERHEAD, false));
+        }
+        if full && attempt(false, work) {
+            return Some((n - BLOCK_OVERHEAD, true));
+        }
+        if full && is_hole(stored) {
+            work[..n].fill(0);
+            return Some((n - BLOCK_OVERHEAD, true));
+        }
+        open_stale_slot(key, &self.aad(h, index, true), stored, work).map(|p| (p, true))
+    }
+
+    /// Repairs what a torn write or an interrupted update leaves, for
+    /// `fsck --repair`; `found` is this file's `verify` report. Cuts a torn
+    /// tail back to the last block that authenticates (the final slot, or
+    /// the one before it: a torn write leaves at most one partial block),
+    /// re-seals that block as the last one, and re-seals stale last blocks
+    /// inside the file as full blocks. Other failing blocks are left as
+    /// they are. Each step is ordered as in `set_len`, so a crash during a
+    /// repair leaves a file that a second run repairs.
+    pub fn repair(&mut self, key: &DataKey, found: &VerifyReport) -> Result<RepairReport, FileError> {
+        let mut r = RepairReport::default();
+        let Some(h) = self.header.clone() else { return Ok(r) };
+        h.verify(key)?;
+        let backing = self.file.metadata()?.len();
+        let sb = self.layout.stored_block();
+        let bs = self.layout.block_size() as usize;
+        let slots = backing.saturating_sub(self.layout.header_size()).div_ceil(sb);
+        let mut buf = vec![0u8; 2 * sb as usize];
+        let (stored, work) = buf.split_at_mut(sb as usize);
+        let mut keep = None;
+        for i in (slots.saturating_sub(2)..slots).rev() {
+            let off = self.layout.block_offset(i);
+            let s = &mut stored[..(backing - off).min(sb) as usize];
+            read_exact_at(&self.file, s, off)?;
+            if let Some((n, reseal)) = self.open_lenient(&h, key, i, s, work) {
+                keep = Some((i, n, reseal, s.len()));
+                break;
+            }
+        }
+        let Some((last, n, reseal, slot_len)) = keep else {
+            if slots > 1 {
+                return Err(FileError::Block { index: slots - 2, what: "fails, and so does the block after it" });
+            }
+            // A header and at most one torn block: nothing authentic.
+            self.file.set_len(0)?;
+            self.file.sync_all()?;
+            (r.cut_bytes, r.cut_blocks) = (backing, slots);
+            self.header = None;
+            self.verified.store(false, Ordering::Relaxed);
+            (self.size, self.size_ok) = (0, true);
+            return Ok(r);
+        };
+        let off = self.layout.block_offset(last);
+        if reseal {
+            let mut nonce = [0u8; NONCE_LEN];
+            random_fill(&mut nonce).map_err(|_| FileError::Random)?;
+            seal_in_place(key, &self.aad(&h, last, true), nonce, &mut work[..n + BLOCK_OVERHEAD])?;
+            work[n + BLOCK_OVERHEAD..slot_len].fill(0);
+            self.file.write_all_at(&work[..slot_len], off)?;
+            r.resealed.push(last);
+        }
+        let end = off + (n + BLOCK_OVERHEAD) as u64;
+        if end < backing {
+            self.file.set_len(end)?;
+            (r.cut_bytes, r.cut_blocks) = (backing - end, slots - 1 - last);
+        }
+        (self.size, self.size_ok) = (last * bs as u64 + n as u64, true);
+        for &i in found.stale_blocks.iter().filter(|&&i| i < last) {
+            let off = self.layout.block_offset(i);
+            read_exact_at(&self.file, stored, off)?;
+            let Some(n) = open_stale_slot(key, &self.aad(&h, i, true), stored, work) else { continue };
+            work[NONCE_LEN + n..NONCE_LEN + bs].fill(0);
+            let mut nonce = [0u8; NONCE_LEN];
+            random_fill(&mut nonce).map_err(|_| FileError::Random)?;
+            seal_in_place(key, &self.aad(&h, i, false), nonce, work)?;
+            self.file.write_all_at(work, off)?;
+            r.resealed.push(i);
+        }
+        self.file.sync_all()?;
         Ok(r)
     }
 
@@ -533,21 +909,31 @@ impl EncryptedFile {
     }
 }
 
+/// Opens `stored`, one block's slot as read, as a stale last block: sealed
+/// as the last block at a shorter length and followed by zero bytes, as an
+/// interrupted append or truncation leaves it (docs/FORMAT.md). Its stored
+/// length ends where the trailing zeros start, or up to 15 bytes later, as a
+/// tag may end in zero bytes. Returns the plaintext length; the plaintext is
+/// at `work[NONCE_LEN..]`, which must be as long as `stored`. Only called
+/// after the block failed to open as it should.
+fn open_stale_slot(key: &DataKey, aad: &BlockAad<'_>, stored: &[u8], work: &mut [u8]) -> Option<usize> {
+    let z = stored.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1);
+    for l in z.max(BLOCK_OVERHEAD + 1)..=(z + TAG_LEN - 1).min(stored.len()) {
+        let w = &mut work[..l];
+        w.copy_from_slice(&stored[..l]);
+        if open_in_place(key, aad, w).is_ok() {
+            return Some(l - BLOCK_OVERHEAD);
+        }
+    }
+    None
+}
+
 fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
     f.read_exact_at(buf, off)
 }
 
 /// A stored block's nonce and tag, read apart from its ciphertext.
 const TRAILER: usize = BLOCK_OVERHEAD;
-
-/// The error for block `index` failing to open.
-fn block_error(index: u64, e: CodecError) -> FileError {
-    let what = match e {
-        CodecError::Length(_) => "invalid length",
-        CodecError::Auth | CodecError::Random => "authentication failed",
-    };
-    FileError::Block { index, what }
-}
 
 /// A per-thread reusable buffer, so a 1 MiB read or write allocates and
 /// zeroes nothing. Each thread keeps up to `SCRATCH_SLOTS` of them: a read
@@ -598,5 +984,286 @@ impl Drop for Scratch {
             pool.push(std::mem::take(&mut self.0));
         }
         SCRATCH.set(pool);
+    }
+}
+
+/// Fault injection for the unit tests of update ordering: fail a step
+/// (ENOSPC, optionally after writing part of it), or "crash" there (the
+/// step and everything after it, undo included, does nothing).
+#[cfg(test)]
+mod fault {
+    use super::Step;
+    use std::cell::Cell;
+
+    #[derive(Clone, Copy, Debug)]
+    pub(super) enum Fault {
+        Fail,
+        FailAfter(usize),
+        Crash,
+        CrashAfter(usize),
+    }
+
+    thread_local! {
+        static ARMED: Cell<Option<(Step, Fault)>> = const { Cell::new(None) };
+        static CRASHED: Cell<bool> = const { Cell::new(false) };
+    }
+
+    pub(super) fn arm(step: Step, f: Fault) {
+        ARMED.set(Some((step, f)));
+        CRASHED.set(false);
+    }
+
+    /// Whether the armed fault has fired; disarms.
+    pub(super) fn fired() -> bool {
+        let fired = ARMED.get().is_none();
+        ARMED.set(None);
+        CRASHED.set(false);
+        fired
+    }
+
+    pub(super) fn crashed() -> bool {
+        CRASHED.get()
+    }
+
+    pub(super) fn hit(step: Step, partial: impl FnOnce(usize) -> std::io::Result<()>) -> Option<std::io::Result<()>> {
+        let enospc = || Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        if CRASHED.get() {
+            return Some(enospc());
+        }
+        let (s, f) = ARMED.get()?;
+        if s != step {
+            return None;
+        }
+        ARMED.set(None);
+        if let Fault::FailAfter(n) | Fault::CrashAfter(n) = f {
+            let _ = partial(n);
+        }
+        CRASHED.set(matches!(f, Fault::Crash | Fault::CrashAfter(_)));
+        Some(enospc())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    //! Every step of every multi-step update, failed or crashed: data that
+    //! was there before stays readable (docs/FORMAT.md, "Interrupted updates").
+
+    use super::fault::{self, Fault};
+    use super::*;
+    use crate::keys::KeyProvider;
+    use crate::keys::local::LocalProvider;
+
+    const B: u64 = 4096;
+    const VOL: Id = [3; 16];
+
+    struct Fx {
+        dir: tempfile::TempDir,
+        key: FreshKey,
+    }
+
+    impl Fx {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let p = LocalProvider::create_key_file(&dir.path().join("k")).unwrap();
+            let file_id = crate::format::random_id().unwrap();
+            let (key, wrapped) = p.generate(&KeyContext::file(VOL, file_id)).unwrap();
+            Self { dir, key: FreshKey { file_id, key, wrapped } }
+        }
+        fn open(&self) -> EncryptedFile {
+            let path = self.dir.path().join("f");
+            let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).unwrap();
+            EncryptedFile::open(f, Layout::new(256, 12).unwrap(), VOL).unwrap()
+        }
+        /// A fresh file holding `data`.
+        fn file(&self, data: &[u8]) -> EncryptedFile {
+            let _ = std::fs::remove_file(self.dir.path().join("f"));
+            let mut f = self.open();
+            if !data.is_empty() {
+                f.write_at(KeyArg::Fresh(&self.key), 0, data).unwrap();
+            }
+            f
+        }
+        fn arg(&self, f: &EncryptedFile) -> KeyArg<'_> {
+            if f.header().is_some() { KeyArg::Existing(&self.key.key) } else { KeyArg::Fresh(&self.key) }
+        }
+    }
+
+    fn pattern(n: usize, seed: u8) -> Vec<u8> {
+        (0..n).map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed) | 1).collect()
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Write(u64, usize),
+        SetLen(u64),
+    }
+
+    impl Op {
+        fn apply(&self, fx: &Fx, f: &mut EncryptedFile) -> Result<(), FileError> {
+            match *self {
+                Op::Write(off, n) => f.write_at(fx.arg(f), off, &pattern(n, 0x40)),
+                Op::SetLen(n) => f.set_len(Some(fx.arg(f)), n),
+            }
+        }
+        fn model(&self, old: &[u8]) -> Vec<u8> {
+            let mut m = old.to_vec();
+            match *self {
+                Op::Write(off, n) => {
+                    let end = off as usize + n;
+                    if m.len() < end {
+                        m.resize(end, 0);
+                    }
+                    m[off as usize..end].copy_from_slice(&pattern(n, 0x40));
+                }
+                Op::SetLen(n) => m.resize(n as usize, 0),
+            }
+            m
+        }
+        fn grows(&self, old: usize) -> bool {
+            match *self {
+                Op::Write(off, n) => off as usize + n > old,
+                Op::SetLen(n) => n as usize != old,
+            }
+        }
+    }
+
+    /// The updates to attack, from each starting size.
+    fn ops(size: u64) -> Vec<Op> {
+        let mut v = vec![
+            Op::Write(size, 1),
+            Op::Write(size, 50),
+            Op::Write(size, 10_000),
+            Op::Write(size + 20_000, 100),
+            Op::Write(size.saturating_sub(50), 9_000),
+            Op::Write(size.saturating_sub(50), 50),
+            Op::Write(size.saturating_sub(B + 10), B as usize + 100),
+            Op::Write(0, 3),
+            Op::SetLen(size + 10),
+            Op::SetLen(size + 30_000),
+        ];
+        for cut in [1, 10, B, 5_000] {
+            if size > cut {
+                v.push(Op::SetLen(size - cut));
+            }
+        }
+        v
+    }
+
+    /// The faults to inject into `op` on a file of `old` bytes. A write that
+    /// fails part way (ENOSPC) stops where the file needs new space: past
+    /// its old end, or inside its old last block when that grows in place,
+    /// never inside blocks already allocated before it.
+    fn faults(op: &Op, old: usize) -> Vec<Fault> {
+        let mut v = vec![Fault::Fail, Fault::Crash];
+        if !op.grows(old) {
+            return v;
+        }
+        let first = match *op {
+            Op::Write(off, _) => off / B,
+            Op::SetLen(n) => n.saturating_sub(1) / B,
+        };
+        let old_last = (old as u64).saturating_sub(1) / B;
+        for n in [1, 100, 3_000, 4_124, 4_200, 9_000] {
+            if first >= old_last || old == 0 {
+                v.push(Fault::FailAfter(n));
+            }
+            v.push(Fault::CrashAfter(n));
+        }
+        v
+    }
+
+    /// Reads each block on its own; `None` for a block that fails.
+    fn blocks(fx: &Fx) -> (u64, Vec<Option<Vec<u8>>>) {
+        let f = fx.open();
+        let n = f.size().div_ceil(B);
+        let key = f.header().map(|_| &fx.key.key);
+        (f.size(), (0..n).map(|i| f.read_at(key, i * B, B as usize).ok()).collect())
+    }
+
+    /// After a crash: every byte below both the old and the new size is the
+    /// old or the new value (the same outside the update), in a block that
+    /// reads, unless it is the one block rewritten in place by a torn write;
+    /// bytes past either size may also be zeros.
+    fn check_after_crash(fx: &Fx, old: &[u8], new: &[u8], torn_in_place: bool, what: &str) {
+        let (size, got) = blocks(fx);
+        let keep = old.len().min(new.len()) as u64;
+        // A torn in-place write loses that block (and repair then cuts it).
+        assert!(size >= keep || torn_in_place, "{what}: size {size} lost acknowledged bytes below {keep}");
+        let mut failed = 0;
+        for (i, b) in got.iter().enumerate() {
+            let Some(b) = b else {
+                if (i as u64) * B < keep {
+                    failed += 1;
+                }
+                continue;
+            };
+            for (j, &x) in b.iter().enumerate() {
+                let at = i * B as usize + j;
+                let ok = old.get(at) == Some(&x) || new.get(at) == Some(&x) || (x == 0 && at as u64 >= keep);
+                assert!(ok, "{what}: byte {at} is {x}");
+            }
+        }
+        let allowed = usize::from(torn_in_place);
+        assert!(failed <= allowed, "{what}: {failed} blocks below the old size fail");
+    }
+
+    #[test]
+    fn failed_or_crashed_updates_keep_earlier_data() {
+        let fx = Fx::new();
+        let steps = [Step::Reserve, Step::WriteNew, Step::WriteOld, Step::Truncate];
+        let mut fired = 0;
+        for size in [0u64, 1, 100, B - 1, B, B + 100, 3 * B - 5, 3 * B] {
+            let old = pattern(size as usize, size as u8);
+            for op in ops(size) {
+                for step in steps {
+                    for f in faults(&op, old.len()) {
+                        let what = format!("size {size}, {op:?}, {f:?} at {step:?}");
+                        let mut file = fx.file(&old);
+                        fault::arm(step, f);
+                        let res = op.apply(&fx, &mut file);
+                        if !fault::fired() {
+                            res.unwrap_or_else(|e| panic!("{what}: not hit, yet {e}"));
+                            continue;
+                        }
+                        fired += 1;
+                        assert!(res.is_err(), "{what}: a failed step must fail the update");
+                        drop(file);
+                        let new = op.model(&old);
+                        match f {
+                            Fault::Fail | Fault::FailAfter(_) => {
+                                // Undone: the file is exactly as before, with
+                                // no stale or torn block left behind.
+                                let file = fx.open();
+                                assert_eq!(file.size(), size, "{what}");
+                                let key = file.header().map(|_| &fx.key.key);
+                                assert_eq!(file.read_at(key, 0, 1 << 20).unwrap(), old, "{what}");
+                                if let Some(k) = key {
+                                    let v = file.verify(k).unwrap();
+                                    assert_eq!(v, VerifyReport::default(), "{what}");
+                                }
+                            }
+                            Fault::Crash | Fault::CrashAfter(_) => {
+                                let torn = matches!(f, Fault::CrashAfter(_)) && step == Step::WriteOld;
+                                check_after_crash(&fx, &old, &new, torn, &what);
+                                // fsck --repair leaves a file that reads whole.
+                                let mut file = fx.open();
+                                if file.header().is_some() {
+                                    let v = file.verify(&fx.key.key).unwrap();
+                                    if file.repair(&fx.key.key, &v).is_ok() {
+                                        let v = file.verify(&fx.key.key).unwrap();
+                                        assert!(!v.bad_size && v.stale_blocks.is_empty(), "{what}: {v:?}");
+                                        assert!(torn || v.bad_blocks.is_empty(), "{what}: {v:?}");
+                                    }
+                                }
+                                check_after_crash(&fx, &old, &new, torn, &format!("{what}, repaired"));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        eprintln!("{fired} faults fired");
+        assert!(fired > 500, "only {fired} faults fired");
     }
 }

@@ -527,6 +527,19 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                 for (p, k) in &r.foreign {
                     println!("FOREIGN {p}: wrapped under key {k}, which this volume does not trust");
                 }
+                for x in &r.repaired {
+                    println!(
+                        "REPAIRED {}: cut {} bytes ({} torn or unauthentic block(s)), re-sealed block(s) {:?}",
+                        x.path, x.cut_bytes, x.cut_blocks, x.resealed
+                    );
+                }
+                for (p, s) in &r.stale {
+                    println!(
+                        "STALE   {p}: block(s) {:?} left by an interrupted append or truncation (read as their data \
+                         followed by zeros); fsck --repair re-seals them",
+                        &s[..s.len().min(5)]
+                    );
+                }
                 for (p, z) in &r.zeroed {
                     println!(
                         "ZEROED  {p}: {} all-zero block(s) read as holes, first {:?}",

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::file::{EncryptedFile, FileError};
+use crate::file::{EncryptedFile, FileError, VerifyReport};
 use crate::format::block::{BlockAad, is_hole, open_in_place, seal_in_place};
 use crate::format::header::{FileHeader, KEY_SECTION};
 use crate::format::layout::Layout;
@@ -334,6 +334,38 @@ pub struct Damage {
     pub bad_blocks: Vec<u64>,
 }
 
+/// One file that `fsck --repair` changed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Repaired {
+    /// Plaintext path.
+    pub path: String,
+    /// Bytes cut from the end of the backing file.
+    pub cut_bytes: u64,
+    /// Stored blocks (whole or torn) among them.
+    pub cut_blocks: u64,
+    /// Blocks re-sealed in place (the new last block, stale last blocks).
+    pub resealed: Vec<u64>,
+}
+
+/// What is wrong with a file, from its verify report; `None` if nothing.
+fn damage_of(v: &VerifyReport, blocks: u64) -> Option<String> {
+    if v.bad_size && blocks == 0 {
+        Some(format!("torn tail: a header and {} bytes, no whole block (fsck --repair empties the file)", v.torn_bytes))
+    } else if v.bad_size {
+        Some(format!("torn tail: {} bytes past the last whole block (fsck --repair cuts them)", v.torn_bytes))
+    } else if v.bad_blocks.last().is_some_and(|&b| b + 1 == blocks) {
+        Some(
+            "the last block fails authentication: a torn write or a cut file (fsck --repair cuts back to the \
+             last authentic block)"
+                .into(),
+        )
+    } else if !v.bad_blocks.is_empty() {
+        Some("blocks failed authentication".into())
+    } else {
+        None
+    }
+}
+
 /// fsck results.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct FsckReport {
@@ -348,11 +380,19 @@ pub struct FsckReport {
     /// Files wrapped under a key this volume does not trust: path and the
     /// key their header names (never sent to KMS).
     pub foreign: Vec<(String, String)>,
+    /// Files with stale last blocks, which an interrupted append or
+    /// truncation leaves (they read as their data followed by zeros): path
+    /// and block indexes.
+    pub stale: Vec<(String, Vec<u64>)>,
+    /// Files that `repair` changed.
+    pub repaired: Vec<Repaired>,
     /// Directory and name problems (encrypted names).
     pub dirs: DirProblems,
 }
 
-/// Verifies every header and every block of every file.
+/// Verifies every header and every block of every file. With `repair`,
+/// also cuts torn tails back to the last authentic block and re-seals stale
+/// last blocks (`EncryptedFile::repair`), and reports what it changed.
 pub fn fsck(
     cipherdir: &Path,
     layout: Layout,
@@ -371,14 +411,14 @@ pub fn fsck(
         r.files += 1;
         let mut damage =
             |error: String, bad: Vec<u64>| r.damaged.push(Damage { path: rel.clone(), error, bad_blocks: bad });
-        let f = match File::open(p) {
+        let f = match OpenOptions::new().read(true).write(repair).open(p) {
             Ok(f) => f,
             Err(e) => {
                 damage(e.to_string(), vec![]);
                 continue;
             }
         };
-        let enc = match EncryptedFile::open(f, layout, volume_id) {
+        let mut enc = match EncryptedFile::open(f, layout, volume_id) {
             Ok(e) => e,
             Err(e) => {
                 damage(e.to_string(), vec![]);
@@ -398,23 +438,53 @@ pub fn fsck(
                 continue;
             }
         };
-        r.blocks += layout.block_count(enc.size());
-        match enc.verify(&key) {
-            Ok(v) => {
-                if v.bad_size || !v.bad_blocks.is_empty() {
-                    let what = if v.bad_size {
-                        "invalid size (truncated or torn tail)"
-                    } else {
-                        "blocks failed authentication"
-                    };
-                    damage(what.into(), v.bad_blocks);
-                }
-                if !v.zero_blocks.is_empty() {
-                    r.zeroed.push((rel.clone(), v.zero_blocks));
-                }
+        let mut v = match enc.verify(&key) {
+            Ok(v) => v,
+            Err(FileError::Header(e)) => {
+                damage(format!("header: {e}"), vec![]);
+                continue;
             }
-            Err(FileError::Header(e)) => damage(format!("header: {e}"), vec![]),
-            Err(e) => damage(e.to_string(), vec![]),
+            Err(e) => {
+                damage(e.to_string(), vec![]);
+                continue;
+            }
+        };
+        let mut not_repaired = None;
+        let tail_bad = v.bad_blocks.last().is_some_and(|&b| b + 1 == layout.block_count(enc.size()));
+        if repair && (v.bad_size || tail_bad || !v.stale_blocks.is_empty()) {
+            match enc.repair(&key, &v) {
+                Ok(done) => {
+                    r.repaired.push(Repaired {
+                        path: rel.clone(),
+                        cut_bytes: done.cut_bytes,
+                        cut_blocks: done.cut_blocks,
+                        resealed: done.resealed,
+                    });
+                    v = match enc.verify(&key) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            r.damaged.push(Damage { path: rel.clone(), error: e.to_string(), bad_blocks: vec![] });
+                            continue;
+                        }
+                    };
+                }
+                Err(e) => not_repaired = Some(e.to_string()),
+            }
+        }
+        let blocks = layout.block_count(enc.size());
+        r.blocks += blocks;
+        if let Some(what) = damage_of(&v, blocks) {
+            let what = match not_repaired {
+                Some(why) => format!("{what}; not repaired: {why}"),
+                None => what,
+            };
+            r.damaged.push(Damage { path: rel.clone(), error: what, bad_blocks: v.bad_blocks });
+        }
+        if !v.zero_blocks.is_empty() {
+            r.zeroed.push((rel.clone(), v.zero_blocks));
+        }
+        if !v.stale_blocks.is_empty() {
+            r.stale.push((rel.clone(), v.stale_blocks));
         }
     }
     progress(total, total);

@@ -389,3 +389,180 @@ fn zeroed_last_block_is_not_a_hole() {
     std::fs::write(fx.path("z"), &bytes).unwrap();
     assert_rejected(&fx, "z", "zeroed last block");
 }
+
+// ---- torn tails and interrupted updates (docs/FORMAT.md "Interrupted updates") ----
+
+/// Reads block `i` alone.
+fn read_block(f: &EncryptedFile, key: &DataKey, i: u64) -> Result<Vec<u8>, FileError> {
+    f.read_at(Some(key), i * B as u64, B)
+}
+
+fn open(fx: &Fixture, name: &str) -> EncryptedFile {
+    EncryptedFile::open(open_rw(&fx.path(name)), layout(12), VOL).unwrap()
+}
+
+/// A kill -9 in the middle of a large pwrite leaves the backing file cut at
+/// a page boundary: 1..28 bytes past a whole block, or inside a block. Every
+/// intact block still reads; only the torn one fails, and names itself;
+/// `repair` cuts back to the last authentic block and re-seals it as last.
+#[test]
+fn torn_tail_fails_only_its_block_and_repair_cuts_it() {
+    let fx = Fixture::new();
+    let data = pattern(10 * B + 300, 11);
+    write_file(&fx, "v", 12, &data, 10 * B + 300);
+    let bytes = std::fs::read(fx.path("v")).unwrap();
+    // (backing length, blocks that must read, the block that fails, size after repair)
+    for (cut, good, bad, repaired) in [
+        (H + 7 * SB + 1, 6, 6, 7 * B),
+        (H + 7 * SB + 28, 6, 6, 7 * B),
+        (H + 7 * SB, 6, 6, 7 * B),
+        (H + 7 * SB + 500, 7, 7, 7 * B),
+        (H + 7 * SB + SB - 1, 7, 7, 7 * B),
+        (H + 28, 0, 0, 0),
+        (H + 100, 0, 0, 0),
+    ] {
+        std::fs::write(fx.path("t"), &bytes[..cut as usize]).unwrap();
+        let mut f = open(&fx, "t");
+        let key = fx.key_for(&f);
+        for i in 0..good {
+            let got = read_block(&f, &key, i).unwrap_or_else(|e| panic!("cut {cut}: block {i}: {e}"));
+            assert!(got == data[i as usize * B..(i as usize + 1) * B], "cut {cut}: block {i}");
+        }
+        match f.read_at(Some(&key), 0, 20 * B) {
+            Err(FileError::Block { index, .. }) => assert_eq!(index, bad, "cut {cut}"),
+            Err(FileError::BadSize(_)) => assert_eq!(bad, 0, "cut {cut}"),
+            other => panic!("cut {cut}: expected block {bad} to fail, got {:?}", other.map(|v| v.len())),
+        }
+        let v = f.verify(&key).unwrap();
+        assert!(v.bad_size || v.bad_blocks == [bad], "cut {cut}: {v:?}");
+        let r = f.repair(&key, &v).unwrap();
+        assert_eq!(r.cut_bytes, cut - layout(12).backing_size(repaired as u64), "cut {cut}: {r:?}");
+        drop(f);
+        let back = read_file(&fx, "t", 12).unwrap_or_else(|e| panic!("cut {cut}: after repair: {e}"));
+        assert!(back == data[..repaired], "cut {cut}: {} bytes after repair", back.len());
+        let f = open(&fx, "t");
+        if f.header().is_some() {
+            assert_eq!(f.verify(&fx.key_for(&f)).unwrap(), Default::default(), "cut {cut}: clean after repair");
+        }
+    }
+}
+
+/// A torn tail 1..28 bytes past a block that is sealed as the last one (an
+/// append torn right after it began) reads whole; the stray bytes are
+/// invisible, and the next append overwrites them.
+#[test]
+fn torn_bytes_after_an_intact_last_block_read_whole() {
+    let fx = Fixture::new();
+    let data = pattern(3 * B, 12);
+    write_file(&fx, "v", 12, &data, 3 * B);
+    let f = std::fs::OpenOptions::new().append(true).open(fx.path("v")).unwrap();
+    use std::io::Write;
+    (&f).write_all(&[0x5a; 17]).unwrap();
+    let mut f = open(&fx, "v");
+    let key = fx.key_for(&f);
+    assert_eq!(f.size(), 3 * B as u64);
+    assert!(f.read_at(Some(&key), 0, 4 * B).unwrap() == data);
+    assert_eq!(f.verify(&key).unwrap().torn_bytes, 17);
+    f.write_at(KeyArg::Existing(&key), 3 * B as u64, b"more").unwrap();
+    let mut want = data.clone();
+    want.extend_from_slice(b"more");
+    drop(f);
+    assert!(read_file(&fx, "v", 12).unwrap() == want);
+}
+
+/// Truncating a torn file to the size it reports keeps every whole block:
+/// the caller asks for that end, so the last whole block is re-sealed as last.
+#[test]
+fn truncate_to_reported_size_cuts_a_torn_tail() {
+    let fx = Fixture::new();
+    let data = pattern(5 * B + 10, 13);
+    write_file(&fx, "v", 12, &data, 5 * B + 10);
+    let bytes = std::fs::read(fx.path("v")).unwrap();
+    std::fs::write(fx.path("t"), &bytes[..(H + 4 * SB + 9) as usize]).unwrap();
+    let mut f = open(&fx, "t");
+    let key = fx.key_for(&f);
+    assert_eq!(f.size(), 4 * B as u64);
+    f.set_len(Some(KeyArg::Existing(&key)), 4 * B as u64).unwrap();
+    assert!(f.read_at(Some(&key), 0, 8 * B).unwrap() == data[..4 * B]);
+    drop(f);
+    assert!(read_file(&fx, "t", 12).unwrap() == data[..4 * B]);
+}
+
+/// Issue 14, point 6: a file left with only its header reads EIO, and after
+/// a successful write reads fine through the same object.
+#[test]
+fn header_only_file_reads_after_a_write_through_the_same_handle() {
+    let fx = Fixture::new();
+    write_file(&fx, "v", 12, &pattern(5000, 14), 5000);
+    let bytes = std::fs::read(fx.path("v")).unwrap();
+    for stray in [0usize, 5, 28] {
+        std::fs::write(fx.path("h"), &bytes[..H as usize + stray]).unwrap();
+        let mut f = open(&fx, "h");
+        let key = fx.key_for(&f);
+        assert!(matches!(f.read_at(Some(&key), 0, 10), Err(FileError::BadSize(_))));
+        f.write_at(KeyArg::Existing(&key), 1, b"abc").unwrap();
+        assert_eq!(f.read_at(Some(&key), 0, 10).unwrap(), b"\0abc", "stray {stray}");
+        assert_eq!(f.verify(&key).unwrap(), Default::default());
+        // A sparse first write leaves block 0 a hole, not the stray bytes.
+        std::fs::write(fx.path("h"), &bytes[..H as usize + stray]).unwrap();
+        let mut f = open(&fx, "h");
+        f.write_at(KeyArg::Existing(&key), 2 * B as u64, b"x").unwrap();
+        assert!(f.read_at(Some(&key), 0, 3 * B).unwrap().iter().take(2 * B).all(|&b| b == 0));
+    }
+}
+
+/// The stale-last tolerance accepts only a block of this file, at this
+/// index, sealed as the last block, followed by zeros. So an old last block
+/// put back in its slot reads as its old data followed by zeros (a v1
+/// limitation, docs/SECURITY.md), while a block from another index or
+/// another file, a not-last block, or trailing bytes that are not zero
+/// still fail.
+#[test]
+fn stale_last_block_tolerance_is_narrow() {
+    let fx = Fixture::new();
+    // v is 3 full blocks; `old` is v when it ended inside block 1.
+    let data = pattern(3 * B, 15);
+    write_file(&fx, "v", 12, &data[..B + 100], B + 100);
+    let old = std::fs::read(fx.path("v")).unwrap();
+    let short_last = old[(H + SB) as usize..].to_vec(); // block 1 sealed last, 100 bytes
+    let mut f = open(&fx, "v");
+    let key = fx.key_for(&f);
+    f.write_at(KeyArg::Existing(&key), B as u64 + 100, &data[B + 100..]).unwrap();
+    drop(f);
+    let good = std::fs::read(fx.path("v")).unwrap();
+    let slot1 = (H + SB) as usize..(H + 2 * SB) as usize;
+    let put = |slot_bytes: &[u8]| {
+        let mut b = good.clone();
+        b[slot1.clone()].fill(0);
+        b[slot1.start..slot1.start + slot_bytes.len()].copy_from_slice(slot_bytes);
+        std::fs::write(fx.path("s"), &b).unwrap();
+        let f = open(&fx, "s");
+        f.read_at(Some(&key), B as u64, B)
+    };
+    // The old last block, put back: its data, then zeros.
+    let got = put(&short_last).unwrap();
+    assert!(got[..100] == data[B..B + 100] && got[100..].iter().all(|&b| b == 0));
+    // Not followed by zeros: fails.
+    let mut dirty = short_last.clone();
+    dirty.push(1);
+    assert!(put(&dirty).is_err(), "trailing non-zero byte");
+    // Block 1 of another file sealed last at the same length: fails.
+    write_file(&fx, "w", 12, &data[..B + 100], B + 100);
+    let other = std::fs::read(fx.path("w")).unwrap()[(H + SB) as usize..].to_vec();
+    assert!(put(&other).is_err(), "another file's block");
+    // The old last block moved to another index: fails.
+    let mut b = good.clone();
+    let slot2 = (H + 2 * SB) as usize..(H + 3 * SB) as usize;
+    b[slot2.clone()].fill(0);
+    b[slot2.start..slot2.start + short_last.len()].copy_from_slice(&short_last);
+    b.extend_from_slice(&good[(H + SB) as usize..(H + 2 * SB) as usize]);
+    std::fs::write(fx.path("m"), &b).unwrap();
+    assert!(open(&fx, "m").read_at(Some(&key), 2 * B as u64, B).is_err(), "moved to another index");
+    // A full not-last block cut short and zero padded: fails.
+    let mut cut = good[slot1.clone()].to_vec();
+    cut.truncate(2000);
+    assert!(put(&cut).is_err(), "a cut not-last block");
+    // The truncation attacks of v1 still fail: cutting at a block boundary.
+    std::fs::write(fx.path("c"), &good[..(H + 2 * SB) as usize]).unwrap();
+    assert!(open(&fx, "c").read_at(Some(&key), B as u64, B).is_err(), "cut at a block boundary");
+}
