@@ -1095,7 +1095,7 @@ impl EncFs {
                 continue;
             }
             let id = loaded.key.id;
-            if let Err(e) = rewrite_dir_id(&d, &self.names.dir_record(&id, &[&src, &dest])) {
+            if let Err(e) = rewrite_dir_id(&d, &self.names.dir_record(&id, &[&src, &dest]), true, true) {
                 self.dirs_moved(moves, false);
                 return Err(e.into());
             }
@@ -1110,7 +1110,7 @@ impl EncFs {
     fn dirs_moved(&self, moves: Vec<DirMove>, done: bool) {
         for m in moves {
             let keep = if done { m.dest } else { m.src };
-            if let Err(e) = rewrite_dir_id(&m.fd, &self.names.dir_record(&m.id, &[&keep])) {
+            if let Err(e) = rewrite_dir_id(&m.fd, &self.names.dir_record(&m.id, &[&keep]), true, true) {
                 tracing::warn!("cannot finish a moved directory's ID record ({e}); it is trimmed when next loaded");
             }
         }
@@ -1613,10 +1613,27 @@ fn keeping_mtime<T>(dir: &OwnedFd, f: impl FnOnce() -> std::io::Result<T>) -> st
     r
 }
 
-/// Writes both copies of a directory-ID record (for a repair or a move),
-/// keeping the directory's mtime.
-fn rewrite_dir_id(dir: &OwnedFd, record: &[u8]) -> std::io::Result<()> {
-    keeping_mtime(dir, || store_dir_id(dir, record))
+/// Writes a directory-ID record (for a repair or a move) to the xattr
+/// copy, the file copy or both, keeping the directory's mtime. Returns
+/// whether the xattr copy was written: a filesystem without user xattrs
+/// (NFS) keeps the file copy alone, quietly.
+fn rewrite_dir_id(dir: &OwnedFd, record: &[u8], xattr: bool, file: bool) -> std::io::Result<bool> {
+    keeping_mtime(dir, || {
+        let mut wrote_xattr = false;
+        if xattr {
+            match sys::xattr::set(dir, OsStr::new(names::DIRID_XATTR), record, 0) {
+                Ok(()) => wrote_xattr = true,
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                Err(e) if !file => return Err(e),
+                Err(e) => tracing::warn!("cannot store directory ID xattr ({e}); relying on the ID file"),
+            }
+        }
+        if file {
+            write_dir_id_file(dir, record)?;
+            sys::fsync_dir(dir)?;
+        }
+        Ok(wrote_xattr)
+    })
 }
 
 /// Reads a directory's ID record (xattr and file copy) and checks it under
@@ -1671,15 +1688,19 @@ pub fn load_dir_id(dir: &OwnedFd, parent: &Id, names: &Names, repair: bool) -> s
         return Ok(out);
     }
     let record = if key.bound { names.dir_record(&key.id, &[parent]) } else { key.id.to_vec() };
-    let what = if trimmed && complete {
-        "record of an interrupted move trimmed to its parent"
-    } else if matches!(x, Copy::Good(..)) {
-        "file copy restored from the xattr copy"
-    } else {
-        "xattr copy restored from the file copy"
-    };
-    match rewrite_dir_id(dir, &record) {
-        Ok(()) => out.repaired = Some(what.into()),
+    let (fix_x, fix_f) = (trimmed || !matches!(x, Copy::Good(..)), trimmed || !matches!(f, Copy::Good(..)));
+    match rewrite_dir_id(dir, &record, fix_x, fix_f) {
+        Ok(wrote_xattr) => {
+            out.repaired = if trimmed && complete {
+                Some("record of an interrupted move trimmed to its parent".into())
+            } else if fix_f {
+                Some("file copy restored from the xattr copy".into())
+            } else if wrote_xattr {
+                Some("xattr copy restored from the file copy".into())
+            } else {
+                None // no xattrs here: the file copy is all there is
+            };
+        }
         Err(e) => tracing::warn!("cannot restore a directory ID copy: {e}"),
     }
     Ok(out)

@@ -395,3 +395,53 @@ fn names_are_escaped_in_log_lines() {
     assert!(!log.lines().any(|l| l.starts_with("2099")), "{log}");
     assert!(log.contains("x\\x0a2099"), "{log}");
 }
+
+/// What a load of a directory's ID restores, and from what: a copy is
+/// rebuilt from an authenticated one, from a legacy one only when an entry
+/// decrypts under it, and a record left valid under two parents by a move
+/// that a crash cut short is trimmed to the parent it is in.
+#[test]
+fn directory_id_repair_trusts_only_what_authenticates() {
+    use kmsfs::fs::load_dir_id;
+    use kmsfs::names::{DirKey, Names};
+    let names = Names::new(&[3; 32]);
+    let (id, parent, elsewhere) = ([5u8; 16], [6u8; 16], [7u8; 16]);
+    let tmp = tempfile::tempdir().unwrap();
+    let open =
+        || kmsfs::sys::openat(libc::AT_FDCWD, tmp.path().as_os_str(), libc::O_PATH | libc::O_DIRECTORY, 0).unwrap();
+    let file = tmp.path().join(".kmsfs.dirid");
+    let put = |bytes: &[u8]| {
+        let _ = std::fs::remove_file(&file);
+        std::fs::write(&file, bytes).unwrap();
+        raw_setxattr(tmp.path(), "user.kmsfs.dirid", bytes);
+    };
+    // An interrupted move: valid under both parents, trimmed to this one.
+    put(&names.dir_record(&id, &[&elsewhere, &parent]));
+    let l = load_dir_id(&open(), &parent, &names, true).unwrap();
+    assert_eq!((l.key, l.repaired.is_some()), (DirKey { id, bound: true }, true));
+    assert_eq!(std::fs::read(&file).unwrap(), names.dir_record(&id, &[&parent]));
+    assert_eq!(raw_getxattr(tmp.path(), "user.kmsfs.dirid"), names.dir_record(&id, &[&parent]));
+    assert!(load_dir_id(&open(), &elsewhere, &names, true).is_err(), "no longer valid where it came from");
+    // A lost file copy comes back from the authenticated xattr copy.
+    std::fs::remove_file(&file).unwrap();
+    let l = load_dir_id(&open(), &parent, &names, true).unwrap();
+    assert!(!l.complete && l.repaired.is_some());
+    assert_eq!(std::fs::read(&file).unwrap(), names.dir_record(&id, &[&parent]));
+    // A legacy copy with the other one lost: restored only once an entry
+    // of the directory decrypts under it.
+    put(&id);
+    std::fs::remove_file(&file).unwrap();
+    let l = load_dir_id(&open(), &parent, &names, true).unwrap();
+    assert_eq!((l.key, l.repaired.is_some()), (DirKey { id, bound: false }, false));
+    assert!(!file.exists(), "nothing vouches for it yet");
+    let legacy = DirKey { id, bound: false };
+    let child = names.encrypt(&legacy, std::ffi::OsStr::new("child")).unwrap();
+    std::fs::write(tmp.path().join(&child.on_disk), b"").unwrap();
+    let l = load_dir_id(&open(), &parent, &names, true).unwrap();
+    assert!(l.repaired.is_some());
+    assert_eq!(std::fs::read(&file).unwrap(), id);
+    // An authenticated copy that fails next to a legacy one: refused.
+    std::fs::remove_file(&file).unwrap();
+    std::fs::write(&file, names.dir_record(&id, &[&elsewhere])).unwrap();
+    assert!(load_dir_id(&open(), &parent, &names, true).is_err());
+}

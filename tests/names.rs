@@ -224,3 +224,33 @@ fn kill9_during_mkdir_and_rename_loops() {
     let out2 = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "after repair: {out}\n{out2}");
 }
+
+/// Hard links to symlinks work within and across directories, and survive
+/// renames and a remount: a symlink's target is bound to the volume, not to
+/// the link's name or directory (docs/SECURITY.md says why).
+#[test]
+fn hard_links_to_symlinks_across_directories() {
+    if !fuse_available("hard_links_to_symlinks_across_directories") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let v = Volume::new();
+    let check = |m: &Mounted, paths: &[&str]| {
+        for p in paths {
+            assert_eq!(std::fs::read_link(m.path(p)).unwrap().to_str(), Some("target/one"), "{p}");
+            assert_eq!(std::fs::symlink_metadata(m.path(p)).unwrap().nlink(), 3, "{p}");
+        }
+    };
+    let m = v.mount("m", &[]);
+    std::fs::create_dir_all(m.path("d1")).unwrap();
+    std::fs::create_dir_all(m.path("d2")).unwrap();
+    std::os::unix::fs::symlink("target/one", m.path("d1/l")).unwrap();
+    std::fs::hard_link(m.path("d1/l"), m.path("d1/l2")).unwrap();
+    std::fs::hard_link(m.path("d1/l"), m.path("d2/l3")).unwrap();
+    std::fs::rename(m.path("d1/l2"), m.path("d2/l4")).unwrap();
+    check(&m, &["d1/l", "d2/l3", "d2/l4"]);
+    drop(m);
+    let m = v.mount("m2", &[]);
+    check(&m, &["d1/l", "d2/l3", "d2/l4"]);
+    assert!(m.noisy_log_lines().is_empty(), "{:?}", m.noisy_log_lines());
+}
