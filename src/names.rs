@@ -31,7 +31,8 @@ pub const LONG_SUFFIX: &str = ".name";
 pub const DIRID_FILE: &str = ".kmsfs.dirid";
 /// xattr holding a directory's ID.
 pub const DIRID_XATTR: &str = "user.kmsfs.dirid";
-/// Prefix of directories being created (renamed into place when complete).
+/// Prefix of directories being created and bookkeeping files being
+/// written (renamed into place when complete).
 pub const TMP_PREFIX: &str = ".kmsfs.tmp.";
 /// The root directory's ID: fixed, so it can never go missing.
 pub const ROOT_DIR_ID: Id = [0u8; 16];

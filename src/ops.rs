@@ -42,7 +42,8 @@ pub enum OpError {
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> OpError + '_ {
-    move |source| OpError::Io { path: path.display().to_string(), source }
+    // Backing names come from the cipher dir: escaped before they are printed.
+    move |source| OpError::Io { path: crate::names::escape(path.as_os_str().as_bytes()), source }
 }
 
 fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -595,9 +596,10 @@ pub fn backing_to_plain(cipherdir: &Path, backing: &Path, names: &Names) -> Resu
             }
             _ => raw.as_encoded_bytes().to_vec(),
         };
-        let name = names
-            .decrypt(&key, &encoded)
-            .map_err(|e| OpError::Corrupt { path: cur.join(raw).display().to_string(), detail: e.to_string() })?;
+        let name = names.decrypt(&key, &encoded).map_err(|e| OpError::Corrupt {
+            path: crate::names::escape(cur.join(raw).as_os_str().as_bytes()),
+            detail: e.to_string(),
+        })?;
         out.push(name);
         cur.push(raw);
         if i + 1 < parts.len() {

@@ -162,8 +162,8 @@ pub fn read_regular(dir: RawFd, name: &OsStr, cap: usize) -> io::Result<Vec<u8>>
     Ok(buf)
 }
 
-/// Prefix of kmsfs's temporary entries (also `names::TMP_PREFIX`).
-pub const TMP_PREFIX: &str = ".kmsfs.tmp.";
+/// Prefix of kmsfs's temporary entries.
+pub const TMP_PREFIX: &str = crate::names::TMP_PREFIX;
 
 /// A fresh random temporary name (`.kmsfs.tmp.` + 32 hex digits).
 pub fn temp_name() -> io::Result<OsString> {

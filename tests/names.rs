@@ -254,3 +254,35 @@ fn hard_links_to_symlinks_across_directories() {
     check(&m, &["d1/l", "d2/l3", "d2/l4"]);
     assert!(m.noisy_log_lines().is_empty(), "{:?}", m.noisy_log_lines());
 }
+
+/// A long name's side file is never rewritten in place (issue 14, 6c): with
+/// the daemon killed while files are renamed over a long name again and
+/// again, the long name is always there after the remount.
+#[test]
+fn kill9_during_rename_over_a_long_name_keeps_it() {
+    if !fuse_available("kill9_during_rename_over_a_long_name_keeps_it") {
+        return;
+    }
+    let v = Volume::new();
+    let target = "t".repeat(220);
+    for round in 0..5 {
+        let mut m = v.mount(&format!("m{round}"), &[]);
+        std::fs::write(m.path(&target), b"first").unwrap();
+        let (root, t) = (m.mnt.clone(), target.clone());
+        let worker = std::thread::spawn(move || {
+            for i in 0..100_000 {
+                let src = root.join(format!("{}{i}", "s".repeat(200)));
+                if std::fs::write(&src, b"next").is_err() || std::fs::rename(&src, root.join(&t)).is_err() {
+                    break;
+                }
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300 + 100 * round));
+        m.kill9();
+        let _ = worker.join();
+        let m = v.mount(&format!("check{round}"), &[]);
+        let names: Vec<_> = std::fs::read_dir(&m.mnt).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(names.iter().any(|n| n.to_str() == Some(target.as_str())), "round {round}: {} entries", names.len());
+        assert!(m.noisy_log_lines().is_empty(), "round {round}: {:?}", m.noisy_log_lines());
+    }
+}
