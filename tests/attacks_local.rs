@@ -337,7 +337,8 @@ fn directory_id_copied_to_move_entries_gives_eio() {
     assert_eq!(std::fs::read_dir(m.path("a/E")).unwrap().count(), 0);
 }
 
-/// A directory moved to another parent through the mount is re-bound: it
+/// A directory moved to another parent through the mount (rename, or
+/// RENAME_EXCHANGE) is re-bound: it
 /// reads after a remount, fsck is clean, and its record is valid under the
 /// new parent only.
 #[test]
@@ -365,7 +366,22 @@ fn directory_moved_to_another_parent_is_rebound() {
     std::fs::rename(m.path("b/sub"), m.path("b/sub2")).unwrap();
     std::fs::rename(m.path("b/sub2"), m.path("sub3")).unwrap();
     assert_eq!(std::fs::read(m.path("sub3/deeper/f")).unwrap(), b"data");
+    // RENAME_EXCHANGE of two directories in different parents re-binds both.
+    std::fs::create_dir_all(m.path("a/x")).unwrap();
+    std::fs::write(m.path("a/x/in-x"), b"x").unwrap();
+    let (from, to) = (m.path("a/x"), m.path("sub3/deeper"));
+    let (cf, ct) = (
+        std::ffi::CString::new(from.to_str().unwrap()).unwrap(),
+        std::ffi::CString::new(to.to_str().unwrap()).unwrap(),
+    );
+    // SAFETY: valid paths.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, cf.as_ptr(), libc::AT_FDCWD, ct.as_ptr(), libc::RENAME_EXCHANGE) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
     assert!(m.noisy_log_lines().is_empty(), "{:?}", m.noisy_log_lines());
+    drop(m);
+    let m = v.mount("m3", &[]);
+    assert_eq!(std::fs::read(m.path("a/x/f")).unwrap(), b"data");
+    assert_eq!(std::fs::read(m.path("sub3/deeper/in-x")).unwrap(), b"x");
     drop(m);
     let o = Command::new(BIN).arg("fsck").arg(&v.cipher).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stdout));
