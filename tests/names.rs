@@ -286,3 +286,51 @@ fn kill9_during_rename_over_a_long_name_keeps_it() {
         assert!(m.noisy_log_lines().is_empty(), "round {round}: {:?}", m.noisy_log_lines());
     }
 }
+
+/// Directories from before ID records were authenticated (16-byte legacy
+/// records, names under the old label) are upgraded offline: entries
+/// renamed, records replaced, nested directories too; a second run does
+/// nothing.
+#[test]
+fn legacy_directories_are_upgraded_offline() {
+    use kmsfs::names::{DirKey, Names};
+    use std::ffi::OsStr;
+    let names = Names::new(&[4; 32]);
+    let tmp = tempfile::tempdir().unwrap();
+    let cipher = tmp.path().join("cipher");
+    std::fs::create_dir(&cipher).unwrap();
+    let legacy_dir = |parent: &std::path::Path, pkey: &DirKey, name: &str, id: [u8; 16]| {
+        let p = parent.join(names.encrypt(pkey, OsStr::new(name)).unwrap().on_disk);
+        std::fs::create_dir(&p).unwrap();
+        let fd = kmsfs::sys::openat(libc::AT_FDCWD, p.as_os_str(), libc::O_PATH | libc::O_DIRECTORY, 0).unwrap();
+        kmsfs::fs::store_dir_id(&fd, &id).unwrap();
+        (p, DirKey { id, bound: false })
+    };
+    let file = |dir: &std::path::Path, key: &DirKey, name: &str| {
+        let s = names.encrypt(key, OsStr::new(name)).unwrap();
+        if let (Some(side), Some(full)) = (s.side_file(), &s.long) {
+            std::fs::write(dir.join(side), full).unwrap();
+        }
+        std::fs::write(dir.join(&s.on_disk), b"").unwrap();
+    };
+    let (docs, dk) = legacy_dir(&cipher, &DirKey::ROOT, "docs", [0x11; 16]);
+    let long = "l".repeat(200);
+    file(&docs, &dk, "a.txt");
+    file(&docs, &dk, &long);
+    let (inner, ik) = legacy_dir(&docs, &dk, "inner", [0x22; 16]);
+    file(&inner, &ik, "b");
+    let (old_files, before) = kmsfs::ops::walk(&cipher, &names, false).unwrap();
+    assert_eq!(before.legacy_ids.len(), 2);
+    let mut old_plain: Vec<_> = old_files.iter().map(|e| e.plain.clone()).collect();
+    old_plain.sort();
+    let r = kmsfs::ops::upgrade_dir_ids(&cipher, &names).unwrap();
+    assert_eq!((r.upgraded.len(), r.renamed, r.skipped.len()), (2, 4, 0), "{r:?}");
+    let (files, after) = kmsfs::ops::walk(&cipher, &names, false).unwrap();
+    let mut plain: Vec<_> = files.iter().map(|e| e.plain.clone()).collect();
+    plain.sort();
+    assert_eq!(plain, vec!["/docs/a.txt".to_string(), "/docs/inner/b".into(), format!("/docs/{long}")]);
+    assert_eq!(plain, old_plain, "legacy directories read before the upgrade too");
+    assert!(after.legacy_ids.is_empty() && after.bad_ids.is_empty() && after.undecryptable.is_empty(), "{after:?}");
+    let again = kmsfs::ops::upgrade_dir_ids(&cipher, &names).unwrap();
+    assert_eq!((again.upgraded.len(), again.renamed), (0, 0));
+}
