@@ -22,7 +22,7 @@ use crate::format::layout::Layout;
 use crate::keys::cache::KeyCache;
 use crate::keys::pool::KeyPool;
 use crate::keys::{DataKey, FreshKey, KeyContext};
-use crate::names::{self, EntryKind, NameError, Names, StoredName};
+use crate::names::{self, DirKey, DirRecord, EntryKind, NameError, Names, StoredName};
 use crate::sys;
 use crate::volume::CONFIG_NAME;
 
@@ -197,7 +197,7 @@ struct Node {
     /// first writes make one GenerateDataKey, not one each.
     first_key: Mutex<()>,
     /// Directories: the ID their children's names are encrypted with.
-    dir_id: std::sync::OnceLock<Id>,
+    dir_id: std::sync::OnceLock<DirKey>,
     /// Files: the file ID of the header when the last handle closed, so the
     /// data key can leave the cache as soon as the file is deleted.
     closed_file_id: Mutex<Option<Id>>,
@@ -207,6 +207,40 @@ enum Handle {
     /// An open file, and whether this handle may write.
     File(Arc<Node>, bool),
     Dir(Vec<DirEntry>),
+}
+
+/// A directory whose ID record is being re-bound from parent `src` to `dest`.
+struct DirMove {
+    fd: OwnedFd,
+    id: Id,
+    src: Id,
+    dest: Id,
+}
+
+/// Whether `caller` may access a file with `attr` for `want` (4 read,
+/// 2 write), by its owner, group and other bits (root may always).
+fn may_access(caller: Caller, attr: &Attr, want: u16) -> bool {
+    if caller.uid == 0 {
+        return true;
+    }
+    let bits = if attr.uid == caller.uid {
+        attr.perm >> 6
+    } else if attr.gid == caller.gid {
+        attr.perm >> 3
+    } else {
+        attr.perm
+    };
+    bits & 7 & want == want
+}
+
+/// mkdir(2) masks setgid and sticky by umask rules; restores what was
+/// asked, keeping a setgid bit inherited from the parent.
+fn restore_dir_mode(fd: &OwnedFd, mode: u32) {
+    if let Ok(st) = sys::fstat(fd.as_raw_fd())
+        && (st.st_mode & 0o7777) != (mode & 0o7777)
+    {
+        let _ = sys::chmod(fd, (mode & 0o7777) | (st.st_mode & libc::S_ISGID));
+    }
 }
 
 enum Obtained {
@@ -370,7 +404,8 @@ impl EncFs {
             }
             let Some(n) = nodes.get(&cur) else { break };
             let (parent, name) = lock(&n.name).clone();
-            parts.push(name.to_string_lossy().into_owned());
+            // Names come from the cipher dir (or a user): never raw in a log.
+            parts.push(names::escape(name.as_bytes()));
             cur = parent;
         }
         parts.reverse();
@@ -392,39 +427,52 @@ impl EncFs {
         b == CONFIG_NAME.as_bytes() || b.starts_with(b".kmsfs")
     }
 
-    /// The ID a directory's children's names are bound to.
-    fn dir_id(&self, dir: &Node) -> Result<Id, FsError> {
+    /// What a directory's children's names are bound to. Loaded once per
+    /// node; the parent's key comes first, since an authenticated record
+    /// verifies only under the parent the directory sits in.
+    fn dir_key(&self, dir: &Node) -> Result<DirKey, FsError> {
         if dir.ino == ROOT_INO || !self.names.encrypted() {
-            return Ok(names::ROOT_DIR_ID);
+            return Ok(DirKey::ROOT);
         }
-        if let Some(id) = dir.dir_id.get() {
-            return Ok(*id);
+        if let Some(k) = dir.dir_id.get() {
+            return Ok(*k);
         }
-        let id = load_dir_id(&dir.fd, !self.opts.read_only).map_err(|e| {
+        let parent = self.node(lock(&dir.name).0)?;
+        let pk = self.dir_key(&parent)?;
+        let loaded = load_dir_id(&dir.fd, &pk.id, &self.names, !self.opts.read_only).map_err(|e| {
             let path = self.path_of(dir.ino);
-            tracing::error!(path = %path, "directory ID missing or unreadable: {e}");
+            tracing::error!(path = %path, "directory ID: {e}");
             FsError::Integrity { path, detail: format!("directory ID: {e}") }
         })?;
-        Ok(*dir.dir_id.get_or_init(|| id))
+        if let Some(what) = &loaded.repaired {
+            tracing::warn!(path = %self.path_of(dir.ino), "directory ID: {what}");
+        }
+        Ok(*dir.dir_id.get_or_init(|| loaded.key))
     }
 
     /// How `name` is stored in `parent`.
     fn stored(&self, parent: &Node, name: &OsStr) -> Result<StoredName, FsError> {
-        let id = self.dir_id(parent)?;
-        self.names.encrypt(&id, name).map_err(|e| match e {
+        let key = self.dir_key(parent)?;
+        self.names.encrypt(&key, name).map_err(|e| match e {
             NameError::TooLong => FsError::Io(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG)),
             NameError::Undecryptable => FsError::Invalid,
         })
     }
 
-    /// Writes a long name's side file before its entry appears.
+    /// Makes sure a long name's side file holds its full encrypted name
+    /// before the entry appears. The content is a function of the name, so a
+    /// side file that already holds it (a rename over an existing entry) is
+    /// left alone; otherwise it is replaced through a new temporary file
+    /// (never rewritten in place: a crash would leave it empty, and a link
+    /// planted under its name would be written through).
     fn write_side(&self, parent: &Node, s: &StoredName) -> Result<(), FsError> {
         if let (Some(side), Some(full)) = (s.side_file(), &s.long) {
-            let f = sys::openat(parent.fd.as_raw_fd(), &side, libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC, 0o644)?;
-            let f = File::from(f);
-            use std::io::Write;
-            (&f).write_all(full.as_bytes())?;
-            f.sync_data()?;
+            let pfd = parent.fd.as_raw_fd();
+            if sys::read_regular(pfd, &side, names::SIDE_MAX).is_ok_and(|b| b == full.as_bytes()) {
+                return Ok(());
+            }
+            sys::replace_file(pfd, &side, full.as_bytes(), 0o644)?;
+            sys::fsync_dir(&parent.fd)?;
         }
         Ok(())
     }
@@ -996,9 +1044,16 @@ impl EncFs {
         Ok(self.new_handle(Handle::File(n, write)))
     }
 
-    fn set_owner(&self, fd: &OwnedFd, parent: &Node, caller: Caller) -> Result<(), FsError> {
-        // A root daemon creates files as root; give them to the caller, as
-        // the kernel would. A setgid parent passes on its group instead.
+    /// Gives an entry this request just made to the caller, as the kernel
+    /// would: a root daemon creates everything as root. A setgid parent
+    /// passes on its group instead. `kind` (an S_IF* type) is what was made.
+    ///
+    /// Whoever owns the backing directory can swap another entry in under
+    /// the new name between its creation and this call (a hard link to
+    /// someone else's file, a directory of theirs). So the entry must still
+    /// be what was made: that type, one link (two for a directory), owned by
+    /// the daemon; anything else is refused rather than handed over.
+    fn set_owner(&self, fd: &OwnedFd, kind: u32, parent: &Node, caller: Caller) -> Result<(), FsError> {
         if !self.euid_root {
             return Ok(());
         }
@@ -1006,6 +1061,13 @@ impl EncFs {
             // Created as root by root: the backing filesystem already chose
             // the right owner and group (setgid parents included).
             return Ok(());
+        }
+        let st = sys::fstat(fd.as_raw_fd())?;
+        let links: libc::nlink_t = if kind == libc::S_IFDIR { 2 } else { 1 };
+        if st.st_mode & libc::S_IFMT != kind || st.st_nlink != links || st.st_uid != 0 {
+            let path = self.path_of(parent.ino);
+            tracing::error!(dir = %path, "a new entry was replaced in the backing directory before its owner was set");
+            return Err(FsError::Integrity { path, detail: "new entry replaced in the backing directory".into() });
         }
         let pst = sys::fstat(parent.fd.as_raw_fd())?;
         let gid = if pst.st_mode & libc::S_ISGID != 0 { pst.st_gid } else { caller.gid };
@@ -1034,7 +1096,9 @@ impl EncFs {
         Ok(())
     }
 
-    /// Creates and opens a regular file.
+    /// Creates and opens a regular file. The backing file is always created
+    /// with O_EXCL, so the file chowned to the caller and handed over is the
+    /// one this call made, never one that was already there.
     pub fn create(
         &self,
         parent: u64,
@@ -1052,35 +1116,63 @@ impl EncFs {
         // unreachable) fails with nothing left behind.
         let mut fresh = Lent(&self.pool, Some(self.pool.take_dated()?));
         self.write_side(&p, &s)?;
-        let excl = flags & libc::O_EXCL != 0;
-        let f = sys::openat(
-            p.fd.as_raw_fd(),
-            &s.on_disk,
-            libc::O_CREAT | libc::O_RDWR | libc::O_NOFOLLOW | if excl { libc::O_EXCL } else { 0 },
-            mode & 0o7777,
-        )?;
-        let st = sys::fstat(f.as_raw_fd())?;
-        if st.st_nlink > 0 && st.st_size == 0 {
-            self.set_owner(&f, &p, caller)?;
-        }
-        let fd = sys::open_path(p.fd.as_raw_fd(), &s.on_disk)?;
-        let attr = self.adopt(parent, name, fd)?;
+        let made =
+            sys::open_beneath(p.fd.as_raw_fd(), &s.on_disk, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, mode & 0o7777);
+        let f = match made {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {
+                return self.create_existing(parent, name, flags, caller);
+            }
+            Err(e) => {
+                if e.raw_os_error() != Some(libc::EEXIST) {
+                    self.remove_side(&p, &s);
+                }
+                return Err(e.into());
+            }
+        };
+        self.set_owner(&f, libc::S_IFREG, &p, caller)?;
+        let attr = self.adopt(parent, name, sys::path_of_fd(&f)?)?;
         let n = self.node(attr.ino)?;
-        if flags & libc::O_TRUNC != 0 && st.st_size > 0 {
-            // An existing file opened with O_TRUNC: take the normal path.
-            drop(f);
-            drop(fresh);
-            let fh = self.open(attr.ino, (flags & !libc::O_CREAT & !libc::O_EXCL) | libc::O_RDWR, caller)?;
-            return Ok((self.getattr(attr.ino)?, fh));
-        }
         self.attach_with(&n, true, true, Some(File::from(f)))?;
-        // An existing non-empty file needs its own key, not the fresh one.
+        // The file is new and empty: it takes the fresh key.
         if let Err(e) = self.pin_key(&n, fresh.1.take()) {
             self.detach(&n, true);
             return Err(e);
         }
         let fh = self.new_handle(Handle::File(n.clone(), true));
         Ok((attr, fh))
+    }
+
+    /// A create(2) without O_EXCL found the name taken: the entry appeared
+    /// after the kernel's lookup (another mount of this cipher dir, or a
+    /// write to the cipher dir itself). Opens it as open(2) would, with the
+    /// permission check the kernel skipped because it believed the name was
+    /// free (owner, group and other bits; the caller's supplementary groups
+    /// are not known here, so they grant nothing).
+    fn create_existing(&self, parent: u64, name: &OsStr, flags: i32, caller: Caller) -> Result<(Attr, u64), FsError> {
+        let attr = self.lookup(parent, name)?;
+        let opened = (|| {
+            let errno = |e| Err(FsError::Io(std::io::Error::from_raw_os_error(e)));
+            match attr.kind {
+                Kind::File => {}
+                Kind::Dir => return errno(libc::EISDIR),
+                _ => return errno(libc::EEXIST),
+            }
+            let acc = flags & libc::O_ACCMODE;
+            let read = if acc != libc::O_WRONLY { 4 } else { 0 };
+            let write = if acc != libc::O_RDONLY || flags & libc::O_TRUNC != 0 { 2 } else { 0 };
+            if !may_access(caller, &attr, read | write) {
+                return errno(libc::EACCES);
+            }
+            self.open(attr.ino, (flags & !libc::O_CREAT & !libc::O_EXCL) | libc::O_RDWR, caller)
+        })();
+        match opened {
+            Ok(fh) => Ok((self.getattr(attr.ino)?, fh)),
+            Err(e) => {
+                self.forget(attr.ino, 1);
+                Err(e)
+            }
+        }
     }
 
     /// Runs `make` to create entry `s` in `p`, with the long-name side file
@@ -1104,48 +1196,57 @@ impl EncFs {
         let s = self.stored(&p, name)?;
         self.make_entry(&p, &s, || sys::mknodat(p.fd.as_raw_fd(), &s.on_disk, mode, rdev.into()))?;
         let fd = sys::open_path(p.fd.as_raw_fd(), &s.on_disk)?;
-        self.set_owner(&fd, &p, caller)?;
+        let kind = if mode & libc::S_IFMT == 0 { libc::S_IFREG } else { mode & libc::S_IFMT };
+        self.set_owner(&fd, kind, &p, caller)?;
         self.adopt(parent, name, fd)
     }
 
     /// mkdir. With encrypted names the directory is built under a temporary
-    /// name with both copies of its ID, then renamed into place, so a
-    /// visible directory always has its ID.
+    /// name, complete with both copies of its ID record, its mode and its
+    /// owner, then renamed into place, so a visible directory always has its
+    /// ID, and everything is done through the descriptor of the directory
+    /// this call made.
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> Result<Attr, FsError> {
         self.writable()?;
         self.check_name(parent, name)?;
         let p = self.dir(parent)?;
         let s = self.stored(&p, name)?;
         let pfd = p.fd.as_raw_fd();
-        if !self.names.encrypted() {
+        let fd = if !self.names.encrypted() {
             sys::mkdirat(pfd, &s.on_disk, mode & 0o7777)?;
+            let fd = sys::open_beneath(pfd, &s.on_disk, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+            self.set_owner(&fd, libc::S_IFDIR, &p, caller)?;
+            restore_dir_mode(&fd, mode);
+            fd
         } else {
-            let id =
+            let pk = self.dir_key(&p)?;
+            let mut id =
                 crate::format::random_id().map_err(|_| FsError::Io(std::io::Error::from_raw_os_error(libc::EIO)))?;
-            let tmp: OsString = format!("{}{}", names::TMP_PREFIX, crate::format::hex(&id)).into();
+            id[0] |= 1; // never the root's all-zero ID
+            let tmp = sys::temp_name()?;
             sys::mkdirat(pfd, &tmp, 0o700)?;
-            let built = (|| -> std::io::Result<()> {
-                let d = sys::open_path(pfd, &tmp)?;
-                store_dir_id(&d, &id)?;
-                self.make_entry(&p, &s, || sys::renameat2(pfd, &tmp, pfd, &s.on_disk, libc::RENAME_NOREPLACE))
-                    .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-                Ok(())
+            let built = (|| -> Result<OwnedFd, FsError> {
+                let d = sys::open_beneath(pfd, &tmp, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+                // Root-owned and 0700 until here, so nobody else can have
+                // put anything in it.
+                store_dir_id(&d, &self.names.dir_record(&id, &[&pk.id]))?;
+                // A setgid parent's bit stays, as mkdir(2) keeps it.
+                let inherited = sys::fstat(d.as_raw_fd())?.st_mode & libc::S_ISGID;
+                sys::chmod(&d, (mode & 0o7777) | inherited)?;
+                self.set_owner(&d, libc::S_IFDIR, &p, caller)?;
+                restore_dir_mode(&d, mode);
+                self.make_entry(&p, &s, || sys::renameat2(pfd, &tmp, pfd, &s.on_disk, libc::RENAME_NOREPLACE))?;
+                Ok(d)
             })();
-            if let Err(e) = built {
-                let _ = remove_dir_with_id(pfd, &tmp);
-                return Err(e.into());
+            match built {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = remove_dir_with_id(pfd, &tmp);
+                    return Err(e);
+                }
             }
-            sys::chmod(&sys::open_path(pfd, &s.on_disk)?, mode & 0o7777)?;
-        }
-        let fd = sys::open_path(pfd, &s.on_disk)?;
-        self.set_owner(&fd, &p, caller)?;
-        // mkdir(2) masks setgid/sticky by umask rules; restore what was asked.
-        let st = sys::fstat(fd.as_raw_fd())?;
-        if (st.st_mode & 0o7777) != (mode & 0o7777) {
-            let keep_sgid = st.st_mode & libc::S_ISGID;
-            let _ = sys::chmod(&fd, (mode & 0o7777) | keep_sgid);
-        }
-        let _ = File::open(sys::proc_path(&p.fd)).and_then(|d| d.sync_all());
+        };
+        let _ = sys::fsync_dir(&p.fd);
         self.adopt(parent, name, fd)
     }
 
@@ -1158,7 +1259,7 @@ impl EncFs {
         let t = self.names.encrypt_target(target);
         self.make_entry(&p, &s, || sys::symlinkat(&t, p.fd.as_raw_fd(), &s.on_disk))?;
         let fd = sys::open_path(p.fd.as_raw_fd(), &s.on_disk)?;
-        self.set_owner(&fd, &p, caller)?;
+        self.set_owner(&fd, libc::S_IFLNK, &p, caller)?;
         self.adopt(parent, name, fd)
     }
 
@@ -1212,6 +1313,60 @@ impl EncFs {
         Ok(())
     }
 
+    /// Before a rename that takes directories to another parent: makes each
+    /// one's authenticated ID record valid under both parents, so it
+    /// verifies wherever the rename (or a crash) leaves it. `dirs_moved`
+    /// then keeps only the parent it ended up in. Empty for renames within
+    /// one directory, which leave every record as it is.
+    fn dirs_moving(
+        &self,
+        p: &Node,
+        from: &StoredName,
+        q: &Node,
+        to: &StoredName,
+        exchange: bool,
+    ) -> Result<Vec<DirMove>, FsError> {
+        if p.ino == q.ino || !self.names.encrypted() {
+            return Ok(Vec::new());
+        }
+        let (pk, qk) = (self.dir_key(p)?, self.dir_key(q)?);
+        let mut sides = vec![(p, from, pk.id, qk.id)];
+        if exchange {
+            sides.push((q, to, qk.id, pk.id));
+        }
+        let mut moves = Vec::new();
+        for (dir, entry, src, dest) in sides {
+            let Ok(d) = sys::open_beneath(dir.fd.as_raw_fd(), &entry.on_disk, libc::O_PATH | libc::O_DIRECTORY, 0)
+            else {
+                continue; // not a directory (or gone: the rename will say)
+            };
+            // Only a record valid here is extended; anything else moves as it is.
+            let Ok(loaded) = load_dir_id(&d, &src, &self.names, false) else { continue };
+            if !loaded.key.bound {
+                continue;
+            }
+            let id = loaded.key.id;
+            if let Err(e) = rewrite_dir_id(&d, &self.names.dir_record(&id, &[&src, &dest]), true, true) {
+                self.dirs_moved(moves, false);
+                return Err(e.into());
+            }
+            moves.push(DirMove { fd: d, id, src, dest });
+        }
+        Ok(moves)
+    }
+
+    /// After the rename: each moved directory's record keeps the tag of the
+    /// parent it is now in (`done`), or of the one it stayed in. A failure
+    /// here leaves a record valid under both, which the next load trims.
+    fn dirs_moved(&self, moves: Vec<DirMove>, done: bool) {
+        for m in moves {
+            let keep = if done { m.dest } else { m.src };
+            if let Err(e) = rewrite_dir_id(&m.fd, &self.names.dir_record(&m.id, &[&keep]), true, true) {
+                tracing::warn!("cannot finish a moved directory's ID record ({e}); it is trimmed when next loaded");
+            }
+        }
+    }
+
     /// rename, with RENAME_NOREPLACE and RENAME_EXCHANGE passed through.
     /// A directory keeps its ID when moved, so no child is re-encrypted; one
     /// that replaces an empty directory goes through `replace_empty_dir`.
@@ -1233,6 +1388,7 @@ impl EncFs {
             // Side files are keyed by stored name, so an exchange needs none.
             self.write_side(&q, &to)?;
         }
+        let moving = self.dirs_moving(&p, &from, &q, &to, exchange)?;
         let (pfd, qfd) = (p.fd.as_raw_fd(), q.fd.as_raw_fd());
         let mut moved = sys::renameat2(pfd, &from.on_disk, qfd, &to.on_disk, flags);
         if let Err(e) = &moved
@@ -1244,11 +1400,13 @@ impl EncFs {
             moved = replace_empty_dir(pfd, &from.on_disk, qfd, &to.on_disk);
         }
         if let Err(e) = moved {
+            self.dirs_moved(moving, false);
             if !exchange && to.long.is_some() && sys::statat(q.fd.as_raw_fd(), &to.on_disk).is_err() {
                 self.remove_side(&q, &to);
             }
             return Err(e.into());
         }
+        self.dirs_moved(moving, true);
         if !exchange && (parent != newparent || from != to) {
             self.remove_side(&p, &from);
         }
@@ -1458,7 +1616,7 @@ impl EncFs {
             DirEntry { ino, kind: Kind::Dir, name: ".".into() },
             DirEntry { ino: lock(&n.name).0, kind: Kind::Dir, name: "..".into() },
         ];
-        let dir_id = self.dir_id(&n)?;
+        let dir_key = self.dir_key(&n)?;
         for e in std::fs::read_dir(sys::proc_path(&n.fd))? {
             let e = e?;
             let raw = e.file_name();
@@ -1472,20 +1630,28 @@ impl EncFs {
                     EntryKind::Long => {
                         let mut side = raw.clone();
                         side.push(names::LONG_SUFFIX);
-                        match std::fs::read(sys::proc_path(&n.fd).join(&side)) {
+                        match sys::read_regular(n.fd.as_raw_fd(), &side, names::SIDE_MAX) {
                             Ok(b) => b,
                             Err(err) => {
-                                tracing::warn!(dir = %self.path_of(ino), "long name without its side file ({err}); hidden");
+                                tracing::warn!(
+                                    dir = %self.path_of(ino),
+                                    entry = %names::escape(raw.as_bytes()),
+                                    "long name's side file unreadable ({err}); hidden"
+                                );
                                 continue;
                             }
                         }
                     }
                 };
-                match self.names.decrypt(&dir_id, &encoded) {
+                match self.names.decrypt(&dir_key, &encoded) {
                     Ok(n) => n,
                     Err(_) => {
                         // Not ours (or damaged): hide it, as gocryptfs does.
-                        tracing::warn!(dir = %self.path_of(ino), entry = ?raw, "entry name does not decrypt; hidden");
+                        tracing::warn!(
+                            dir = %self.path_of(ino),
+                            entry = %names::escape(raw.as_bytes()),
+                            "entry name does not decrypt; hidden"
+                        );
                         continue;
                     }
                 }
@@ -1541,22 +1707,69 @@ impl EncFs {
         if b.starts_with(b"user.") && !b.starts_with(b"user.kmsfs.") { Ok(()) } else { Err(FsError::Unsupported) }
     }
 
-    fn xattr_integrity(&self, ino: u64) -> FsError {
+    /// Linux keeps user.* xattrs on regular files and directories only.
+    fn xattr_capable(n: &Node) -> bool {
+        matches!(n.kind, Kind::File | Kind::Dir)
+    }
+
+    fn xattr_integrity(&self, ino: u64, name: &OsStr) -> FsError {
         let path = self.path_of(ino);
-        tracing::error!(path = %path, "xattr value does not decrypt");
-        FsError::Integrity { path, detail: "xattr value does not decrypt".into() }
+        let attr = names::escape(name.as_bytes());
+        tracing::error!(path = %path, xattr = %attr, "xattr value does not decrypt (edited, or copied from another file)");
+        FsError::Integrity { path, detail: format!("xattr {attr}: value does not decrypt") }
+    }
+
+    /// The owner ID an inode's xattr values are bound to (the
+    /// `user.kmsfs.owner` xattr: 16 random bytes, minted by the first
+    /// setxattr when `mint`). It travels with the inode through renames and
+    /// hard links, and a value copied to another inode does not open there.
+    fn xattr_owner(&self, n: &Node, mint: bool) -> Result<Option<Id>, FsError> {
+        let name = OsStr::new(names::OWNER_XATTR);
+        for _ in 0..2 {
+            match sys::xattr::get(&n.fd, name, 16) {
+                Ok(v) => {
+                    if let Ok(id) = <Id>::try_from(v.as_slice()) {
+                        return Ok(Some(id));
+                    }
+                    if !mint {
+                        return Ok(None); // malformed: no value can open under it
+                    }
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA) | Some(libc::ERANGE)) => {
+                    if !mint {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+            let id =
+                crate::format::random_id().map_err(|_| FsError::Io(std::io::Error::from_raw_os_error(libc::EIO)))?;
+            // XATTR_CREATE: of two first setxattrs at once, one owner wins and
+            // the other call reads it on the next round.
+            match sys::xattr::set(&n.fd, name, &id, libc::XATTR_CREATE) {
+                Ok(()) => return Ok(Some(id)),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EAGAIN)))
     }
 
     /// getxattr; `size == 0` asks for the length.
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> Result<Vec<u8>, FsError> {
+        let no_data = || FsError::Io(std::io::Error::from_raw_os_error(libc::ENODATA));
         let v = if ino == ROOT_INO && name == STATS_XATTR {
             serde_json::to_vec(&self.stats_json()).map_err(|_| FsError::Invalid)?
         } else {
-            Self::xattr_name_ok(name).map_err(|_| FsError::Io(std::io::Error::from_raw_os_error(libc::ENODATA)))?;
+            Self::xattr_name_ok(name).map_err(|_| no_data())?;
             let n = self.node(ino)?;
+            if !Self::xattr_capable(&n) {
+                return Err(no_data());
+            }
             let len = sys::xattr::get(&n.fd, name, 0)?.len();
             let stored = sys::xattr::get(&n.fd, name, len.max(1))?;
-            self.names.decrypt_xattr(name, &stored).map_err(|_| self.xattr_integrity(ino))?
+            let owner = if self.names.encrypted() { self.xattr_owner(&n, false)? } else { None };
+            self.names.decrypt_xattr(owner.as_ref(), name, &stored).map_err(|_| self.xattr_integrity(ino, name))?.0
         };
         if size == 0 {
             return Ok(vec![0; v.len()]);
@@ -1567,17 +1780,26 @@ impl EncFs {
         Ok(v)
     }
 
-    /// setxattr; values are encrypted with encrypted names.
+    /// setxattr; with encrypted names the value is sealed to this inode's
+    /// owner ID and the attribute's name (a legacy value is re-sealed so).
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<(), FsError> {
         self.writable()?;
         Self::xattr_name_ok(name)?;
         let n = self.node(ino)?;
-        Ok(sys::xattr::set(&n.fd, name, &self.names.encrypt_xattr(name, value), flags)?)
+        if !Self::xattr_capable(&n) {
+            return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EPERM)));
+        }
+        let owner =
+            if self.names.encrypted() { self.xattr_owner(&n, true)?.unwrap_or_default() } else { Id::default() };
+        Ok(sys::xattr::set(&n.fd, name, &self.names.encrypt_xattr(&owner, name, value), flags)?)
     }
 
     /// listxattr.
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>, FsError> {
         let n = self.node(ino)?;
+        if !Self::xattr_capable(&n) {
+            return Ok(Vec::new());
+        }
         let raw = sys::xattr::list(&n.fd)?;
         let mut out = Vec::new();
         for name in raw.split(|&b| b == 0).filter(|s| s.starts_with(b"user.") && !s.starts_with(b"user.kmsfs.")) {
@@ -1592,6 +1814,9 @@ impl EncFs {
         self.writable()?;
         Self::xattr_name_ok(name)?;
         let n = self.node(ino)?;
+        if !Self::xattr_capable(&n) {
+            return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EPERM)));
+        }
         Ok(sys::xattr::remove(&n.fd, name)?)
     }
 
@@ -1649,59 +1874,191 @@ impl EncFs {
     }
 }
 
-/// Reads a directory's ID from its xattr, falling back to its ID file; with
-/// `repair`, rewrites whichever copy is missing. Both present but different
-/// is an error (fsck decides which one its children agree with).
-pub fn load_dir_id(dir: &OwnedFd, repair: bool) -> std::io::Result<Id> {
-    let from_xattr = sys::xattr::get(dir, OsStr::new(names::DIRID_XATTR), 16).ok().and_then(|v| v.try_into().ok());
-    let from_file = sys::openat(dir.as_raw_fd(), OsStr::new(names::DIRID_FILE), libc::O_RDONLY, 0).ok().and_then(|f| {
-        let mut b = [0u8; 16];
-        use std::os::unix::fs::FileExt;
-        File::from(f).read_exact_at(&mut b, 0).ok().map(|_| b)
-    });
-    match (from_xattr, from_file) {
-        (Some(a), Some(b)) if a == b => Ok(a),
-        (Some(_), Some(_)) => Err(std::io::Error::other("the xattr and file copies of the directory ID differ")),
-        (Some(a), None) => {
-            if repair {
-                tracing::warn!("directory ID file missing; restored from the xattr copy");
-                let _ = write_dir_id_file(dir, &a);
-            }
-            Ok(a)
-        }
-        (None, Some(b)) => {
-            if repair {
-                tracing::warn!("directory ID xattr missing; restored from the file copy");
-                let _ = sys::xattr::set(dir, OsStr::new(names::DIRID_XATTR), &b, 0);
-            }
-            Ok(b)
-        }
-        (None, None) => Err(std::io::Error::other("both copies of the directory ID are missing")),
+/// A directory's ID as [`load_dir_id`] found it.
+#[derive(Debug, Clone)]
+pub struct LoadedId {
+    /// What the directory's children's names are bound to.
+    pub key: DirKey,
+    /// Both copies were present and valid as found.
+    pub complete: bool,
+    /// What was restored or rewritten, when something was.
+    pub repaired: Option<String>,
+}
+
+/// One copy (xattr or file) of a directory-ID record, as read.
+enum Copy {
+    Missing,
+    /// Present but unusable; `bound` if it claimed to be authenticated.
+    Bad {
+        bound: bool,
+    },
+    Good(DirKey, DirRecord),
+}
+
+fn judge(raw: Option<Vec<u8>>, parent: &Id, names: &Names) -> Copy {
+    let Some(raw) = raw else { return Copy::Missing };
+    match DirRecord::parse(&raw) {
+        None => Copy::Bad { bound: raw.first() == Some(&names::DIRID_V2) && raw.len() > 16 },
+        Some(rec) => match names.check_dir_record(&rec, parent) {
+            Some(key) => Copy::Good(key, rec),
+            None => Copy::Bad { bound: true },
+        },
     }
 }
 
-fn write_dir_id_file(dir: &OwnedFd, id: &Id) -> std::io::Result<()> {
-    let f = sys::openat(
-        dir.as_raw_fd(),
-        OsStr::new(names::DIRID_FILE),
-        libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC,
-        0o444,
-    )?;
-    let f = File::from(f);
-    use std::io::Write;
-    (&f).write_all(id)?;
-    f.sync_all()
+/// The raw bytes of a directory's ID file, read without following links or
+/// opening anything but a small regular file (`None`: no such file).
+fn read_id_file(dir: &OwnedFd) -> std::io::Result<Option<Vec<u8>>> {
+    match sys::read_regular(dir.as_raw_fd(), OsStr::new(names::DIRID_FILE), names::DIRID_MAX) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
-/// Writes both copies of a new directory's ID, durably.
-pub fn store_dir_id(dir: &OwnedFd, id: &Id) -> std::io::Result<()> {
+/// Whether some entry of the directory has a name that decrypts under `key`
+/// (what vouches for an unauthenticated legacy ID before it is copied).
+fn an_entry_decrypts(dir: &OwnedFd, key: &DirKey, names: &Names) -> bool {
+    let Ok(rd) = std::fs::read_dir(sys::proc_path(dir)) else { return false };
+    for e in rd.take(256).flatten() {
+        let raw = e.file_name();
+        let encoded = match names.classify(&raw) {
+            EntryKind::Internal => continue,
+            EntryKind::Short => Some(raw.as_bytes().to_vec()),
+            EntryKind::Long => {
+                let mut side = raw.clone();
+                side.push(names::LONG_SUFFIX);
+                sys::read_regular(dir.as_raw_fd(), &side, names::SIDE_MAX).ok()
+            }
+        };
+        if encoded.is_some_and(|b| names.decrypt(key, &b).is_ok()) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Runs `f`, then puts the directory's modification time back: rewriting
+/// its bookkeeping file is not a change the user made.
+fn keeping_mtime<T>(dir: &OwnedFd, f: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
+    let before = sys::fstat(dir.as_raw_fd());
+    let r = f();
+    if let Ok(st) = before {
+        let times = [
+            libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+            libc::timespec { tv_sec: st.st_mtime, tv_nsec: st.st_mtime_nsec },
+        ];
+        let _ = sys::utimens(libc::AT_FDCWD, sys::proc_path(dir).as_os_str(), &times, false);
+    }
+    r
+}
+
+/// Writes a directory-ID record (for a repair or a move) to the xattr
+/// copy, the file copy or both, keeping the directory's mtime. Returns
+/// whether the xattr copy was written: a filesystem without user xattrs
+/// (NFS) keeps the file copy alone, quietly.
+fn rewrite_dir_id(dir: &OwnedFd, record: &[u8], xattr: bool, file: bool) -> std::io::Result<bool> {
+    keeping_mtime(dir, || {
+        let mut wrote_xattr = false;
+        if xattr {
+            match sys::xattr::set(dir, OsStr::new(names::DIRID_XATTR), record, 0) {
+                Ok(()) => wrote_xattr = true,
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                Err(e) if !file => return Err(e),
+                Err(e) => tracing::warn!("cannot store directory ID xattr ({e}); relying on the ID file"),
+            }
+        }
+        if file {
+            write_dir_id_file(dir, record)?;
+            sys::fsync_dir(dir)?;
+        }
+        Ok(wrote_xattr)
+    })
+}
+
+/// Reads a directory's ID record (xattr and file copy) and checks it under
+/// the directory's parent, whose ID is `parent`. An authenticated (v2)
+/// record verifies only there, so an ID copied from a directory elsewhere,
+/// or edited, is refused; a legacy 16-byte record (written before records
+/// were authenticated) is taken as it is, and its children's names use the
+/// legacy associated data, so it never unlocks an authenticated directory.
+///
+/// With `repair`, a copy that is missing or unusable is rewritten from the
+/// other one, but only from an authenticated copy, or from a legacy one
+/// under which an entry of the directory decrypts; a record still valid
+/// under two parents (a move cut short) is trimmed to this one. Neither copy
+/// is ever opened as anything but a small regular file, and a rewrite
+/// replaces the file, never writes through what is there.
+pub fn load_dir_id(dir: &OwnedFd, parent: &Id, names: &Names, repair: bool) -> std::io::Result<LoadedId> {
+    let xattr = match sys::xattr::get(dir, OsStr::new(names::DIRID_XATTR), names::DIRID_MAX) {
+        Ok(v) => Some(v),
+        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => None,
+        // Too big, or no xattrs on this filesystem: unusable, not missing.
+        Err(e) if e.raw_os_error() == Some(libc::ERANGE) => Some(Vec::new()),
+        Err(_) => None,
+    };
+    let file = read_id_file(dir).unwrap_or(Some(Vec::new()));
+    let (x, f) = (judge(xattr, parent, names), judge(file, parent, names));
+    let err = |m: &str| std::io::Error::other(m.to_string());
+    let (key, rec, complete) = match (&x, &f) {
+        (Copy::Good(a, r), Copy::Good(b, _)) if a == b => (*a, r.clone(), true),
+        (Copy::Good(..), Copy::Good(..)) => {
+            return Err(err("the xattr and file copies of the directory ID differ"));
+        }
+        (Copy::Good(k, r), other) | (other, Copy::Good(k, r)) => {
+            if !k.bound && matches!(other, Copy::Bad { bound: true }) {
+                return Err(err("one copy of the directory ID is authenticated and fails, the other is not"));
+            }
+            (*k, r.clone(), false)
+        }
+        (Copy::Missing, Copy::Missing) => return Err(err("both copies of the directory ID are missing")),
+        _ => {
+            return Err(err(
+                "the directory ID does not authenticate under its parent (copied from another directory, or edited)",
+            ));
+        }
+    };
+    let trimmed = matches!(&rec, DirRecord::Bound { tags, .. } if tags.len() > 1);
+    let mut out = LoadedId { key, complete: complete && !trimmed, repaired: None };
+    if !repair || out.complete {
+        return Ok(out);
+    }
+    if !key.bound && !an_entry_decrypts(dir, &key, names) {
+        // An unauthenticated ID nothing vouches for: use it, copy it nowhere.
+        return Ok(out);
+    }
+    let record = if key.bound { names.dir_record(&key.id, &[parent]) } else { key.id.to_vec() };
+    let (fix_x, fix_f) = (trimmed || !matches!(x, Copy::Good(..)), trimmed || !matches!(f, Copy::Good(..)));
+    match rewrite_dir_id(dir, &record, fix_x, fix_f) {
+        Ok(wrote_xattr) => {
+            out.repaired = if trimmed && complete {
+                Some("record of an interrupted move trimmed to its parent".into())
+            } else if fix_f {
+                Some("file copy restored from the xattr copy".into())
+            } else if wrote_xattr {
+                Some("xattr copy restored from the file copy".into())
+            } else {
+                None // no xattrs here: the file copy is all there is
+            };
+        }
+        Err(e) => tracing::warn!("cannot restore a directory ID copy: {e}"),
+    }
+    Ok(out)
+}
+
+fn write_dir_id_file(dir: &OwnedFd, record: &[u8]) -> std::io::Result<()> {
+    sys::replace_file(dir.as_raw_fd(), OsStr::new(names::DIRID_FILE), record, 0o444)
+}
+
+/// Writes both copies of a directory's ID record, durably.
+pub fn store_dir_id(dir: &OwnedFd, record: &[u8]) -> std::io::Result<()> {
     // tmpfs and most local filesystems keep user xattrs; if this one does
     // not, the file copy alone still works (fsck reports it).
-    if let Err(e) = sys::xattr::set(dir, OsStr::new(names::DIRID_XATTR), id, 0) {
+    if let Err(e) = sys::xattr::set(dir, OsStr::new(names::DIRID_XATTR), record, 0) {
         tracing::warn!("cannot store directory ID xattr ({e}); relying on the ID file");
     }
-    write_dir_id_file(dir, id)?;
-    File::open(sys::proc_path(dir))?.sync_all()
+    write_dir_id_file(dir, record)?;
+    sys::fsync_dir(dir)
 }
 
 /// kmsfs's own entries in an encrypted-names directory, the `Internal` kind
@@ -1757,8 +2114,8 @@ pub fn remove_dir_with_id(parent: std::os::fd::RawFd, name: &OsStr) -> std::io::
 }
 
 fn remove_dir_at(parent: std::os::fd::RawFd, name: &OsStr, depth: u32) -> std::io::Result<()> {
-    let d = sys::openat(parent, name, libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY, 0)?;
-    let id = load_dir_id(&d, false).ok();
+    let d = sys::open_beneath(parent, name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+    let id = read_id_file(&d).ok().flatten();
     clear_bookkeeping(&d, depth)?;
     let _ = sys::unlinkat(d.as_raw_fd(), OsStr::new(names::DIRID_FILE), 0);
     if let Err(e) = sys::unlinkat(parent, name, libc::AT_REMOVEDIR) {
@@ -1782,8 +2139,8 @@ fn replace_empty_dir(
     qfd: std::os::fd::RawFd,
     to: &OsStr,
 ) -> std::io::Result<()> {
-    let t = sys::openat(qfd, to, libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY, 0)?;
-    let id = load_dir_id(&t, false).ok();
+    let t = sys::open_beneath(qfd, to, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+    let id = read_id_file(&t).ok().flatten();
     clear_bookkeeping(&t, 1)?;
     let _ = sys::unlinkat(t.as_raw_fd(), OsStr::new(names::DIRID_FILE), 0);
     if let Err(e) = sys::renameat2(pfd, from, qfd, to, 0) {

@@ -3,6 +3,8 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -12,7 +14,7 @@ use crate::format::header::{FileHeader, KEY_SECTION};
 use crate::format::layout::Layout;
 use crate::format::{BLOCK_OVERHEAD, Id, NONCE_LEN, hex, random_fill};
 use crate::keys::{KeyContext, KeyError, KeyProvider};
-use crate::names::{EntryKind, Names};
+use crate::names::{DirKey, EntryKind, Names};
 use crate::volume::CONFIG_NAME;
 
 /// Errors of offline operations.
@@ -40,7 +42,8 @@ pub enum OpError {
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> OpError + '_ {
-    move |source| OpError::Io { path: path.display().to_string(), source }
+    // Backing names come from the cipher dir: escaped before they are printed.
+    move |source| OpError::Io { path: crate::names::escape(path.as_os_str().as_bytes()), source }
 }
 
 fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -211,8 +214,24 @@ pub fn inspect(path: &Path) -> Result<serde_json::Value, OpError> {
 pub struct Entry {
     /// Path in the cipher dir.
     pub backing: PathBuf,
-    /// Plaintext path relative to the mount root.
+    /// The same path relative to the cipher dir (see [`open_backing`]).
+    pub rel: PathBuf,
+    /// Plaintext path relative to the mount root, escaped for printing.
     pub plain: String,
+}
+
+/// Opens a walked file again, resolving its path from the cipher dir
+/// without following a symlink in any component, so a directory swapped
+/// for a link while a long fsck or rewrap runs cannot send it outside the
+/// cipher dir; and only if it is still a regular file.
+pub fn open_backing(cipherdir: &Path, e: &Entry, write: bool) -> std::io::Result<File> {
+    let root = crate::sys::openat(libc::AT_FDCWD, cipherdir.as_os_str(), libc::O_PATH | libc::O_DIRECTORY, 0)?;
+    let p = crate::sys::open_beneath(root.as_raw_fd(), e.rel.as_os_str(), libc::O_PATH, 0)?;
+    if crate::sys::fstat(p.as_raw_fd())?.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mode = if write { libc::O_RDWR } else { libc::O_RDONLY };
+    Ok(File::from(crate::sys::reopen(&p, mode)?))
 }
 
 /// Problems with directories found while walking (encrypted names).
@@ -224,98 +243,128 @@ pub struct DirProblems {
     pub repaired: Vec<String>,
     /// Entries whose names do not decrypt (hidden from the mount).
     pub undecryptable: Vec<String>,
+    /// Directories whose ID record predates authenticated records (made by
+    /// an older kmsfs): their ID can be copied to another directory
+    /// undetected (docs/SECURITY.md).
+    pub legacy_ids: Vec<String>,
+}
+
+/// A directory being walked: its descriptor, its path relative to the
+/// cipher dir, its plaintext path and the key its children's names use
+/// (`None` when its ID could not be read).
+struct WalkDir {
+    fd: OwnedFd,
+    rel: PathBuf,
+    plain: String,
+    key: Option<DirKey>,
 }
 
 /// Every regular file of a cipher dir with its plaintext path, skipping
-/// kmsfs's own files. With `repair`, restores a missing directory-ID copy.
+/// kmsfs's own files. With `repair`, restores a missing directory-ID copy
+/// (only from a copy that authenticates, see `fs::load_dir_id`) and removes
+/// what crashes leave behind. Directories are walked through descriptors,
+/// never by path, and no symlink is followed.
 pub fn walk(cipherdir: &Path, names: &Names, repair: bool) -> Result<(Vec<Entry>, DirProblems), OpError> {
+    use crate::names::escape;
     let mut out = Vec::new();
     let mut problems = DirProblems::default();
-    let mut stack = vec![(cipherdir.to_path_buf(), String::new(), Some(crate::names::ROOT_DIR_ID))];
-    while let Some((dir, plain_dir, id)) = stack.pop() {
-        let mut entries: Vec<_> =
-            std::fs::read_dir(&dir).map_err(io_err(&dir))?.collect::<Result<_, _>>().map_err(io_err(&dir))?;
+    let root = crate::sys::openat(libc::AT_FDCWD, cipherdir.as_os_str(), libc::O_PATH | libc::O_DIRECTORY, 0)
+        .map_err(io_err(cipherdir))?;
+    let mut stack = vec![WalkDir { fd: root, rel: PathBuf::new(), plain: String::new(), key: Some(DirKey::ROOT) }];
+    while let Some(d) = stack.pop() {
+        let here = cipherdir.join(&d.rel);
+        let mut entries: Vec<_> = std::fs::read_dir(crate::sys::proc_path(&d.fd))
+            .map_err(io_err(&here))?
+            .collect::<Result<_, _>>()
+            .map_err(io_err(&here))?;
         entries.sort_by_key(|e| e.file_name());
+        let at_root = d.rel.as_os_str().is_empty();
         for e in entries {
-            let p = e.path();
-            let ft = e.file_type().map_err(io_err(&p))?;
             let raw = e.file_name();
-            let nb = raw.as_encoded_bytes();
-            if dir == cipherdir && nb == CONFIG_NAME.as_bytes() {
+            let nb = raw.as_bytes();
+            let rel = d.rel.join(&raw);
+            let where_ = escape(rel.as_os_str().as_bytes());
+            // d_type, or an lstat through the directory's descriptor.
+            let ft = e.file_type().map_err(io_err(&cipherdir.join(&rel)))?;
+            if at_root && nb == CONFIG_NAME.as_bytes() {
+                continue;
+            }
+            if nb.starts_with(crate::sys::TMP_PREFIX.as_bytes()) {
+                // Left by a crash: a directory whose mkdir was cut short
+                // (never visible, holds at most its ID), or the temporary
+                // file of a bookkeeping write (never the only copy).
+                if ft.is_dir() {
+                    let gone = repair && std::fs::remove_dir_all(crate::sys::proc_path(&d.fd).join(&raw)).is_ok();
+                    if gone {
+                        problems.repaired.push(format!("{where_} (unfinished mkdir removed)"));
+                    } else if !repair {
+                        problems.bad_ids.push((where_, "unfinished mkdir left by a crash (run fsck --repair)".into()));
+                    }
+                } else if repair && crate::sys::unlinkat(d.fd.as_raw_fd(), &raw, 0).is_ok() {
+                    problems.repaired.push(format!("{where_} (leftover temporary file removed)"));
+                }
                 continue;
             }
             let plain_name = if names.encrypted() {
                 let encoded = match names.classify(&raw) {
-                    EntryKind::Internal => {
-                        // A directory whose mkdir was cut short by a crash:
-                        // never visible, holds at most its ID file.
-                        if ft.is_dir() && nb.starts_with(crate::names::TMP_PREFIX.as_bytes()) {
-                            let where_ = p.strip_prefix(cipherdir).unwrap_or(&p).display().to_string();
-                            if repair && std::fs::remove_dir_all(&p).is_ok() {
-                                problems.repaired.push(format!("{where_} (unfinished mkdir removed)"));
-                            } else if !repair {
-                                problems
-                                    .bad_ids
-                                    .push((where_, "unfinished mkdir left by a crash (run fsck --repair)".into()));
-                            }
-                        }
-                        continue;
-                    }
+                    EntryKind::Internal => continue,
                     EntryKind::Short => Some(nb.to_vec()),
                     EntryKind::Long => {
                         let mut side = raw.clone();
                         side.push(crate::names::LONG_SUFFIX);
-                        std::fs::read(dir.join(side)).ok()
+                        crate::sys::read_regular(d.fd.as_raw_fd(), &side, crate::names::SIDE_MAX).ok()
                     }
                 };
-                match (encoded, id) {
-                    (Some(enc), Some(id)) => names.decrypt(&id, &enc).ok().map(|n| n.to_string_lossy().into_owned()),
+                match (encoded, d.key) {
+                    (Some(enc), Some(k)) => names.decrypt(&k, &enc).ok().map(|n| escape(n.as_bytes())),
                     _ => None,
                 }
-            } else if dir == cipherdir && nb.starts_with(b".kmsfs") {
+            } else if at_root && nb.starts_with(b".kmsfs") {
                 continue;
             } else {
-                Some(raw.to_string_lossy().into_owned())
+                Some(escape(nb))
             };
             let shown = match &plain_name {
-                Some(n) => format!("{plain_dir}/{n}"),
+                Some(n) => format!("{}/{n}", d.plain),
                 None => {
-                    let where_ = p.strip_prefix(cipherdir).unwrap_or(&p).display().to_string();
                     problems.undecryptable.push(where_.clone());
-                    format!("{plain_dir}/?{where_}")
+                    format!("{}/?{where_}", d.plain)
                 }
             };
             if ft.is_dir() {
-                let child_id = if names.encrypted() {
-                    let fd = crate::sys::open_path(libc::AT_FDCWD, p.as_os_str()).map_err(io_err(&p))?;
-                    let had_both = crate::sys::xattr::get(&fd, std::ffi::OsStr::new(crate::names::DIRID_XATTR), 16)
-                        .is_ok()
-                        && p.join(crate::names::DIRID_FILE).exists();
-                    match crate::fs::load_dir_id(&fd, repair) {
-                        Ok(id) => {
-                            if !had_both {
-                                if repair {
-                                    problems.repaired.push(shown.clone());
+                let fd = crate::sys::open_beneath(d.fd.as_raw_fd(), &raw, libc::O_PATH | libc::O_DIRECTORY, 0)
+                    .map_err(io_err(&cipherdir.join(&rel)))?;
+                let key = match d.key {
+                    _ if !names.encrypted() => Some(DirKey::ROOT),
+                    // Its record can only be checked under its parent's ID.
+                    None => None,
+                    Some(pk) => match crate::fs::load_dir_id(&fd, &pk.id, names, repair) {
+                        Ok(l) => {
+                            if l.repaired.is_some() {
+                                problems.repaired.push(shown.clone());
+                            } else if !l.complete {
+                                let why = if repair {
+                                    "one copy of the directory ID is missing or damaged, and nothing vouches for \
+                                     the other (legacy ID, no entry decrypts under it)"
                                 } else {
-                                    problems.bad_ids.push((
-                                        shown.clone(),
-                                        "one copy of the directory ID is missing (run fsck --repair)".into(),
-                                    ));
-                                }
+                                    "one copy of the directory ID is missing or damaged (run fsck --repair)"
+                                };
+                                problems.bad_ids.push((shown.clone(), why.into()));
                             }
-                            Some(id)
+                            if !l.key.bound {
+                                problems.legacy_ids.push(shown.clone());
+                            }
+                            Some(l.key)
                         }
                         Err(err) => {
                             problems.bad_ids.push((shown.clone(), err.to_string()));
                             None
                         }
-                    }
-                } else {
-                    Some(crate::names::ROOT_DIR_ID)
+                    },
                 };
-                stack.push((p, shown, child_id));
+                stack.push(WalkDir { fd, rel, plain: shown, key });
             } else if ft.is_file() {
-                out.push(Entry { backing: p, plain: shown });
+                out.push(Entry { backing: cipherdir.join(&rel), rel, plain: shown });
             }
         }
     }
@@ -575,26 +624,37 @@ pub fn rewrap(
     Ok(r)
 }
 
-fn dir_id_of(dir: &Path, names: &Names, is_root: bool) -> Result<crate::format::Id, OpError> {
-    if is_root || !names.encrypted() {
-        return Ok(crate::names::ROOT_DIR_ID);
+/// The key the children of directory `fd` use, given its parent's.
+fn child_key(fd: &OwnedFd, parent: &DirKey, names: &Names, shown: &Path) -> Result<DirKey, OpError> {
+    if !names.encrypted() {
+        return Ok(DirKey::ROOT);
     }
-    let fd = crate::sys::open_path(libc::AT_FDCWD, dir.as_os_str()).map_err(io_err(dir))?;
-    crate::fs::load_dir_id(&fd, false).map_err(io_err(dir))
+    crate::fs::load_dir_id(fd, &parent.id, names, false).map(|l| l.key).map_err(io_err(shown))
 }
 
 /// Maps a plaintext path (relative to the mount root) to its backing path.
 pub fn plain_to_backing(cipherdir: &Path, plain: &Path, names: &Names) -> Result<PathBuf, OpError> {
+    let mut fd = crate::sys::openat(libc::AT_FDCWD, cipherdir.as_os_str(), libc::O_PATH | libc::O_DIRECTORY, 0)
+        .map_err(io_err(cipherdir))?;
     let mut cur = cipherdir.to_path_buf();
-    let mut first = true;
-    for c in plain.components() {
-        let std::path::Component::Normal(name) = c else { continue };
-        let id = dir_id_of(&cur, names, first)?;
+    let mut key = DirKey::ROOT;
+    let parts: Vec<_> = plain
+        .components()
+        .filter_map(|c| match c {
+            std::path::Component::Normal(n) => Some(n),
+            _ => None,
+        })
+        .collect();
+    for (i, name) in parts.iter().enumerate() {
         let s = names
-            .encrypt(&id, name)
+            .encrypt(&key, name)
             .map_err(|e| OpError::Corrupt { path: plain.display().to_string(), detail: e.to_string() })?;
         cur.push(&s.on_disk);
-        first = false;
+        if i + 1 < parts.len() {
+            fd = crate::sys::open_beneath(fd.as_raw_fd(), &s.on_disk, libc::O_PATH | libc::O_DIRECTORY, 0)
+                .map_err(io_err(&cur))?;
+            key = child_key(&fd, &key, names, &cur)?;
+        }
     }
     Ok(cur)
 }
@@ -602,26 +662,164 @@ pub fn plain_to_backing(cipherdir: &Path, plain: &Path, names: &Names) -> Result
 /// Maps a backing path (relative to the cipher dir) to its plaintext path.
 pub fn backing_to_plain(cipherdir: &Path, backing: &Path, names: &Names) -> Result<PathBuf, OpError> {
     let rel = backing.strip_prefix(cipherdir).unwrap_or(backing);
+    let mut fd = crate::sys::openat(libc::AT_FDCWD, cipherdir.as_os_str(), libc::O_PATH | libc::O_DIRECTORY, 0)
+        .map_err(io_err(cipherdir))?;
     let mut cur = cipherdir.to_path_buf();
     let mut out = PathBuf::from("/");
-    let mut first = true;
-    for c in rel.components() {
-        let std::path::Component::Normal(raw) = c else { continue };
-        let id = dir_id_of(&cur, names, first)?;
+    let mut key = DirKey::ROOT;
+    let parts: Vec<_> = rel
+        .components()
+        .filter_map(|c| match c {
+            std::path::Component::Normal(n) => Some(n),
+            _ => None,
+        })
+        .collect();
+    for (i, raw) in parts.iter().enumerate() {
         let encoded = match names.classify(raw) {
             EntryKind::Long => {
-                let mut side = raw.to_owned();
+                let mut side = raw.to_os_string();
                 side.push(crate::names::LONG_SUFFIX);
-                std::fs::read(cur.join(side)).map_err(io_err(&cur.join(raw)))?
+                crate::sys::read_regular(fd.as_raw_fd(), &side, crate::names::SIDE_MAX)
+                    .map_err(io_err(&cur.join(raw)))?
             }
             _ => raw.as_encoded_bytes().to_vec(),
         };
-        let name = names
-            .decrypt(&id, &encoded)
-            .map_err(|e| OpError::Corrupt { path: cur.join(raw).display().to_string(), detail: e.to_string() })?;
+        let name = names.decrypt(&key, &encoded).map_err(|e| OpError::Corrupt {
+            path: crate::names::escape(cur.join(raw).as_os_str().as_bytes()),
+            detail: e.to_string(),
+        })?;
         out.push(name);
         cur.push(raw);
-        first = false;
+        if i + 1 < parts.len() {
+            fd = crate::sys::open_beneath(fd.as_raw_fd(), raw, libc::O_PATH | libc::O_DIRECTORY, 0)
+                .map_err(io_err(&cur))?;
+            key = child_key(&fd, &key, names, &cur)?;
+        }
     }
     Ok(out)
+}
+
+/// What [`upgrade_dir_ids`] did.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct UpgradeReport {
+    /// Directories whose legacy ID record became an authenticated one.
+    pub upgraded: Vec<String>,
+    /// Entries renamed to names under the authenticated label.
+    pub renamed: u64,
+    /// Directories left as they were, with the reason (an unreadable ID,
+    /// or entries whose names decrypt under neither label).
+    pub skipped: Vec<(String, String)>,
+}
+
+/// Gives every directory that still has a legacy (unauthenticated, 16-byte)
+/// ID record an authenticated one: renames its entries to their names under
+/// the "name2" label, then writes the new record bound to its parent's ID.
+/// For `kmsfs upgrade`: offline, under the cipher-dir lock, on a host the
+/// user trusts, since the legacy IDs found are taken as they are. An
+/// interrupted run leaves a directory's already renamed entries hidden until
+/// the next run, which recognises them and finishes.
+pub fn upgrade_dir_ids(cipherdir: &Path, names: &Names) -> Result<UpgradeReport, OpError> {
+    use crate::names::escape;
+    let mut r = UpgradeReport::default();
+    if !names.encrypted() {
+        return Ok(r);
+    }
+    let root = crate::sys::openat(libc::AT_FDCWD, cipherdir.as_os_str(), libc::O_PATH | libc::O_DIRECTORY, 0)
+        .map_err(io_err(cipherdir))?;
+    // Each directory with its parent's ID, which its record is bound to.
+    let root = WalkDir { fd: root, rel: PathBuf::new(), plain: String::new(), key: Some(DirKey::ROOT) };
+    let mut stack = vec![(root, crate::names::ROOT_DIR_ID)];
+    while let Some((mut d, parent)) = stack.pop() {
+        let here = cipherdir.join(&d.rel);
+        let Some(key) = d.key else { continue };
+        let at_root = d.rel.as_os_str().is_empty();
+        if !at_root && !key.bound {
+            match upgrade_one(&d.fd, &key, &parent, names) {
+                Ok(n) => {
+                    r.renamed += n;
+                    r.upgraded.push(d.plain.clone());
+                    d.key = Some(DirKey { id: key.id, bound: true });
+                }
+                Err(e) => {
+                    r.skipped.push((d.plain.clone(), e.to_string()));
+                    continue;
+                }
+            }
+        }
+        let Some(key) = d.key else { continue };
+        let entries: Vec<_> = std::fs::read_dir(crate::sys::proc_path(&d.fd))
+            .map_err(io_err(&here))?
+            .collect::<Result<_, _>>()
+            .map_err(io_err(&here))?;
+        for e in entries {
+            let raw = e.file_name();
+            if !e.file_type().map_err(io_err(&here.join(&raw)))?.is_dir() || names.classify(&raw) == EntryKind::Internal
+            {
+                continue;
+            }
+            let Some(plain) = entry_name(&d.fd, &raw, &key, names) else { continue };
+            let fd = crate::sys::open_beneath(d.fd.as_raw_fd(), &raw, libc::O_PATH | libc::O_DIRECTORY, 0)
+                .map_err(io_err(&here.join(&raw)))?;
+            let shown = format!("{}/{}", d.plain, escape(plain.as_bytes()));
+            let child = match crate::fs::load_dir_id(&fd, &key.id, names, false) {
+                Ok(l) => Some(l.key),
+                Err(err) => {
+                    r.skipped.push((shown.clone(), err.to_string()));
+                    None
+                }
+            };
+            stack.push((WalkDir { fd, rel: d.rel.join(&raw), plain: shown, key: child }, key.id));
+        }
+    }
+    Ok(r)
+}
+
+/// The plaintext name of entry `raw` of a directory, under `key`.
+fn entry_name(dir: &OwnedFd, raw: &std::ffi::OsStr, key: &DirKey, names: &Names) -> Option<std::ffi::OsString> {
+    let encoded = match names.classify(raw) {
+        EntryKind::Internal => return None,
+        EntryKind::Short => raw.as_bytes().to_vec(),
+        EntryKind::Long => {
+            let mut side = raw.to_os_string();
+            side.push(crate::names::LONG_SUFFIX);
+            crate::sys::read_regular(dir.as_raw_fd(), &side, crate::names::SIDE_MAX).ok()?
+        }
+    };
+    names.decrypt(key, &encoded).ok()
+}
+
+/// Renames the entries of one legacy directory to their authenticated-label
+/// names (a long name's new side file first, its old one last), then writes
+/// its authenticated record. Returns how many entries were renamed.
+fn upgrade_one(dir: &OwnedFd, legacy: &DirKey, parent: &crate::format::Id, names: &Names) -> std::io::Result<u64> {
+    let bound = DirKey { id: legacy.id, bound: true };
+    let fd = dir.as_raw_fd();
+    let mut renamed = 0;
+    for e in std::fs::read_dir(crate::sys::proc_path(dir))? {
+        let raw = e?.file_name();
+        if names.classify(&raw) == EntryKind::Internal || entry_name(dir, &raw, &bound, names).is_some() {
+            continue; // bookkeeping, or renamed by an interrupted run
+        }
+        let Some(plain) = entry_name(dir, &raw, legacy, names) else {
+            return Err(std::io::Error::other(format!(
+                "entry {} decrypts under neither label; left as it is",
+                crate::names::escape(raw.as_bytes())
+            )));
+        };
+        let new = names.encrypt(&bound, &plain).map_err(std::io::Error::other)?;
+        if let (Some(side), Some(full)) = (new.side_file(), &new.long) {
+            crate::sys::replace_file(fd, &side, full.as_bytes(), 0o644)?;
+            crate::sys::fsync_dir(dir)?;
+        }
+        crate::sys::renameat2(fd, &raw, fd, &new.on_disk, libc::RENAME_NOREPLACE)?;
+        if names.classify(&raw) == EntryKind::Long {
+            let mut side = raw.clone();
+            side.push(crate::names::LONG_SUFFIX);
+            let _ = crate::sys::unlinkat(fd, &side, 0);
+        }
+        renamed += 1;
+    }
+    crate::sys::fsync_dir(dir)?;
+    crate::fs::store_dir_id(dir, &names.dir_record(&bound.id, &[parent]))?;
+    Ok(renamed)
 }

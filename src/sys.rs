@@ -1,12 +1,28 @@
 //! Thin, checked wrappers over the *at(2) syscalls the filesystem needs on
 //! O_PATH descriptors. Each returns `io::Result`; none panics.
+//!
+//! The cipher dir is adversarial: a user who owns a backing directory, or
+//! anyone who can write the cipher dir, can plant symlinks, FIFOs, devices
+//! and huge files under any name. So every backing path is resolved from a
+//! directory descriptor by [`open_beneath`] (no symlink in any component, no
+//! `..` out of the directory), small bookkeeping files are read with
+//! [`read_regular`] (regular files only, size-capped, never a FIFO or device
+//! opened) and written with [`replace_file`] (a fresh `O_EXCL` temp file
+//! renamed over the name, so whatever was planted there is replaced, never
+//! followed or truncated).
+//!
+//! `/proc/self/fd/N` paths (chmod, xattrs, reopening a node) name the inode
+//! that descriptor N pins: the kernel resolves the magic link to that inode
+//! and stops, even when it is a symlink (a planted link is never followed
+//! through them; `tests` below shows it).
 #![allow(unsafe_code)]
 
-use std::ffi::{CString, OsStr};
+use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 fn cstr(name: &OsStr) -> io::Result<CString> {
     CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
@@ -30,9 +46,161 @@ pub fn openat(dir: RawFd, name: &OsStr, flags: libc::c_int, mode: u32) -> io::Re
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// An O_PATH|O_NOFOLLOW descriptor for `name` in `dir`.
+/// `struct open_how` of openat2(2) (libc's is `non_exhaustive`).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// Whether the kernel has openat2(2): 0 not yet known, 1 yes, 2 no (ENOSYS).
+static OPENAT2: AtomicU8 = AtomicU8::new(0);
+
+fn io_err(errno: libc::c_int) -> io::Error {
+    io::Error::from_raw_os_error(errno)
+}
+
+/// Opens `path`, relative to `dir`, without following a symlink in any
+/// component and without leaving `dir` (no absolute path, no `..` above it):
+/// openat2 with RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS, or, on kernels without
+/// openat2 (before 5.6), one openat with O_NOFOLLOW per component. O_NOFOLLOW
+/// and O_CLOEXEC are always added, so a trailing symlink gives ELOOP, or the
+/// link itself with O_PATH.
+pub fn open_beneath(dir: RawFd, path: &OsStr, flags: libc::c_int, mode: u32) -> io::Result<OwnedFd> {
+    let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    if OPENAT2.load(Ordering::Relaxed) != 2 {
+        let c = cstr(path)?;
+        let creates = flags & (libc::O_CREAT | libc::O_TMPFILE) != 0;
+        let how = OpenHow {
+            flags: flags as u32 as u64,
+            mode: if creates { u64::from(mode) } else { 0 },
+            resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS,
+        };
+        // SAFETY: valid NUL-terminated path and a valid open_how of the size passed.
+        let r = unsafe {
+            libc::syscall(libc::SYS_openat2, dir, c.as_ptr(), &how as *const OpenHow, std::mem::size_of::<OpenHow>())
+        };
+        if r >= 0 {
+            OPENAT2.store(1, Ordering::Relaxed);
+            // SAFETY: a fresh descriptor that we own.
+            return Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) });
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOSYS) {
+            return Err(e);
+        }
+        OPENAT2.store(2, Ordering::Relaxed);
+    }
+    open_beneath_fallback(dir, path, flags, mode)
+}
+
+/// [`open_beneath`] for kernels without openat2: every component but the
+/// last is opened O_PATH|O_DIRECTORY|O_NOFOLLOW from the previous one.
+fn open_beneath_fallback(dir: RawFd, path: &OsStr, flags: libc::c_int, mode: u32) -> io::Result<OwnedFd> {
+    let b = path.as_bytes();
+    if b.is_empty() || b[0] == b'/' {
+        return Err(io_err(libc::EXDEV));
+    }
+    let parts: Vec<&[u8]> = b.split(|&c| c == b'/').filter(|p| !p.is_empty() && *p != b".").collect();
+    if parts.iter().any(|p| *p == b"..") {
+        return Err(io_err(libc::EXDEV));
+    }
+    let Some((last, dirs)) = parts.split_last() else { return Err(io_err(libc::EINVAL)) };
+    let mut held: Option<OwnedFd> = None;
+    for d in dirs {
+        let at = held.as_ref().map_or(dir, |f| f.as_raw_fd());
+        held = Some(openat(at, OsStr::from_bytes(d), libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?);
+    }
+    let at = held.as_ref().map_or(dir, |f| f.as_raw_fd());
+    openat(at, OsStr::from_bytes(last), flags, mode)
+}
+
+/// An O_PATH|O_NOFOLLOW descriptor for `name` in `dir` (the entry itself,
+/// even when it is a symlink).
 pub fn open_path(dir: RawFd, name: &OsStr) -> io::Result<OwnedFd> {
-    openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)
+    open_beneath(dir, name, libc::O_PATH, 0)
+}
+
+/// An O_PATH descriptor for the inode `fd` already refers to.
+pub fn path_of_fd(fd: &OwnedFd) -> io::Result<OwnedFd> {
+    openat(libc::AT_FDCWD, proc_path(fd).as_os_str(), libc::O_PATH, 0)
+}
+
+/// Opens the inode an O_PATH descriptor pins, with `flags` (through
+/// /proc/self/fd, which resolves to that inode and nothing else).
+pub fn reopen(fd: &OwnedFd, flags: libc::c_int) -> io::Result<OwnedFd> {
+    openat(libc::AT_FDCWD, proc_path(fd).as_os_str(), flags | libc::O_NOCTTY, 0)
+}
+
+/// Why [`read_regular`] refused a file, as an `io::Error` message.
+fn refused(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what)
+}
+
+/// Reads the small regular file `name` in `dir`: the entry is first opened
+/// O_PATH (no symlink followed), checked with fstat to be a regular file of
+/// at most `cap` bytes, and only then opened for reading (O_NONBLOCK), so a
+/// planted FIFO, device or symlink is never opened and cannot hang the
+/// daemon; a file that grows past `cap` meanwhile is refused too.
+pub fn read_regular(dir: RawFd, name: &OsStr, cap: usize) -> io::Result<Vec<u8>> {
+    let p = open_path(dir, name)?;
+    let st = fstat(p.as_raw_fd())?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(refused(format!("not a regular file (mode {:o})", st.st_mode & libc::S_IFMT)));
+    }
+    if st.st_size < 0 || st.st_size as u64 > cap as u64 {
+        return Err(refused(format!("{} bytes, more than the {cap} allowed", st.st_size)));
+    }
+    let f = std::fs::File::from(reopen(&p, libc::O_RDONLY | libc::O_NONBLOCK)?);
+    let mut buf = Vec::with_capacity(st.st_size as usize);
+    use std::io::Read;
+    (&f).take(cap as u64 + 1).read_to_end(&mut buf)?;
+    if buf.len() > cap {
+        return Err(refused(format!("grew past the {cap} bytes allowed")));
+    }
+    Ok(buf)
+}
+
+/// Prefix of kmsfs's temporary entries.
+pub const TMP_PREFIX: &str = crate::names::TMP_PREFIX;
+
+/// A fresh random temporary name (`.kmsfs.tmp.` + 32 hex digits).
+pub fn temp_name() -> io::Result<OsString> {
+    let id = crate::format::random_id().map_err(|_| io_err(libc::EIO))?;
+    Ok(format!("{TMP_PREFIX}{}", crate::format::hex(&id)).into())
+}
+
+/// Replaces (or creates) `name` in `dir` with `data`: the bytes go to a new
+/// file under a random temporary name, created O_CREAT|O_EXCL|O_NOFOLLOW with
+/// `mode`, written and fsynced, then renamed over `name`. `name` itself is
+/// never opened, so whatever was planted there (a symlink, a FIFO, a hard
+/// link to another file) is replaced, never written through; and a crash
+/// leaves the old content or the new, never a truncated file. The caller
+/// fsyncs `dir` when the rename itself must be durable.
+pub fn replace_file(dir: RawFd, name: &OsStr, data: &[u8], mode: u32) -> io::Result<()> {
+    let tmp = temp_name()?;
+    let f = open_beneath(dir, &tmp, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, mode)?;
+    let done = (|| {
+        // The umask may have narrowed `mode`.
+        // SAFETY: plain syscall on an owned descriptor.
+        check(unsafe { libc::fchmod(f.as_raw_fd(), mode as libc::mode_t) })?;
+        let f = std::fs::File::from(f);
+        use std::io::Write;
+        (&f).write_all(data)?;
+        f.sync_all()?;
+        renameat2(dir, &tmp, dir, name, 0)
+    })();
+    if done.is_err() {
+        let _ = unlinkat(dir, &tmp, 0);
+    }
+    done
+}
+
+/// fsync of a directory given by any descriptor (O_PATH included).
+pub fn fsync_dir(dir: &OwnedFd) -> io::Result<()> {
+    let d = std::fs::File::from(reopen(dir, libc::O_RDONLY | libc::O_DIRECTORY)?);
+    d.sync_all()
 }
 
 /// fstatat(fd, "", AT_EMPTY_PATH): stat of an O_PATH descriptor.
@@ -160,7 +328,9 @@ pub fn lseek(fd: RawFd, off: u64, whence: libc::c_int) -> io::Result<u64> {
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as u64) }
 }
 
-/// lgetxattr/lsetxattr/llistxattr/lremovexattr through /proc.
+/// getxattr/setxattr/listxattr/removexattr through /proc/self/fd/N: they
+/// act on the inode descriptor N pins and never follow a link beyond it
+/// (fgetxattr and friends refuse O_PATH descriptors).
 pub mod xattr {
     use super::*;
 
@@ -249,4 +419,88 @@ pub fn preadv_exact(fd: RawFd, mut bufs: &mut [io::IoSliceMut<'_>], mut off: u64
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn dir() -> (tempfile::TempDir, OwnedFd) {
+        let t = tempfile::tempdir().unwrap();
+        let fd = openat(libc::AT_FDCWD, t.path().as_os_str(), libc::O_PATH | libc::O_DIRECTORY, 0).unwrap();
+        (t, fd)
+    }
+
+    #[test]
+    fn open_beneath_refuses_links_and_escapes() {
+        let (t, d) = dir();
+        std::fs::create_dir(t.path().join("sub")).unwrap();
+        std::fs::write(t.path().join("sub/f"), b"x").unwrap();
+        std::os::unix::fs::symlink(t.path().join("sub"), t.path().join("link")).unwrap();
+        let fd = d.as_raw_fd();
+        assert!(open_beneath(fd, OsStr::new("sub/f"), libc::O_RDONLY, 0).is_ok());
+        for bad in ["link/f", "../x", "/etc/passwd", "sub/../../x"] {
+            assert!(open_beneath(fd, OsStr::new(bad), libc::O_RDONLY, 0).is_err(), "{bad}");
+        }
+        assert_eq!(
+            open_beneath(fd, OsStr::new("link"), libc::O_RDONLY, 0).unwrap_err().raw_os_error(),
+            Some(libc::ELOOP)
+        );
+        let l = open_path(fd, OsStr::new("link")).unwrap();
+        assert_eq!(fstat(l.as_raw_fd()).unwrap().st_mode & libc::S_IFMT, libc::S_IFLNK, "O_PATH gives the link itself");
+        // The fallback (kernels without openat2) behaves the same.
+        let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        assert!(open_beneath_fallback(fd, OsStr::new("sub/f"), flags, 0).is_ok());
+        for bad in ["link/f", "link", "../x", "/etc/passwd", "sub/../f"] {
+            assert!(open_beneath_fallback(fd, OsStr::new(bad), flags, 0).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn read_regular_refuses_fifos_links_and_big_files() {
+        let (t, d) = dir();
+        let fd = d.as_raw_fd();
+        std::fs::write(t.path().join("small"), b"hello").unwrap();
+        std::fs::write(t.path().join("big"), vec![0u8; 100]).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", t.path().join("zero")).unwrap();
+        let fifo = CString::new(t.path().join("fifo").as_os_str().as_bytes()).unwrap();
+        // SAFETY: valid path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        assert_eq!(read_regular(fd, OsStr::new("small"), 64).unwrap(), b"hello");
+        for bad in ["big", "zero", "fifo", "missing"] {
+            assert!(read_regular(fd, OsStr::new(bad), 64).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn replace_file_replaces_a_planted_link_instead_of_following_it() {
+        let (t, d) = dir();
+        let victim = t.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        std::os::unix::fs::symlink(&victim, t.path().join("name")).unwrap();
+        replace_file(d.as_raw_fd(), OsStr::new("name"), b"new", 0o444).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        let md = std::fs::symlink_metadata(t.path().join("name")).unwrap();
+        assert!(md.is_file());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(md.permissions().mode() & 0o777, 0o444);
+        assert_eq!(std::fs::read(t.path().join("name")).unwrap(), b"new");
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn proc_fd_paths_stop_at_the_pinned_symlink() {
+        let (t, d) = dir();
+        std::fs::write(t.path().join("target"), b"x").unwrap();
+        std::os::unix::fs::symlink("target", t.path().join("link")).unwrap();
+        let l = open_path(d.as_raw_fd(), OsStr::new("link")).unwrap();
+        // user.* xattrs are refused on a symlink: the call reached the link,
+        // not its target.
+        assert!(xattr::set(&l, OsStr::new("user.t"), b"v", 0).is_err());
+        let tf = open_path(d.as_raw_fd(), OsStr::new("target")).unwrap();
+        assert_eq!(xattr::list(&tf).unwrap_or_default(), b"");
+        assert_eq!(reopen(&l, libc::O_RDONLY).unwrap_err().raw_os_error(), Some(libc::ELOOP));
+    }
 }

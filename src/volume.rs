@@ -243,18 +243,20 @@ impl VolumeConfig {
         Ok(c)
     }
 
-    /// Writes the config atomically (temp file, fsync, rename).
+    /// Writes the config atomically: a new file under a random temporary
+    /// name (O_EXCL, no link followed), fsync, rename over the config, fsync
+    /// of the cipher dir. Nothing planted in the cipher dir is written through.
     pub fn store(&self, cipherdir: &Path) -> Result<(), VolumeError> {
         let path = cipherdir.join(CONFIG_NAME);
-        let tmp = cipherdir.join(format!(".{CONFIG_NAME}.tmp"));
         let io = |source| VolumeError::Io { path: path.display().to_string(), source };
         let mut text = serde_json::to_string_pretty(self)
             .map_err(|e| VolumeError::Invalid { path: path.display().to_string(), detail: e.to_string() })?;
         text.push('\n');
-        std::fs::write(&tmp, text).map_err(io)?;
-        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
-        std::fs::File::open(cipherdir).and_then(|f| f.sync_all()).map_err(io)?;
+        let dir = crate::sys::openat(libc::AT_FDCWD, cipherdir.as_os_str(), libc::O_PATH | libc::O_DIRECTORY, 0)
+            .map_err(io)?;
+        use std::os::fd::AsRawFd;
+        crate::sys::replace_file(dir.as_raw_fd(), CONFIG_NAME.as_ref(), text.as_bytes(), 0o644).map_err(io)?;
+        crate::sys::fsync_dir(&dir).map_err(io)?;
         Ok(())
     }
 

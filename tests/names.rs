@@ -224,3 +224,113 @@ fn kill9_during_mkdir_and_rename_loops() {
     let out2 = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "after repair: {out}\n{out2}");
 }
+
+/// Hard links to symlinks work within and across directories, and survive
+/// renames and a remount: a symlink's target is bound to the volume, not to
+/// the link's name or directory (docs/SECURITY.md says why).
+#[test]
+fn hard_links_to_symlinks_across_directories() {
+    if !fuse_available("hard_links_to_symlinks_across_directories") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let v = Volume::new();
+    let check = |m: &Mounted, paths: &[&str]| {
+        for p in paths {
+            assert_eq!(std::fs::read_link(m.path(p)).unwrap().to_str(), Some("target/one"), "{p}");
+            assert_eq!(std::fs::symlink_metadata(m.path(p)).unwrap().nlink(), 3, "{p}");
+        }
+    };
+    let m = v.mount("m", &[]);
+    std::fs::create_dir_all(m.path("d1")).unwrap();
+    std::fs::create_dir_all(m.path("d2")).unwrap();
+    std::os::unix::fs::symlink("target/one", m.path("d1/l")).unwrap();
+    std::fs::hard_link(m.path("d1/l"), m.path("d1/l2")).unwrap();
+    std::fs::hard_link(m.path("d1/l"), m.path("d2/l3")).unwrap();
+    std::fs::rename(m.path("d1/l2"), m.path("d2/l4")).unwrap();
+    check(&m, &["d1/l", "d2/l3", "d2/l4"]);
+    drop(m);
+    let m = v.mount("m2", &[]);
+    check(&m, &["d1/l", "d2/l3", "d2/l4"]);
+    assert!(m.noisy_log_lines().is_empty(), "{:?}", m.noisy_log_lines());
+}
+
+/// A long name's side file is never rewritten in place (issue 14, 6c): with
+/// the daemon killed while files are renamed over a long name again and
+/// again, the long name is always there after the remount.
+#[test]
+fn kill9_during_rename_over_a_long_name_keeps_it() {
+    if !fuse_available("kill9_during_rename_over_a_long_name_keeps_it") {
+        return;
+    }
+    let v = Volume::new();
+    let target = "t".repeat(220);
+    for round in 0..5 {
+        let mut m = v.mount(&format!("m{round}"), &[]);
+        std::fs::write(m.path(&target), b"first").unwrap();
+        let (root, t) = (m.mnt.clone(), target.clone());
+        let worker = std::thread::spawn(move || {
+            for i in 0..100_000 {
+                let src = root.join(format!("{}{i}", "s".repeat(200)));
+                if std::fs::write(&src, b"next").is_err() || std::fs::rename(&src, root.join(&t)).is_err() {
+                    break;
+                }
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300 + 100 * round));
+        m.kill9();
+        let _ = worker.join();
+        let m = v.mount(&format!("check{round}"), &[]);
+        let names: Vec<_> = std::fs::read_dir(&m.mnt).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(names.iter().any(|n| n.to_str() == Some(target.as_str())), "round {round}: {} entries", names.len());
+        assert!(m.noisy_log_lines().is_empty(), "round {round}: {:?}", m.noisy_log_lines());
+    }
+}
+
+/// Directories from before ID records were authenticated (16-byte legacy
+/// records, names under the old label) are upgraded offline: entries
+/// renamed, records replaced, nested directories too; a second run does
+/// nothing.
+#[test]
+fn legacy_directories_are_upgraded_offline() {
+    use kmsfs::names::{DirKey, Names};
+    use std::ffi::OsStr;
+    let names = Names::new(&[4; 32]);
+    let tmp = tempfile::tempdir().unwrap();
+    let cipher = tmp.path().join("cipher");
+    std::fs::create_dir(&cipher).unwrap();
+    let legacy_dir = |parent: &std::path::Path, pkey: &DirKey, name: &str, id: [u8; 16]| {
+        let p = parent.join(names.encrypt(pkey, OsStr::new(name)).unwrap().on_disk);
+        std::fs::create_dir(&p).unwrap();
+        let fd = kmsfs::sys::openat(libc::AT_FDCWD, p.as_os_str(), libc::O_PATH | libc::O_DIRECTORY, 0).unwrap();
+        kmsfs::fs::store_dir_id(&fd, &id).unwrap();
+        (p, DirKey { id, bound: false })
+    };
+    let file = |dir: &std::path::Path, key: &DirKey, name: &str| {
+        let s = names.encrypt(key, OsStr::new(name)).unwrap();
+        if let (Some(side), Some(full)) = (s.side_file(), &s.long) {
+            std::fs::write(dir.join(side), full).unwrap();
+        }
+        std::fs::write(dir.join(&s.on_disk), b"").unwrap();
+    };
+    let (docs, dk) = legacy_dir(&cipher, &DirKey::ROOT, "docs", [0x11; 16]);
+    let long = "l".repeat(200);
+    file(&docs, &dk, "a.txt");
+    file(&docs, &dk, &long);
+    let (inner, ik) = legacy_dir(&docs, &dk, "inner", [0x22; 16]);
+    file(&inner, &ik, "b");
+    let (old_files, before) = kmsfs::ops::walk(&cipher, &names, false).unwrap();
+    assert_eq!(before.legacy_ids.len(), 2);
+    let mut old_plain: Vec<_> = old_files.iter().map(|e| e.plain.clone()).collect();
+    old_plain.sort();
+    let r = kmsfs::ops::upgrade_dir_ids(&cipher, &names).unwrap();
+    assert_eq!((r.upgraded.len(), r.renamed, r.skipped.len()), (2, 4, 0), "{r:?}");
+    let (files, after) = kmsfs::ops::walk(&cipher, &names, false).unwrap();
+    let mut plain: Vec<_> = files.iter().map(|e| e.plain.clone()).collect();
+    plain.sort();
+    assert_eq!(plain, vec!["/docs/a.txt".to_string(), "/docs/inner/b".into(), format!("/docs/{long}")]);
+    assert_eq!(plain, old_plain, "legacy directories read before the upgrade too");
+    assert!(after.legacy_ids.is_empty() && after.bad_ids.is_empty() && after.undecryptable.is_empty(), "{after:?}");
+    let again = kmsfs::ops::upgrade_dir_ids(&cipher, &names).unwrap();
+    assert_eq!((again.upgraded.len(), again.renamed), (0, 0));
+}
