@@ -451,7 +451,17 @@ impl EncFs {
     }
 
     /// How `name` is stored in `parent`.
+    /// EACCES while the provider refuses the name key (see
+    /// `Names::set_revoked`); plaintext names need no key.
+    fn names_usable(&self) -> Result<(), FsError> {
+        match self.names.revoked() {
+            Some(e) if self.names.encrypted() => Err(FsError::Key(e)),
+            _ => Ok(()),
+        }
+    }
+
     fn stored(&self, parent: &Node, name: &OsStr) -> Result<StoredName, FsError> {
+        self.names_usable()?;
         let key = self.dir_key(parent)?;
         self.names.encrypt(&key, name).map_err(|e| match e {
             NameError::TooLong => FsError::Io(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG)),
@@ -1611,6 +1621,7 @@ impl EncFs {
 
     /// Opens a directory, snapshotting its entries.
     pub fn opendir(&self, ino: u64) -> Result<u64, FsError> {
+        self.names_usable()?;
         let n = self.dir(ino)?;
         let mut entries = vec![
             DirEntry { ino, kind: Kind::Dir, name: ".".into() },

@@ -842,10 +842,11 @@ fn upgrade(cipherdir: &Path, key_file: Option<PathBuf>, kms_key: Option<String>)
     let _lock = kmsfs::volume::lock(cipherdir, true).map_err(volume_failure)?;
     let mut cfg = load(cipherdir)?;
     if cfg.mac.is_some() {
-        // Already authenticated: just check it, which also records the pin.
-        open_volume(cipherdir, key_file, kms_key)?;
-        println!("{}: config already authenticated; nothing to do.", cipherdir.display());
-        return Ok(0);
+        // Already authenticated: check it (which also records the pin), and
+        // finish any directories still on unauthenticated ID records.
+        let OpenVolume { config, provider } = open_volume(cipherdir, key_file, kms_key)?;
+        println!("{}: config already authenticated.", cipherdir.display());
+        return upgrade_dirs(cipherdir, &config, provider.as_ref());
     }
     let keys = KeyArgs { key_file, kms_key };
     let provider = cfg.provider_unchecked(&keys).map_err(volume_failure)?;
@@ -871,7 +872,18 @@ fn upgrade(cipherdir: &Path, key_file: Option<PathBuf>, kms_key: Option<String>)
     cfg.store(cipherdir).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
     kmsfs::volume::pin(&cfg).map_err(volume_failure)?;
     println!("Done: the config is now authenticated, and this host trusts {}.", cfg.key_id);
-    Ok(0)
+    upgrade_dirs(cipherdir, &cfg, provider.as_ref())
+}
+
+/// Gives directories with legacy (unauthenticated) ID records bound ones.
+fn upgrade_dirs(cipherdir: &Path, cfg: &VolumeConfig, provider: &dyn KeyProvider) -> Result<u8, Failure> {
+    let names = cfg.names(provider).map_err(volume_failure)?;
+    let r = kmsfs::ops::upgrade_dir_ids(cipherdir, &names).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+    for (d, why) in &r.skipped {
+        println!("SKIPPED {d}: {why}");
+    }
+    println!("{} directories given authenticated IDs ({} entries renamed).", r.upgraded.len(), r.renamed);
+    Ok(if r.skipped.is_empty() { 0 } else { exit::ERROR })
 }
 
 struct MountPlan {
@@ -1007,7 +1019,7 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
             cfg.volume_id(),
             cache.clone(),
             pool,
-            names,
+            names.clone(),
             FsOptions { read_only: plan.read_only },
         )
         .map_err(|e| Failure(exit::MOUNT, format!("{}: {e}", m.cipherdir.display())))?,
@@ -1030,6 +1042,33 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
             sweeper_cache.sweep();
         }
     });
+    // The name key is unwrapped once per mount; re-check it every cache max
+    // age so that disabling the KMS key stops listings and lookups within
+    // one max age, as it does for file contents. Only a refusal blocks
+    // names: an unreachable KMS does not take a working mount down.
+    if let Some((ctx, wrapped)) = cfg.name_key.as_ref().and_then(|k| k.parts(cfg.volume_id())) {
+        let (names, provider) = (names.clone(), provider.clone());
+        let _ = std::thread::Builder::new().name("kmsfs-namekey".into()).spawn(move || {
+            loop {
+                std::thread::sleep(max_age);
+                match provider.unwrap(&wrapped, &ctx) {
+                    Ok(_) => {
+                        if names.revoked().is_some() {
+                            tracing::info!("the name key is usable again: names are back");
+                        }
+                        names.set_revoked(None);
+                    }
+                    Err(e) if e.is_denied() => {
+                        if names.revoked().is_none() {
+                            tracing::error!("the name key is refused ({e}): lookups and listings fail with EACCES");
+                        }
+                        names.set_revoked(Some(e));
+                    }
+                    Err(e) => tracing::warn!("cannot re-check the name key: {e}"),
+                }
+            }
+        });
+    }
     loop {
         match daemon::wait_signal(Duration::from_millis(500)) {
             Some(Sig::Stop) => {

@@ -143,12 +143,16 @@ impl StoredName {
 pub struct Names {
     // SIV needs &mut for its CMAC state; a name operation takes microseconds.
     siv: Option<std::sync::Mutex<Aes256Siv>>,
+    /// Set while the provider refuses the name key (a disabled KMS key):
+    /// the daemon re-checks it every cache max age, so a revocation stops
+    /// listings and lookups too, not only file contents.
+    revoked: std::sync::Mutex<Option<crate::keys::KeyError>>,
 }
 
 impl Names {
     /// Plaintext names (the `--plaintext-names` volumes).
     pub fn plaintext() -> Self {
-        Self { siv: None }
+        Self { siv: None, revoked: std::sync::Mutex::new(None) }
     }
 
     /// Encrypted names from a 32-byte name secret (expanded with HKDF-SHA256
@@ -166,7 +170,19 @@ impl Names {
         let ok = prk.expand(&[b"aes-siv-256"], Len64).and_then(|okm| okm.fill(&mut k[..])).is_ok();
         debug_assert!(ok, "HKDF of 64 bytes cannot fail");
         let siv = Aes256Siv::new_from_slice(&k[..]).ok().map(std::sync::Mutex::new);
-        Self { siv }
+        Self { siv, revoked: std::sync::Mutex::new(None) }
+    }
+
+    /// Records the outcome of the periodic re-check of the name key: `Some`
+    /// (the provider's refusal) blocks every name operation until a later
+    /// check succeeds.
+    pub fn set_revoked(&self, why: Option<crate::keys::KeyError>) {
+        *self.revoked.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+
+    /// Why the name key is refused now, if it is.
+    pub fn revoked(&self) -> Option<crate::keys::KeyError> {
+        self.revoked.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Whether names are encrypted.

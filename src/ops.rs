@@ -1,7 +1,7 @@
 //! Offline volume operations: encrypt, decrypt, inspect, fsck and rewrap.
 //! No FUSE here; the CLI calls these and prints their results.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -456,11 +456,13 @@ pub fn fsck(
     let total = files.len() as u64;
     for (i, e) in files.iter().enumerate() {
         progress(i as u64, total);
-        let (p, rel) = (&e.backing, e.plain.clone());
+        let rel = e.plain.clone();
         r.files += 1;
         let mut damage =
             |error: String, bad: Vec<u64>| r.damaged.push(Damage { path: rel.clone(), error, bad_blocks: bad });
-        let f = match OpenOptions::new().read(true).write(repair).open(p) {
+        // Through the walked directory, never following a link that was
+        // swapped in since the walk.
+        let f = match open_backing(cipherdir, e, repair) {
             Ok(f) => f,
             Err(e) => {
                 damage(e.to_string(), vec![]);
@@ -573,7 +575,7 @@ pub fn rewrap(
         progress(i as u64, total);
         let (p, rel) = (&e.backing, e.plain.clone());
         let res = (|| -> Result<bool, OpError> {
-            let f = OpenOptions::new().read(true).write(!dry_run).open(p).map_err(io_err(p))?;
+            let f = open_backing(cipherdir, e, !dry_run).map_err(io_err(p))?;
             if f.metadata().map_err(io_err(p))?.len() == 0 {
                 return Ok(false);
             }

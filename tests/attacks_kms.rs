@@ -202,3 +202,43 @@ fn an_interrupted_rewrap_stays_readable_and_old_keys_stay_trusted() {
     }
     enable(&old);
 }
+
+#[test]
+fn disabling_the_key_stops_listings_within_one_max_age() {
+    need_harness!("disabling_the_key_stops_listings_within_one_max_age");
+    if !fuse_available("disabling_the_key_stops_listings_within_one_max_age") {
+        return;
+    }
+    let key = create_key("names-revoked");
+    let tmp = tempfile::tempdir().unwrap();
+    let cipher = tmp.path().join("cipher");
+    // Encrypted names: the name key is unwrapped once at mount.
+    let (ok, out) = sh(&format!("{BIN} init {} --kms-key {}", cipher.display(), key.id));
+    assert!(ok, "init: {out}");
+    let mnt = tmp.path().join("m2");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["mount", p(&cipher), p(&mnt), "-f", "--cache-max-age", "2", "--log-file"])
+        .arg(tmp.path().join("m2.log"))
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !mounted(&mnt) {
+        assert!(t.elapsed().as_secs() < 20, "mount did not come up");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::fs::write(mnt.join("named"), b"x").unwrap();
+    disable(&key);
+    std::thread::sleep(std::time::Duration::from_millis(2600));
+    let e = std::fs::read_dir(&mnt).map(|d| d.count()).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+    let e = std::fs::metadata(mnt.join("other")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+    enable(&key);
+    std::thread::sleep(std::time::Duration::from_millis(2600));
+    assert_eq!(std::fs::read(mnt.join("named")).unwrap(), b"x");
+    let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(tmp.path().join("m2.log")).unwrap();
+    assert!(log.contains("name key is refused") && log.contains("names are back"), "{log}");
+}
