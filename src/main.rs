@@ -490,7 +490,7 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
         }
         Cmd::Path { cipherdir, path, reverse, key_file, kms_key } => {
             key_outside(&cipherdir, key_file.as_deref())?;
-            let OpenVolume { config: cfg, provider: p } = open_volume(&cipherdir, key_file, kms_key)?;
+            let OpenVolume { config: cfg, provider: p, .. } = open_volume(&cipherdir, key_file, kms_key)?;
             let names = cfg.names(p.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
             let out = if reverse {
                 kmsfs::ops::backing_to_plain(&cipherdir, &path, &names)
@@ -503,7 +503,13 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
         }
         Cmd::Fsck { cipherdir, key_file, kms_key, json, repair } => {
             key_outside(&cipherdir, key_file.as_deref())?;
-            let OpenVolume { config: cfg, provider: p } = open_volume(&cipherdir, key_file, kms_key)?;
+            let OpenVolume { config: cfg, provider: p, legacy } = open_volume(&cipherdir, key_file, kms_key)?;
+            if legacy && repair {
+                return Err(volume_failure(VolumeError::Legacy {
+                    path: cipherdir.join(kmsfs::volume::CONFIG_NAME).display().to_string(),
+                    cipherdir: cipherdir.display().to_string(),
+                }));
+            }
             let names = cfg.names(p.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
             let r = kmsfs::ops::fsck(
                 &cipherdir,
@@ -745,7 +751,13 @@ fn rewrap(
     key_outside(cipherdir, to_key_file.as_deref())?;
     // Excludes every mount of this cipher dir, here or on another host.
     let _lock = kmsfs::volume::lock(cipherdir, !dry_run).map_err(volume_failure)?;
-    let OpenVolume { config: mut cfg, provider: source } = open_volume(cipherdir, key_file, kms_key)?;
+    let OpenVolume { config: mut cfg, provider: source, legacy } = open_volume(cipherdir, key_file, kms_key)?;
+    if legacy {
+        return Err(volume_failure(VolumeError::Legacy {
+            path: cipherdir.join(kmsfs::volume::CONFIG_NAME).display().to_string(),
+            cipherdir: cipherdir.display().to_string(),
+        }));
+    }
     let (dest, kind, key_id, kf): (Arc<dyn KeyProvider>, ProviderKind, String, Option<PathBuf>) =
         if let Some(k) = to_key {
             let p = kmsfs::keys::open_aws_kms(&k, &[]).map_err(|e| Failure(exit::KEY, e.to_string()))?;
@@ -844,7 +856,7 @@ fn upgrade(cipherdir: &Path, key_file: Option<PathBuf>, kms_key: Option<String>)
     if cfg.mac.is_some() {
         // Already authenticated: check it (which also records the pin), and
         // finish any directories still on unauthenticated ID records.
-        let OpenVolume { config, provider } = open_volume(cipherdir, key_file, kms_key)?;
+        let OpenVolume { config, provider, .. } = open_volume(cipherdir, key_file, kms_key)?;
         println!("{}: config already authenticated.", cipherdir.display());
         return upgrade_dirs(cipherdir, &config, provider.as_ref());
     }
@@ -940,7 +952,7 @@ fn parse_options(m: &MountArgs) -> Result<MountPlan, Failure> {
 }
 
 fn mount(m: MountArgs) -> Result<u8, Failure> {
-    let plan = parse_options(&m)?;
+    let mut plan = parse_options(&m)?;
     let in_child = std::env::var_os(daemon::READY_FD_ENV).is_some();
     if !m.foreground && !in_child {
         // Daemon mode: re-run ourselves in the foreground, detached, and
@@ -950,12 +962,6 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
         // hit, without a KMS call (the daemon makes the full check).
         key_outside(&m.cipherdir, plan.key_file.as_deref())?;
         let cfg = load(&m.cipherdir)?;
-        if cfg.mac.is_none() {
-            return Err(volume_failure(VolumeError::Legacy {
-                path: m.cipherdir.join(kmsfs::volume::CONFIG_NAME).display().to_string(),
-                cipherdir: m.cipherdir.display().to_string(),
-            }));
-        }
         if cfg.provider == ProviderKind::Local {
             cfg.provider_unchecked(&KeyArgs { key_file: plan.key_file.clone(), kms_key: None })
                 .map_err(volume_failure)?;
@@ -999,7 +1005,13 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
     // SAFETY: umask never fails; backing files get exactly the modes asked for.
     unsafe { libc::umask(0) };
     key_outside(&m.cipherdir, plan.key_file.as_deref())?;
-    let OpenVolume { config: cfg, provider } = open_volume(&m.cipherdir, plan.key_file.clone(), plan.kms_key.clone())?;
+    let OpenVolume { config: cfg, provider, legacy } =
+        open_volume(&m.cipherdir, plan.key_file.clone(), plan.kms_key.clone())?;
+    if legacy && !plan.read_only {
+        // An unauthenticated config may be read, never written under.
+        plan.read_only = true;
+        plan.fuse.mount_options.push(fuser::MountOption::RO);
+    }
     // Held for the daemon's life: rewrap refuses while any mount holds it.
     let _lock = kmsfs::volume::lock(&m.cipherdir, false).map_err(volume_failure)?;
     let layout = layout_of(&cfg)?;

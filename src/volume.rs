@@ -172,8 +172,8 @@ pub enum VolumeError {
     Busy(#[from] BusyError),
     /// A config from before configs were authenticated.
     #[error(
-        "{path}: this volume's config is not authenticated (made by an older kmsfs): review it and run \
-         `kmsfs upgrade {cipherdir}` once on a trusted host"
+        "{path}: this volume's config is not authenticated (made by an older kmsfs), so it is read-only: \
+         review it and run `kmsfs upgrade {cipherdir}` once on a trusted host"
     )]
     Legacy {
         /// Config path.
@@ -209,6 +209,9 @@ pub struct OpenVolume {
     pub config: VolumeConfig,
     /// The provider, pinned to the trusted keys.
     pub provider: Arc<dyn KeyProvider>,
+    /// The config predates authentication: use the volume read-only until
+    /// `kmsfs upgrade`.
+    pub legacy: bool,
 }
 
 /// Whether `path` lies inside `cipherdir` (after resolving both). Key files
@@ -472,8 +475,16 @@ pub fn open_with(cipherdir: &Path, keys: &KeyArgs, store: &TrustStore) -> Result
     }
     let vid = cfg.volume_id();
     let pin = store.get(&vid).map_err(|e| untrusted(format!("trust store: {e}")))?;
-    if cfg.mac.is_none() {
-        return Err(VolumeError::Legacy { path, cipherdir: cipherdir.display().to_string() });
+    // A config without a MAC was written by an older kmsfs, or had its MAC
+    // stripped. This host records a volume only once its config has been
+    // authenticated, so here it can only be the second.
+    let legacy = cfg.mac.is_none();
+    if legacy && pin.is_some() {
+        return Err(untrusted(format!(
+            "this host knows volume {} with an authenticated config, but this config has no MAC: it was \
+             stripped; refusing it",
+            cfg.volume_id
+        )));
     }
     let provider: Arc<dyn KeyProvider> = match cfg.provider {
         ProviderKind::Local => {
@@ -521,6 +532,16 @@ pub fn open_with(cipherdir: &Path, keys: &KeyArgs, store: &TrustStore) -> Result
             p
         }
     };
+    if legacy {
+        // Read-only use only (the callers enforce it): nothing can be
+        // written under a config nobody vouched for, and reads still only
+        // accept data under the trusted key. Not recorded as trusted.
+        tracing::warn!(
+            "{path}: config not authenticated (made by an older kmsfs): read-only until `kmsfs upgrade {}`",
+            cipherdir.display()
+        );
+        return Ok(OpenVolume { config: cfg, provider, legacy });
+    }
     // The auth key is always wrapped under the volume's current key, so
     // this unwrap trusts that key alone.
     let auth = cfg.unwrap_auth_key(provider.as_ref())?;
@@ -535,7 +556,7 @@ pub fn open_with(cipherdir: &Path, keys: &KeyArgs, store: &TrustStore) -> Result
             tracing::warn!("cannot record the trusted key in {}: {e}", store.dir().display());
         }
     }
-    Ok(OpenVolume { config: cfg, provider })
+    Ok(OpenVolume { config: cfg, provider, legacy })
 }
 
 /// Records this host's trust in a volume's key (`init`, `upgrade`, rewrap).

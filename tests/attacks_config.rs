@@ -79,7 +79,8 @@ fn every_security_field_of_the_config_is_authenticated() {
         let (code, _) = run(&["path", p(&v.cipher), "x"]);
         assert!(matches!(code, 3 | 4), "{what}: path exit {code}");
     }
-    // Stripping the MAC makes it look legacy: refused, pointing at upgrade.
+    // Stripping the MAC to pass the change off as an older config: refused
+    // on a host that knows the volume.
     let mut c = good.clone();
     c.as_object_mut().unwrap().remove("mac");
     c.as_object_mut().unwrap().remove("auth_key");
@@ -87,15 +88,37 @@ fn every_security_field_of_the_config_is_authenticated() {
     set_config(&v, &c);
     let (code, out) = try_mount(&v, &[]);
     assert_eq!(code, 3, "{out}");
-    assert!(out.contains("kmsfs upgrade"), "{out}");
+    assert!(out.contains("stripped"), "{out}");
     set_config(&v, &good);
     let (code, out) = run(&["fsck", p(&v.cipher)]);
     assert_eq!(code, 0, "restored config: {out}");
 }
 
+/// A foreground mount with its own environment (another host's trust store).
+fn mount_env(v: &Volume, name: &str, env: &[(&str, &Path)]) -> std::process::Child {
+    let mnt = v.tmp.path().join(name);
+    std::fs::create_dir_all(&mnt).unwrap();
+    let child = Command::new(BIN)
+        .args(["mount", p(&v.cipher), p(&mnt), "-f", "--log-file", p(&mnt.with_extension("log"))])
+        .envs(env.iter().map(|(k, v)| (*k, *v)))
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !mounted(&mnt) {
+        assert!(t.elapsed().as_secs() < 20, "mount did not come up");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}
+
+fn unmount_env(v: &Volume, name: &str, mut child: std::process::Child) {
+    let _ = Command::new("fusermount3").arg("-u").arg(v.tmp.path().join(name)).status();
+    let _ = child.wait();
+}
+
 #[test]
-fn legacy_config_upgrades_once_and_then_mounts() {
-    if !fuse_available("legacy_config_upgrades_once_and_then_mounts") {
+fn legacy_config_mounts_read_only_until_upgraded() {
+    if !fuse_available("legacy_config_mounts_read_only_until_upgraded") {
         return;
     }
     let v = Volume::new();
@@ -108,13 +131,31 @@ fn legacy_config_upgrades_once_and_then_mounts() {
     c.as_object_mut().unwrap().remove("mac");
     c.as_object_mut().unwrap().remove("auth_key");
     set_config(&v, &c);
+    // This host knows the volume as authenticated: a missing MAC was stripped.
     let (code, out) = try_mount(&v, &[]);
     assert_eq!(code, 3, "{out}");
-    let (code, out) = run(&["upgrade", p(&v.cipher)]);
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("now authenticated"), "{out}");
-    let m = v.mount("m2", &[]);
-    assert_eq!(std::fs::read(m.path("kept")).unwrap(), b"old data");
+    assert!(out.contains("stripped"), "{out}");
+    // A host that never saw it takes it for an older volume: it mounts, but
+    // read-only, so nothing is ever written under an unvouched config.
+    let other_host = tempfile::tempdir().unwrap();
+    let env = [("KMSFS_TRUST_DIR", other_host.path())];
+    let child = mount_env(&v, "ro", &env);
+    let mnt = v.tmp.path().join("ro");
+    assert_eq!(std::fs::read(mnt.join("kept")).unwrap(), b"old data");
+    let e = std::fs::write(mnt.join("new"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    unmount_env(&v, "ro", child);
+    let (code, out) = run(&["rewrap", p(&v.cipher), "--to-key-file", p(&v.tmp.path().join("k2"))]);
+    assert_eq!(code, 3, "rewrap of a legacy config: {out}");
+    // One upgrade there authenticates it; then it mounts read-write.
+    let out = Command::new(BIN).args(["upgrade", p(&v.cipher)]).envs(env).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("now authenticated"), "{text}");
+    let child = mount_env(&v, "rw", &env);
+    let mnt = v.tmp.path().join("rw");
+    std::fs::write(mnt.join("new"), b"x").unwrap();
+    assert_eq!(std::fs::read(mnt.join("kept")).unwrap(), b"old data");
+    unmount_env(&v, "rw", child);
 }
 
 #[test]
