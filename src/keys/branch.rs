@@ -411,6 +411,32 @@ mod tests {
         }
     }
 
+    /// docs/FORMAT.md, recomputed independently (RustCrypto's AES-GCM).
+    #[test]
+    fn wrapping_is_as_documented() {
+        use aes_gcm::aead::{AeadInOut, KeyInit};
+        let dir = tempfile::tempdir().unwrap();
+        let (inner, p) = provider(dir.path(), 3);
+        let (k, w) = p.generate(&file(4)).unwrap();
+        let bv = &p.versions[2];
+        let branch = inner.unwrap(&bv.wrapped, &bv.ctx).unwrap();
+        let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, b"kmsfs-branch-wrap-v1");
+        let info: [&[u8]; 3] = [&VOL, &[4u8; 16], &3u32.to_be_bytes()];
+        let mut kek = [0u8; 32];
+        salt.extract(branch.expose_secret()).expand(&info, hkdf::HKDF_SHA256).unwrap().fill(&mut kek).unwrap();
+        let mut aad = b"kmsfs-branch-wrap-v1".to_vec();
+        aad.extend_from_slice(&VOL);
+        aad.extend_from_slice(&[4u8; 16]);
+        aad.extend_from_slice(&[0, 0, 0, 3]);
+        let c = aes_gcm::Aes256Gcm::new_from_slice(&kek).unwrap();
+        let nonce = aes_gcm::Nonce::try_from(&w.blob[..12]).unwrap();
+        let tag = aes_gcm::Tag::try_from(&w.blob[44..60]).unwrap();
+        let mut dek = w.blob[12..44].to_vec();
+        c.decrypt_inout_detached(&nonce, &aad, dek.as_mut_slice().into(), &tag).unwrap();
+        assert_eq!(&dek[..], &k.expose_secret()[..]);
+        assert_eq!(w.key_id, "branch:3");
+    }
+
     #[test]
     fn volume_keys_go_to_the_inner_provider() {
         let dir = tempfile::tempdir().unwrap();
