@@ -1017,8 +1017,7 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
     // Look-ahead only pays for a remote provider; local generation is ~1 us.
     // 64 keys at 16 in flight hide ~10 ms of KMS latency at 1,600 creates/s.
     // Branch mode wraps locally too, so it gets no pool either.
-    let (target, workers) =
-        if provider.name() == kmsfs::keys::aws_kms::PROVIDER_NAME { (64, 16) } else { (0, 0) };
+    let (target, workers) = if provider.name() == kmsfs::keys::aws_kms::PROVIDER_NAME { (64, 16) } else { (0, 0) };
     let pool = KeyPool::start(provider.clone(), cfg.volume_id(), target, workers, max_age, stats);
     let names = Arc::new(cfg.names(provider.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?);
     let fs = Arc::new(

@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::kms::*;
-use kmsfs::keys::KeyProvider;
 use common::*;
+use kmsfs::keys::KeyProvider;
 
 const N: usize = 2000;
 

@@ -400,12 +400,8 @@ mod tests {
         ] {
             let (_k, wrapped) = inner.generate(&ctx).unwrap();
             let claimed = KeyContext { volume_id: VOL, file_id: id, purpose: Some(Purpose::Branch) };
-            let p = BranchProvider::new(
-                inner.clone(),
-                VOL,
-                vec![BranchVersion { version: 1, ctx: claimed, wrapped }],
-            )
-            .unwrap();
+            let p = BranchProvider::new(inner.clone(), VOL, vec![BranchVersion { version: 1, ctx: claimed, wrapped }])
+                .unwrap();
             assert!(matches!(p.check(), Err(KeyError::InvalidCiphertext { .. })));
             assert!(p.generate(&file(1)).is_err());
         }
