@@ -351,7 +351,9 @@ impl VolumeConfig {
     /// key, context {volume ID, branch ID, purpose `branch`}); new files use
     /// it. The caller re-signs the config. Returns the new version.
     pub fn create_branch_key(&mut self, provider: &dyn KeyProvider) -> Result<u32, VolumeError> {
-        let v = self.branch_keys.iter().map(|b| b.version).max().unwrap_or(0) + 1;
+        let v = self.branch_keys.iter().map(|b| b.version).max().unwrap_or(0).checked_add(1).ok_or_else(|| {
+            VolumeError::Invalid { path: CONFIG_NAME.into(), detail: "no branch key version left".into() }
+        })?;
         let id = crate::keys::branch::branch_id(v)?;
         let ctx = KeyContext { volume_id: self.volume_id(), file_id: id, purpose: Some(Purpose::Branch) };
         let (_key, wrapped) = provider.generate(&ctx)?;

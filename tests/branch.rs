@@ -285,10 +285,29 @@ fn branch_key_context_and_file_headers_are_checked() {
     for f in ["b_swapped", "c_foreign", "d_edited"] {
         std::fs::remove_file(cipher.join(f)).unwrap();
     }
+    // Branch keys are authenticated: stripped, renumbered or edited without
+    // the config key, the config is refused (exit 3).
+    let good = std::fs::read(cipher.join("kmsfs.conf")).unwrap();
+    let text = String::from_utf8(good.clone()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let edits: [&dyn Fn(&mut serde_json::Value); 3] = [
+        &|v| {
+            v.as_object_mut().unwrap().remove("branch_keys");
+        },
+        &|v| v["branch_keys"][0]["version"] = 2.into(),
+        &|v| v["branch_keys"][0]["key"]["blob"] = "AAAA".into(),
+    ];
+    for edit in edits {
+        let mut e = v.clone();
+        edit(&mut e);
+        std::fs::write(cipher.join("kmsfs.conf"), serde_json::to_vec(&e).unwrap()).unwrap();
+        let (code, out) = run(&["fsck", p(&cipher)]);
+        assert_eq!(code, 3, "{e}: {out}");
+    }
+    std::fs::write(cipher.join("kmsfs.conf"), &good).unwrap();
     // Someone who can use the KMS key and re-sign the config puts in a
     // branch key wrapped under another context: the name of another
     // purpose, another version, another volume. The mount refuses it.
-    let good = std::fs::read(cipher.join("kmsfs.conf")).unwrap();
     let kms = kmsfs::keys::open_aws_kms(&key.arn, &[]).unwrap();
     let cfg = kmsfs::volume::VolumeConfig::load(&cipher).unwrap();
     let (ctx, _) = cfg.branch_keys[0].key.parts(cfg.volume_id()).unwrap();
