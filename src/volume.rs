@@ -657,3 +657,40 @@ pub fn lock(cipherdir: &Path, exclusive: bool) -> Result<std::fs::File, VolumeEr
         Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Per-file configs keep the MAC input they had before branch mode, so
+    /// existing volumes still verify; branch keys are appended when present.
+    #[test]
+    fn mac_input_is_unchanged_without_branch_keys() {
+        let mut c =
+            VolumeConfig::new(ProviderKind::AwsKms, "arn:aws:kms:us-east-1:1:key/k".into(), None, 4096).unwrap();
+        let m = String::from_utf8(c.mac_input().unwrap()).unwrap();
+        let want = format!(
+            "{{\"label\":\"kmsfs-config-mac-v1\",\"format_version\":1,\"volume_id\":\"{}\",\"provider\":\"aws-kms\",\
+             \"key_id\":\"arn:aws:kms:us-east-1:1:key/k\",\"previous_keys\":[],\"block_size\":4096,\
+             \"header_size\":512,\"plaintext_names\":true,\"name_key\":null,\"auth_key\":null}}",
+            c.volume_id
+        );
+        assert_eq!(m, want);
+        let key = StoredKey {
+            id: "00".repeat(15) + "01",
+            provider: "aws-kms".into(),
+            key_id: "k".into(),
+            blob: "AA==".into(),
+            purpose: Some(Purpose::Branch),
+        };
+        c.branch_keys.push(BranchKey { version: 1, key });
+        let m = String::from_utf8(c.mac_input().unwrap()).unwrap();
+        assert!(m.ends_with(
+            "\"auth_key\":null,\"branch_keys\":[{\"version\":1,\"key\":{\"id\":\"00000000000000000000000000000001\",\
+             \"provider\":\"aws-kms\",\"key_id\":\"k\",\"blob\":\"AA==\",\"purpose\":\"branch\"}}]}"
+        ));
+        assert_eq!(c.branch_versions().unwrap()[0].version, 1);
+        c.branch_keys[0].version = 2;
+        assert!(c.branch_versions().is_err(), "ID must end in the version");
+    }
+}
