@@ -34,7 +34,8 @@
 #   BENCH_FSX=1          afterwards, a long fsx soak on the kmsfs mount
 #                        (scripts/run-fsx.sh; BENCH_FSX_OPS ops per profile,
 #                        default 1000000, 20000 with BENCH_QUICK)
-#   BENCH_KMS=1          KMS section: DEK pre-generation under +10 ms KMS latency (scripts/bench/kms.sh)
+#   BENCH_KMS=1          KMS section: DEK pre-generation under +10 ms KMS latency (scripts/bench/kms.sh),
+#                        and branch key mode against a local key (scripts/bench/branch.sh)
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
@@ -45,7 +46,7 @@ export LC_ALL=C
 log() { echo "bench: $*" >&2; }
 die() { echo "bench: error: $*" >&2; exit 1; }
 
-usage() { sed -n '3,37p' "$0"; exit "${1:-0}"; }
+usage() { sed -n '3,38p' "$0"; exit "${1:-0}"; }
 case "${1:-}" in
     -h|--help) usage 0 ;;
     "") ;;
@@ -475,6 +476,11 @@ if [ "${BENCH_KMS:-0}" = 1 ]; then
     kms_out=$(KMSFS_BIN=$BIN scripts/bench/kms.sh 2000 10) || kms_out="kms.sh failed"
     echo "$kms_out"
     printf '\n## KMS latency and DEK pre-generation\n\n%s\n' "$kms_out" >>"$MD"
+    echo
+    echo "== KMS: creating files on a branch-mode volume vs a local-key volume (scripts/bench/branch.sh)"
+    branch_out=$(KMSFS_BIN=$BIN scripts/bench/branch.sh 2000 10 3) || branch_out="branch.sh failed"
+    echo "$branch_out"
+    printf '\n## Branch key mode against a local key\n\n%s\n' "$branch_out" >>"$MD"
 fi
 
 if [ "${BENCH_FSX:-0}" = 1 ]; then

@@ -54,6 +54,11 @@ enum Cmd {
         /// Keep file names in clear in the cipher dir.
         #[arg(long)]
         plaintext_names: bool,
+        /// per-file: one KMS call per create and per cold open (per-file
+        /// CloudTrail audit). branch: one KMS call per mount and per cache
+        /// max age; file keys are wrapped locally under a volume branch key.
+        #[arg(long, value_enum, default_value_t = KeyMode::PerFile)]
+        key_mode: KeyMode,
     },
     /// Mount CIPHERDIR's plaintext view at MOUNTPOINT.
     Mount(MountArgs),
@@ -127,6 +132,18 @@ enum Cmd {
         /// Show what would change, write nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Branch-mode volumes: move every file to the current branch version.
+        #[arg(long)]
+        all_files: bool,
+    },
+    /// Branch-mode volumes: start a new branch key version for new files
+    /// (one GenerateDataKey); files under older versions stay readable.
+    RotateBranch {
+        /// The cipher dir (must not be mounted).
+        cipherdir: PathBuf,
+        /// The volume's KMS key, if this host has not recorded it yet.
+        #[arg(long)]
+        kms_key: Option<String>,
     },
     /// Authenticate the config of a volume made by an older kmsfs (once,
     /// on a trusted host), and record its key as trusted here.
@@ -284,6 +301,7 @@ fn main() -> ExitCode {
         "path",
         "manpage",
         "upgrade",
+        "rotate-branch",
     ];
     if args.len() >= 3 && args[1].to_str().is_none_or(|a| !known.contains(&a) && !a.starts_with('-')) {
         // mount(8)-helper flags: -n (no mtab), -s (sloppy), -v (verbose) do not
@@ -383,8 +401,8 @@ fn open_out(p: &Path) -> Result<Box<dyn Write>, Failure> {
 
 fn run(cmd: Cmd) -> Result<u8, Failure> {
     match cmd {
-        Cmd::Init { cipherdir, kms_key, key_file, block_size, plaintext_names } => {
-            init(&cipherdir, kms_key, key_file, block_size, plaintext_names)
+        Cmd::Init { cipherdir, kms_key, key_file, block_size, plaintext_names, key_mode } => {
+            init(&cipherdir, kms_key, key_file, block_size, plaintext_names, key_mode)
         }
         Cmd::Mount(m) => mount(m),
         Cmd::Completions { shell } => {
@@ -574,9 +592,10 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
             }
             Ok(if r.damaged.is_empty() && r.foreign.is_empty() && !dir_damage { 0 } else { exit::DAMAGED })
         }
-        Cmd::Rewrap { cipherdir, to_key, to_key_file, key_file, kms_key, dry_run } => {
-            rewrap(&cipherdir, to_key, to_key_file, key_file, kms_key, dry_run)
+        Cmd::Rewrap { cipherdir, to_key, to_key_file, key_file, kms_key, dry_run, all_files } => {
+            rewrap(&cipherdir, to_key, to_key_file, key_file, kms_key, dry_run, all_files)
         }
+        Cmd::RotateBranch { cipherdir, kms_key } => rotate_branch(&cipherdir, kms_key),
         Cmd::Upgrade { cipherdir, key_file, kms_key } => upgrade(&cipherdir, key_file, kms_key),
         Cmd::Stats { mountpoint, json } => {
             let v =
@@ -629,9 +648,13 @@ fn init(
     key_file: Option<PathBuf>,
     block_size: u32,
     plaintext_names: bool,
+    key_mode: KeyMode,
 ) -> Result<u8, Failure> {
     if !(4096..=1 << 20).contains(&block_size) || !block_size.is_power_of_two() {
         return Err(Failure(exit::USAGE, "--block-size must be a power of two from 4096 to 1048576".into()));
+    }
+    if key_mode == KeyMode::Branch && kms_key.is_none() {
+        return Err(Failure(exit::USAGE, "--key-mode branch needs --kms-key".into()));
     }
     std::fs::create_dir_all(cipherdir).map_err(|e| Failure(exit::ERROR, format!("{}: {e}", cipherdir.display())))?;
     let mut entries =
@@ -672,6 +695,9 @@ fn init(
     };
     if !plaintext_names {
         cfg.create_name_key(provider.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+    }
+    if key_mode == KeyMode::Branch {
+        cfg.create_branch_key(provider.as_ref()).map_err(volume_failure)?;
     }
     cfg.create_auth_key(provider.as_ref()).map_err(volume_failure)?;
     cfg.store(cipherdir).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
@@ -746,6 +772,7 @@ fn rewrap(
     key_file: Option<PathBuf>,
     kms_key: Option<String>,
     dry_run: bool,
+    all_files: bool,
 ) -> Result<u8, Failure> {
     key_outside(cipherdir, key_file.as_deref())?;
     key_outside(cipherdir, to_key_file.as_deref())?;
@@ -757,6 +784,9 @@ fn rewrap(
             path: cipherdir.join(kmsfs::volume::CONFIG_NAME).display().to_string(),
             cipherdir: cipherdir.display().to_string(),
         }));
+    }
+    if cfg.is_branch() || all_files {
+        return rewrap_branch(cipherdir, cfg, source, to_key, to_key_file, dry_run, all_files);
     }
     let (dest, kind, key_id, kf): (Arc<dyn KeyProvider>, ProviderKind, String, Option<PathBuf>) =
         if let Some(k) = to_key {
@@ -1015,13 +1045,16 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
     // Held for the daemon's life: rewrap refuses while any mount holds it.
     let _lock = kmsfs::volume::lock(&m.cipherdir, false).map_err(volume_failure)?;
     let layout = layout_of(&cfg)?;
+    let max_age = Duration::from_secs(m.cache_max_age.max(1));
+    // Branch mode re-checks its branch key with KMS once per max age.
+    provider.set_max_age(max_age);
     provider.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;
     let stats = Arc::new(KeyStats::default());
-    let max_age = Duration::from_secs(m.cache_max_age.max(1));
     let cache = Arc::new(KeyCache::new(provider.clone(), m.cache_size, max_age, stats.clone()));
     // Look-ahead only pays for a remote provider; local generation is ~1 us.
     // 64 keys at 16 in flight hide ~10 ms of KMS latency at 1,600 creates/s.
-    let (target, workers) = if cfg.provider == ProviderKind::AwsKms { (64, 16) } else { (0, 0) };
+    // Branch mode wraps locally too, so it gets no pool either.
+    let (target, workers) = if provider.name() == kmsfs::keys::aws_kms::PROVIDER_NAME { (64, 16) } else { (0, 0) };
     let pool = KeyPool::start(provider.clone(), cfg.volume_id(), target, workers, max_age, stats);
     let names = Arc::new(cfg.names(provider.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?);
     let fs = Arc::new(
@@ -1168,4 +1201,123 @@ fn stop(session: fuser::BackgroundSession, fs: &EncFs, mnt: &Path, dev: u64) {
     }
     fs.shutdown();
     tracing::info!("unmounted {}", mnt.display());
+}
+
+/// How `init` sets up a KMS volume's keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum KeyMode {
+    /// One data key per file, each from KMS.
+    PerFile,
+    /// File keys wrapped locally under a KMS-wrapped volume branch key.
+    Branch,
+}
+
+/// `rewrap` of a branch-mode volume: `--to-key` re-wraps only the volume
+/// keys (name, config and branch keys: O(1) KMS calls, no file touched);
+/// `--all-files` moves every file to the current branch version, locally.
+fn rewrap_branch(
+    cipherdir: &Path,
+    mut cfg: VolumeConfig,
+    source: Arc<dyn KeyProvider>,
+    to_key: Option<String>,
+    to_key_file: Option<PathBuf>,
+    dry_run: bool,
+    all_files: bool,
+) -> Result<u8, Failure> {
+    if !cfg.is_branch() {
+        return Err(Failure(exit::USAGE, "--all-files applies to branch-mode volumes only".into()));
+    }
+    if to_key_file.is_some() {
+        return Err(Failure(exit::USAGE, "a branch-mode volume needs a KMS key: use --to-key".into()));
+    }
+    if to_key.is_none() && !all_files {
+        return Err(Failure(
+            exit::USAGE,
+            "rewrap of a branch-mode volume needs --to-key (re-wraps the branch keys) and/or --all-files".into(),
+        ));
+    }
+    if all_files {
+        let names = cfg.names(source.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+        let r = kmsfs::ops::rewrap(
+            cipherdir,
+            layout_of(&cfg)?,
+            source.as_ref(),
+            source.as_ref(),
+            &names,
+            dry_run,
+            progress("rewrap"),
+        )
+        .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+        for (p, e) in &r.failed {
+            println!("FAILED {p}: {e}");
+        }
+        println!(
+            "{}{} moved to {}, {} already there, {} empty, {} failed",
+            if dry_run { "dry run: " } else { "" },
+            r.rewrapped,
+            source.key_id(),
+            r.already,
+            r.empty,
+            r.failed.len()
+        );
+        if !r.failed.is_empty() {
+            return Ok(exit::ERROR);
+        }
+    }
+    let Some(k) = to_key else { return Ok(0) };
+    let dest = kmsfs::keys::open_aws_kms(&k, &[]).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+    dest.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;
+    let arn = dest.key_id();
+    // ReEncrypt names the source key: only the keys this volume trusts.
+    dest.trust_also(&[vec![cfg.key_id.clone()], cfg.previous_keys.clone()].concat());
+    let auth = cfg.unwrap_auth_key(source.as_ref()).map_err(volume_failure)?;
+    let vid = cfg.volume_id();
+    let move_key = |sk: &kmsfs::volume::StoredKey, what: &str| -> Result<kmsfs::volume::StoredKey, Failure> {
+        let (ctx, w) = sk.parts(vid).ok_or(Failure(exit::VOLUME, format!("malformed {what}")))?;
+        let nw = dest.rewrap(&w, &ctx).map_err(|e| Failure(exit::KEY, format!("{what}: {e}")))?;
+        Ok(kmsfs::volume::StoredKey::from_wrapped(&ctx, &nw))
+    };
+    let name_key = cfg.name_key.as_ref().map(|sk| move_key(sk, "name key")).transpose()?;
+    let auth_key = cfg.auth_key.as_ref().map(|sk| move_key(sk, "config key")).transpose()?;
+    let mut branch_keys = cfg.branch_keys.clone();
+    for b in &mut branch_keys {
+        b.key = move_key(&b.key, &format!("branch key version {}", b.version))?;
+    }
+    let n = branch_keys.len() + usize::from(name_key.is_some()) + usize::from(auth_key.is_some());
+    if dry_run {
+        println!("dry run: would re-wrap {n} volume keys under {arn}; no file changes");
+        return Ok(0);
+    }
+    // One atomic config write: every volume key moves at once, and no file
+    // key was ever wrapped under the old key, so nothing needs it afterwards.
+    cfg.name_key = name_key;
+    cfg.auth_key = auth_key;
+    cfg.branch_keys = branch_keys;
+    cfg.key_id = arn;
+    cfg.previous_keys.clear();
+    cfg.sign(&auth).map_err(volume_failure)?;
+    cfg.store(cipherdir).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+    kmsfs::volume::pin(&cfg).map_err(volume_failure)?;
+    println!("Re-wrapped {n} volume keys; the volume now uses {} (no file was touched).", cfg.key_id);
+    Ok(0)
+}
+
+/// `rotate-branch`: a new branch version for new files; old ones stay.
+fn rotate_branch(cipherdir: &Path, kms_key: Option<String>) -> Result<u8, Failure> {
+    let _lock = kmsfs::volume::lock(cipherdir, true).map_err(volume_failure)?;
+    let OpenVolume { config: mut cfg, provider, .. } = open_volume(cipherdir, None, kms_key)?;
+    if !cfg.is_branch() {
+        return Err(Failure(exit::USAGE, "rotate-branch applies to branch-mode volumes only".into()));
+    }
+    let auth = cfg.unwrap_auth_key(provider.as_ref()).map_err(volume_failure)?;
+    let v = cfg.create_branch_key(provider.as_ref()).map_err(volume_failure)?;
+    cfg.sign(&auth).map_err(volume_failure)?;
+    cfg.store(cipherdir).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+    println!(
+        "New files now use branch key version {v}; {} older version(s) kept. \
+         `kmsfs rewrap {} --all-files` moves existing files to it.",
+        cfg.branch_keys.len() - 1,
+        cipherdir.display()
+    );
+    Ok(0)
 }

@@ -65,6 +65,10 @@ pub struct VolumeConfig {
     /// may still be unwrapped. Recorded by rewrap; authenticated.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub previous_keys: Vec<String>,
+    /// Branch key mode: the wrapped branch keys, oldest first; new files use
+    /// the highest version. Absent (empty) in per-file volumes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub branch_keys: Vec<BranchKey>,
     /// The wrapped key that authenticates this config.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_key: Option<StoredKey>,
@@ -88,6 +92,20 @@ struct Authenticated<'a> {
     plaintext_names: bool,
     name_key: &'a Option<StoredKey>,
     auth_key: &'a Option<StoredKey>,
+    // Last and left out when empty, so per-file configs keep their MAC input.
+    #[serde(skip_serializing_if = "<[BranchKey]>::is_empty")]
+    branch_keys: &'a [BranchKey],
+}
+
+/// One branch key version (branch key mode).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BranchKey {
+    /// Version number, from 1; headers name it as `branch:<version>`.
+    pub version: u32,
+    /// The wrapped branch key; its ID ends in the version (big-endian u32)
+    /// and its purpose is `branch`.
+    pub key: StoredKey,
 }
 
 /// A wrapped secret kept in the config: the name key.
@@ -300,6 +318,7 @@ impl VolumeConfig {
             plaintext_names: true,
             name_key: None,
             previous_keys: Vec::new(),
+            branch_keys: Vec::new(),
             auth_key: None,
             mac: None,
         })
@@ -326,6 +345,48 @@ impl VolumeConfig {
         let (ctx, w) = sk.parts(self.volume_id()).ok_or_else(|| bad("malformed name_key"))?;
         let key = provider.unwrap(&w, &ctx)?;
         Ok(crate::names::Names::new(key.expose_secret()))
+    }
+
+    /// Whether the volume is in branch key mode.
+    pub fn is_branch(&self) -> bool {
+        !self.branch_keys.is_empty()
+    }
+
+    /// Adds a new branch key version (GenerateDataKey under the volume's
+    /// key, context {volume ID, branch ID, purpose `branch`}); new files use
+    /// it. The caller re-signs the config. Returns the new version.
+    pub fn create_branch_key(&mut self, provider: &dyn KeyProvider) -> Result<u32, VolumeError> {
+        let v = self.branch_keys.iter().map(|b| b.version).max().unwrap_or(0).checked_add(1).ok_or_else(|| {
+            VolumeError::Invalid { path: CONFIG_NAME.into(), detail: "no branch key version left".into() }
+        })?;
+        let id = crate::keys::branch::branch_id(v)?;
+        let ctx = KeyContext { volume_id: self.volume_id(), file_id: id, purpose: Some(Purpose::Branch) };
+        let (_key, wrapped) = provider.generate(&ctx)?;
+        self.branch_keys.push(BranchKey { version: v, key: StoredKey::from_wrapped(&ctx, &wrapped) });
+        Ok(v)
+    }
+
+    /// The branch versions with their wrapping contexts, checked: versions
+    /// unique and at least 1, each key's purpose `branch` and its ID ending
+    /// in its version.
+    pub fn branch_versions(&self) -> Result<Vec<crate::keys::branch::BranchVersion>, VolumeError> {
+        let bad = |d: String| VolumeError::Invalid { path: CONFIG_NAME.into(), detail: d };
+        let mut out: Vec<crate::keys::branch::BranchVersion> = Vec::new();
+        for b in &self.branch_keys {
+            let (ctx, wrapped) = b
+                .key
+                .parts(self.volume_id())
+                .ok_or_else(|| bad(format!("malformed branch key version {}", b.version)))?;
+            if b.version == 0
+                || ctx.purpose != Some(Purpose::Branch)
+                || ctx.file_id[12..] != b.version.to_be_bytes()
+                || out.iter().any(|o| o.version == b.version)
+            {
+                return Err(bad(format!("branch key version {} is inconsistent", b.version)));
+            }
+            out.push(crate::keys::branch::BranchVersion { version: b.version, ctx, wrapped });
+        }
+        Ok(out)
     }
 
     /// Creates a new config-authentication key and signs the config with
@@ -385,6 +446,7 @@ impl VolumeConfig {
             plaintext_names: self.plaintext_names,
             name_key: &self.name_key,
             auth_key: &self.auth_key,
+            branch_keys: &self.branch_keys,
         };
         serde_json::to_vec(&a).map_err(|e| VolumeError::Invalid { path: CONFIG_NAME.into(), detail: e.to_string() })
     }
@@ -548,6 +610,15 @@ pub fn open_with(cipherdir: &Path, keys: &KeyArgs, store: &TrustStore) -> Result
     cfg.verify_mac(&auth)?;
     drop(auth);
     provider.trust_also(&cfg.previous_keys);
+    let provider: Arc<dyn KeyProvider> = if cfg.is_branch() {
+        if cfg.provider != ProviderKind::AwsKms {
+            return Err(untrusted("branch keys in a volume that does not use aws-kms".into()));
+        }
+        // Makes no KMS call: branch keys are unwrapped on first use.
+        Arc::new(crate::keys::branch::BranchProvider::new(provider, vid, cfg.branch_versions()?)?)
+    } else {
+        provider
+    };
     let want = Pin { volume_id: cfg.volume_id.clone(), provider: cfg.provider.clone(), key_id: cfg.key_id.clone() };
     if pin.as_ref() != Some(&want) {
         // First use on this host, or a re-key the user confirmed by naming
@@ -607,5 +678,42 @@ pub fn lock(cipherdir: &Path, exclusive: bool) -> Result<std::fs::File, VolumeEr
             .into(),
         })),
         Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Per-file configs keep the MAC input they had before branch mode, so
+    /// existing volumes still verify; branch keys are appended when present.
+    #[test]
+    fn mac_input_is_unchanged_without_branch_keys() {
+        let mut c =
+            VolumeConfig::new(ProviderKind::AwsKms, "arn:aws:kms:us-east-1:1:key/k".into(), None, 4096).unwrap();
+        let m = String::from_utf8(c.mac_input().unwrap()).unwrap();
+        let want = format!(
+            "{{\"label\":\"kmsfs-config-mac-v1\",\"format_version\":1,\"volume_id\":\"{}\",\"provider\":\"aws-kms\",\
+             \"key_id\":\"arn:aws:kms:us-east-1:1:key/k\",\"previous_keys\":[],\"block_size\":4096,\
+             \"header_size\":512,\"plaintext_names\":true,\"name_key\":null,\"auth_key\":null}}",
+            c.volume_id
+        );
+        assert_eq!(m, want);
+        let key = StoredKey {
+            id: "00".repeat(15) + "01",
+            provider: "aws-kms".into(),
+            key_id: "k".into(),
+            blob: "AA==".into(),
+            purpose: Some(Purpose::Branch),
+        };
+        c.branch_keys.push(BranchKey { version: 1, key });
+        let m = String::from_utf8(c.mac_input().unwrap()).unwrap();
+        assert!(m.ends_with(
+            "\"auth_key\":null,\"branch_keys\":[{\"version\":1,\"key\":{\"id\":\"00000000000000000000000000000001\",\
+             \"provider\":\"aws-kms\",\"key_id\":\"k\",\"blob\":\"AA==\",\"purpose\":\"branch\"}}]}"
+        ));
+        assert_eq!(c.branch_versions().unwrap()[0].version, 1);
+        c.branch_keys[0].version = 2;
+        assert!(c.branch_versions().is_err(), "ID must end in the version");
     }
 }

@@ -6,6 +6,7 @@
 //! an inode lock.
 
 pub mod aws_kms;
+pub mod branch;
 pub mod cache;
 pub mod data_key;
 pub mod local;
@@ -38,6 +39,8 @@ pub enum Purpose {
     Name,
     /// The key that authenticates the volume config.
     Config,
+    /// A branch key (branch key mode): wraps file keys locally.
+    Branch,
 }
 
 impl Purpose {
@@ -46,6 +49,7 @@ impl Purpose {
         match self {
             Self::Name => "name",
             Self::Config => "config",
+            Self::Branch => "branch",
         }
     }
 }
@@ -238,6 +242,11 @@ pub trait KeyProvider: Send + Sync {
     /// Also trusts these earlier keys for unwrapping (recorded by rewrap in
     /// the authenticated config). Providers that hold one key ignore it.
     fn trust_also(&self, _keys: &[String]) {}
+
+    /// How long an intermediate key (branch mode) may be used after the
+    /// service last confirmed it: the mount passes its cache max age, so
+    /// revocation reaches new keys within one max age. Others ignore it.
+    fn set_max_age(&self, _max_age: std::time::Duration) {}
 }
 
 /// Wraps an `Arc` provider so trait objects compose.
@@ -265,6 +274,9 @@ impl<T: KeyProvider + ?Sized> KeyProvider for std::sync::Arc<T> {
     }
     fn trust_also(&self, keys: &[String]) {
         (**self).trust_also(keys)
+    }
+    fn set_max_age(&self, max_age: std::time::Duration) {
+        (**self).set_max_age(max_age)
     }
 }
 
