@@ -1,0 +1,201 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! An independent attack review of issues 12 and 14: each test is one
+//! weakness found by attacking the cipher dir, the config or the offline
+//! commands as the issues' attackers would. Each failed before its fix.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+    s.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), s)
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn config(v: &Volume) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(v.cipher.join("kmsfs.conf")).unwrap()).unwrap()
+}
+
+fn set_config(v: &Volume, c: &serde_json::Value) {
+    std::fs::write(v.cipher.join("kmsfs.conf"), serde_json::to_vec_pretty(c).unwrap()).unwrap();
+}
+
+/// A writer of the cipher dir strips the config's MAC (so it looks like one
+/// an older kmsfs wrote) and switches the volume to plaintext names. The
+/// mount refuses and tells the user to run `kmsfs upgrade`; on a host that
+/// already trusts this volume (it has a pin for it, so it has seen the
+/// config authenticated), that upgrade must not sign the downgraded config.
+#[test]
+fn upgrade_refuses_a_stripped_mac_on_a_host_that_trusts_the_volume() {
+    let v = Volume::new(); // init records the pin on this host
+    let good = config(&v);
+    let mut c = good.clone();
+    let o = c.as_object_mut().unwrap();
+    o.remove("mac");
+    o.remove("auth_key");
+    o.remove("name_key");
+    c["plaintext_names"] = true.into();
+    set_config(&v, &c);
+    let (code, out) = run(&["upgrade", p(&v.cipher)]);
+    let now = config(&v);
+    assert!(
+        now.get("mac").is_none() && now["plaintext_names"] == true,
+        "upgrade signed a downgraded config (exit {code}): {out}"
+    );
+    assert_eq!(code, 3, "{out}");
+    // The real config still works.
+    set_config(&v, &good);
+    let (code, out) = run(&["fsck", p(&v.cipher)]);
+    assert_eq!(code, 0, "{out}");
+}
+
+/// `key_file` in kmsfs.conf is not authenticated (it only says where to
+/// look), so a writer of the cipher dir chooses the path a root command
+/// opens. Only a regular file may ever be opened there: opening a FIFO
+/// wakes its writer, and opening some devices acts (a watchdog arms, a
+/// tape rewinds). Shown with a FIFO whose writer blocks until a reader
+/// opens it.
+#[test]
+fn key_file_named_by_the_config_is_never_opened_unless_regular() {
+    let v = Volume::new();
+    let fifo = v.tmp.path().join("fifo.key");
+    let c = std::ffi::CString::new(p(&fifo)).unwrap();
+    // SAFETY: valid path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let mut cfg = config(&v);
+    cfg["key_file"] = p(&fifo).into();
+    set_config(&v, &cfg);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let f2 = fifo.clone();
+    std::thread::spawn(move || {
+        // Blocks until some process opens the FIFO for reading.
+        let w = std::fs::OpenOptions::new().write(true).open(&f2);
+        let _ = tx.send(w.is_ok());
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let mnt = v.tmp.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    for args in [vec!["fsck", p(&v.cipher)], vec!["mount", p(&v.cipher), p(&mnt)]] {
+        let (code, out) = run(&args);
+        assert_ne!(code, 0, "{args:?}: {out}");
+    }
+    let opened = rx.recv_timeout(Duration::from_millis(500)).is_ok();
+    if !opened {
+        // Release the writer thread.
+        let _ = std::fs::OpenOptions::new().read(true).custom_flags_nonblock().open(&fifo);
+    }
+    assert!(!opened, "kmsfs opened the FIFO that kmsfs.conf named as its key file");
+}
+
+trait NonBlock {
+    fn custom_flags_nonblock(&mut self) -> &mut Self;
+}
+
+impl NonBlock for std::fs::OpenOptions {
+    fn custom_flags_nonblock(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_NONBLOCK)
+    }
+}
+
+/// With plaintext names, `.kmsfs.*` names are reserved only at the root; in
+/// any other directory they are the user's. `fsck --repair` must not take
+/// a user's `.kmsfs.tmp.*` file or directory there for a crash leftover and
+/// delete it, and fsck and rewrap must not skip it.
+#[test]
+fn plaintext_names_entries_that_look_like_temp_files_are_user_data() {
+    if !fuse_available("plaintext_names_entries_that_look_like_temp_files_are_user_data") {
+        return;
+    }
+    let v = Volume::plain();
+    {
+        let m = v.mount("m", &[]);
+        std::fs::create_dir(m.path("d")).unwrap();
+        std::fs::write(m.path("d/.kmsfs.tmp.notes"), b"my notes").unwrap();
+        std::fs::create_dir(m.path("d/.kmsfs.tmp.project")).unwrap();
+        std::fs::write(m.path("d/.kmsfs.tmp.project/src"), b"my code").unwrap();
+    }
+    let (code, out) = run(&["fsck", p(&v.cipher)]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("2 files"), "fsck skipped the user's files: {out}");
+    let (code, out) = run(&["fsck", p(&v.cipher), "--repair"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(v.cipher.join("d/.kmsfs.tmp.notes").exists(), "fsck --repair deleted a user's file: {out}");
+    assert!(v.cipher.join("d/.kmsfs.tmp.project/src").exists(), "fsck --repair deleted a user's directory: {out}");
+    // rewrap moves them too: after it, the old key is not needed.
+    let new_key = v.tmp.path().join("new.key");
+    let (code, out) = run(&["rewrap", p(&v.cipher), "--to-key-file", p(&new_key)]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("2 re-wrapped"), "rewrap skipped the user's files: {out}");
+    std::fs::remove_file(&v.key).unwrap();
+    let m = v.mount("m2", &[]);
+    assert_eq!(std::fs::read(m.path("d/.kmsfs.tmp.notes")).unwrap(), b"my notes");
+    assert_eq!(std::fs::read(m.path("d/.kmsfs.tmp.project/src")).unwrap(), b"my code");
+}
+
+const NOBODY: u32 = 65534;
+
+/// Runs `cmd` with `sh -c` as nobody (no groups) in `dir`, killed after 30 s.
+fn nobody(dir: &Path, cmd: &str) -> (bool, String) {
+    let out = Command::new("timeout")
+        .args(["30", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", cmd])
+        .current_dir(dir)
+        .output()
+        .expect("setpriv");
+    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+    s.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), s)
+}
+
+fn backing(v: &Volume, rel: &str) -> PathBuf {
+    let o = Command::new(BIN).arg("path").arg(&v.cipher).arg(rel).output().unwrap();
+    assert!(o.status.success(), "kmsfs path {rel}: {}", String::from_utf8_lossy(&o.stderr));
+    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
+}
+
+/// A local user who owns a backing directory (made through an
+/// `allow_other` mount) can rename entries in it, including another
+/// user's subdirectory whose files they may not delete. Renamed to
+/// `.kmsfs.tmp.<hex>` it looks like an unfinished mkdir, and root's `fsck
+/// --repair` must not then delete it with everything in it: an unfinished
+/// mkdir holds its ID record and nothing else.
+#[test]
+fn fsck_repair_never_deletes_a_directory_with_entries_as_an_unfinished_mkdir() {
+    if !fuse_available("fsck_repair_never_deletes_a_directory_with_entries_as_an_unfinished_mkdir") {
+        return;
+    }
+    let v = Volume::new();
+    for d in [v.tmp.path(), v.cipher.as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    {
+        let m = v.mount("m", &["allow_other", "default_permissions"]);
+        std::fs::create_dir(m.path("n")).unwrap();
+        std::os::unix::fs::chown(m.path("n"), Some(NOBODY), Some(NOBODY)).unwrap();
+        // root's directory inside nobody's: nobody may not delete its files.
+        std::fs::create_dir(m.path("n/victim")).unwrap();
+        std::fs::write(m.path("n/victim/secret"), b"root's data").unwrap();
+        let (ok, out) = nobody(&m.mnt, "rm -f n/victim/secret");
+        assert!(!ok || m.path("n/victim/secret").exists(), "nobody deleted root's file: {out}");
+    }
+    let victim = backing(&v, "n/victim");
+    let secret = backing(&v, "n/victim/secret");
+    let n = victim.parent().unwrap().to_path_buf();
+    let planted = n.join(format!(".kmsfs.tmp.{}", "ab".repeat(16)));
+    let (ok, out) = nobody(&n, &format!("mv {} {}", victim.display(), planted.display()));
+    assert!(ok, "nobody could not rename in their own backing directory: {out}");
+    let (_, out) = run(&["fsck", p(&v.cipher), "--repair"]);
+    let kept = planted.join(secret.file_name().unwrap());
+    assert!(kept.exists(), "fsck --repair deleted root's directory and its files: {out}");
+}
