@@ -848,6 +848,27 @@ fn upgrade(cipherdir: &Path, key_file: Option<PathBuf>, kms_key: Option<String>)
         println!("{}: config already authenticated.", cipherdir.display());
         return upgrade_dirs(cipherdir, &config, provider.as_ref());
     }
+    // Every config this kmsfs writes has a MAC, and this host records a pin
+    // only for a config it checked or signed. So a legacy config for a
+    // volume pinned here had its MAC stripped: signing it would accept
+    // whatever was changed with it (names mode, key, name key).
+    let store = kmsfs::trust::TrustStore::default_location();
+    match store.get(&cfg.volume_id()) {
+        Ok(None) => {}
+        Ok(Some(pin)) => {
+            return Err(Failure(
+                exit::VOLUME,
+                format!(
+                    "{}: this host already trusts volume {} (key {}) and saw its config authenticated; this copy \
+                     has no MAC, so it was modified: restore the config from a backup instead of upgrading it",
+                    cipherdir.join(kmsfs::volume::CONFIG_NAME).display(),
+                    cfg.volume_id,
+                    pin.key_id
+                ),
+            ));
+        }
+        Err(e) => return Err(Failure(exit::VOLUME, format!("trust store: {e}"))),
+    }
     let keys = KeyArgs { key_file, kms_key };
     let provider = cfg.provider_unchecked(&keys).map_err(volume_failure)?;
     provider.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;
