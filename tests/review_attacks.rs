@@ -199,3 +199,38 @@ fn fsck_repair_never_deletes_a_directory_with_entries_as_an_unfinished_mkdir() {
     let kept = planted.join(secret.file_name().unwrap());
     assert!(kept.exists(), "fsck --repair deleted root's directory and its files: {out}");
 }
+
+/// docs/SECURITY.md: "An interrupted rewrap leaves every file readable".
+/// For aws-kms the new key is trusted before the first file moves; a local
+/// rewrap has no such step, so one file that fails (damaged, or damaged on
+/// purpose by a writer of the cipher dir) leaves the files that already
+/// moved unreadable under the volume's key until a rerun finishes.
+#[test]
+#[ignore = "not fixed: a local volume can trust only its own key file (review finding)"]
+fn an_interrupted_local_rewrap_stays_readable() {
+    if !fuse_available("an_interrupted_local_rewrap_stays_readable") {
+        return;
+    }
+    let v = Volume::plain();
+    {
+        let m = v.mount("m", &[]);
+        for i in 0..4 {
+            std::fs::write(m.path(&format!("f{i}")), random_bytes(3000, i)).unwrap();
+        }
+    }
+    let f2 = v.cipher.join("f2");
+    let saved = std::fs::read(&f2).unwrap();
+    let mut bad = saved.clone();
+    bad[68..256].copy_from_slice(&std::fs::read(v.cipher.join("f0")).unwrap()[68..256]);
+    std::fs::write(&f2, &bad).unwrap();
+    let new_key = v.tmp.path().join("new.key");
+    let (code, out) = run(&["rewrap", p(&v.cipher), "--to-key-file", p(&new_key)]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("3 re-wrapped") && out.contains("1 failed"), "{out}");
+    std::fs::write(&f2, &saved).unwrap();
+    let m = v.mount("m2", &[]);
+    for i in 0..4 {
+        let r = std::fs::read(m.path(&format!("f{i}")));
+        assert!(r.as_ref().is_ok_and(|b| *b == random_bytes(3000, i)), "f{i}: {:?}", r.err());
+    }
+}
