@@ -98,6 +98,50 @@ fn key_file_named_by_the_config_is_never_opened_unless_regular() {
     assert!(!opened, "kmsfs opened the FIFO that kmsfs.conf named as its key file");
 }
 
+/// Whether running `args` opens FIFO `fifo` (its blocked writer wakes).
+fn opens_fifo(fifo: &Path, args: &[&str]) -> bool {
+    let c = std::ffi::CString::new(p(fifo)).unwrap();
+    // SAFETY: valid path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let f2 = fifo.to_path_buf();
+    std::thread::spawn(move || {
+        let w = std::fs::OpenOptions::new().write(true).open(&f2);
+        let _ = tx.send(w.is_ok());
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let (code, out) = run(args);
+    assert_ne!(code, 0, "{args:?}: {out}");
+    let opened = rx.recv_timeout(Duration::from_millis(500)).is_ok();
+    if !opened {
+        let _ = std::fs::OpenOptions::new().read(true).custom_flags_nonblock().open(fifo);
+    }
+    opened
+}
+
+/// docs/SECURITY.md: a symlink, FIFO, device or huge file planted as a
+/// kmsfs bookkeeping file is "never followed, opened or read past 1 KiB".
+/// The config and the lock at the root are bookkeeping files too: a FIFO
+/// (or a device, whose open can act) planted under their names must not
+/// be opened.
+#[test]
+fn config_and_lock_planted_as_fifos_are_never_opened() {
+    let v = Volume::new();
+    let conf = v.cipher.join("kmsfs.conf");
+    let saved = std::fs::read(&conf).unwrap();
+    std::fs::remove_file(&conf).unwrap();
+    assert!(!opens_fifo(&conf, &["fsck", p(&v.cipher)]), "fsck opened a FIFO planted as kmsfs.conf");
+    std::fs::remove_file(&conf).unwrap();
+    std::fs::write(&conf, &saved).unwrap();
+    let lock = v.cipher.join(".kmsfs.lock");
+    let _ = std::fs::remove_file(&lock);
+    let new_key = v.tmp.path().join("new.key");
+    assert!(
+        !opens_fifo(&lock, &["rewrap", p(&v.cipher), "--to-key-file", p(&new_key)]),
+        "rewrap opened a FIFO planted as .kmsfs.lock"
+    );
+}
+
 trait NonBlock {
     fn custom_flags_nonblock(&mut self) -> &mut Self;
 }
