@@ -306,7 +306,9 @@ pub fn walk(cipherdir: &Path, names: &Names, repair: bool) -> Result<(Vec<Entry>
                     } else if !repair {
                         problems.bad_ids.push((where_, "unfinished mkdir left by a crash (run fsck --repair)".into()));
                     } else {
-                        problems.bad_ids.push((where_, "looks like an unfinished mkdir but holds entries: left as it is".into()));
+                        problems
+                            .bad_ids
+                            .push((where_, "looks like an unfinished mkdir but holds entries: left as it is".into()));
                     }
                 } else if repair && crate::sys::unlinkat(d.fd.as_raw_fd(), &raw, 0).is_ok() {
                     problems.repaired.push(format!("{where_} (leftover temporary file removed)"));

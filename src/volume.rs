@@ -545,8 +545,8 @@ pub fn lock(cipherdir: &Path, exclusive: bool) -> Result<std::fs::File, VolumeEr
     use std::os::fd::AsRawFd;
     let path = cipherdir.join(LOCK_NAME);
     let io = |source| VolumeError::Io { path: path.display().to_string(), source };
-    let dir = crate::sys::openat(libc::AT_FDCWD, cipherdir.as_os_str(), libc::O_PATH | libc::O_DIRECTORY, 0)
-        .map_err(io)?;
+    let dir =
+        crate::sys::openat(libc::AT_FDCWD, cipherdir.as_os_str(), libc::O_PATH | libc::O_DIRECTORY, 0).map_err(io)?;
     let name = std::ffi::OsStr::new(LOCK_NAME);
     // The entry is checked to be a regular file before it is opened (a FIFO
     // or device planted under the name is never opened); if missing, it is

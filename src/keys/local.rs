@@ -67,10 +67,11 @@ impl LocalProvider {
         Self::from_raw(&raw)
     }
 
-    /// Loads a key file. Opened once without following a final symlink, then
-    /// checked and read through that one descriptor, so a swap between the
-    /// check and the read changes nothing. The file must be a small regular
-    /// file owned by us or root with no group or other bits.
+    /// Loads a key file. Pinned as an O_PATH descriptor without following a
+    /// final symlink, checked through it, then that same inode is opened to
+    /// read, so a swap between the check and the read changes nothing. The
+    /// file must be a small regular file owned by us or root with no group
+    /// or other bits.
     pub fn open(path: &Path) -> Result<Self, KeyError> {
         use std::io::Read;
         // O_PATH first: the path may come from the (unauthenticated)
