@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::kms::*;
 use common::*;
 
 fn run(args: &[&str]) -> (i32, String) {
@@ -277,4 +278,58 @@ fn an_interrupted_local_rewrap_stays_readable() {
         let r = std::fs::read(m.path(&format!("f{i}")));
         assert!(r.as_ref().is_ok_and(|b| *b == random_bytes(3000, i)), "f{i}: {:?}", r.err());
     }
+}
+
+/// An attacker who holds another KMS key strips the config's MAC, names
+/// their key in it and lists the victim's key as an earlier one, so old
+/// files still read. On a host that never saw the volume (a new or rebuilt
+/// host, where `kmsfs upgrade` is what the refusal suggests), upgrade must
+/// not take the key from the cipher dir, and must not sign earlier keys
+/// that no legacy config can have.
+#[test]
+fn upgrade_never_trusts_the_kms_key_a_legacy_config_names() {
+    need_harness!("upgrade_never_trusts_the_kms_key_a_legacy_config_names");
+    if !fuse_available("upgrade_never_trusts_the_kms_key_a_legacy_config_names") {
+        return;
+    }
+    let victim = create_key("up-victim");
+    let evil = create_key("up-attacker");
+    let tmp = tempfile::tempdir().unwrap();
+    let cipher = tmp.path().join("cipher");
+    let (ok, out) = sh(&format!("{BIN} init {} --kms-key {} --plaintext-names", cipher.display(), victim.id));
+    assert!(ok, "init: {out}");
+    {
+        let m = Mounted::start(&cipher, &tmp.path().join("m"), &[]);
+        std::fs::write(m.path("f"), b"victim data").unwrap();
+    }
+    let conf = cipher.join("kmsfs.conf");
+    let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&conf).unwrap()).unwrap();
+    let o = c.as_object_mut().unwrap();
+    o.remove("mac");
+    o.remove("auth_key");
+    c["key_id"] = evil.arn.clone().into();
+    c["previous_keys"] = serde_json::json!([victim.arn]);
+    std::fs::write(&conf, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+    let fresh = tempfile::tempdir().unwrap();
+    let upgrade = |extra: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["upgrade", p(&cipher)])
+            .args(extra)
+            .env("KMSFS_TRUST_DIR", fresh.path())
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code().unwrap_or(-1), text)
+    };
+    let (code, out) = upgrade(&[]);
+    let now: serde_json::Value = serde_json::from_slice(&std::fs::read(&conf).unwrap()).unwrap();
+    assert!(now.get("mac").is_none(), "upgrade trusted the attacker's key from the cipher dir (exit {code}): {out}");
+    assert_ne!(code, 0, "{out}");
+    // Naming the real key does not carry the planted earlier key along.
+    let (code, out) = upgrade(&["--kms-key", &victim.arn]);
+    let now: serde_json::Value = serde_json::from_slice(&std::fs::read(&conf).unwrap()).unwrap();
+    assert!(
+        now.get("mac").is_none() || !now.to_string().contains(&evil.arn),
+        "upgrade signed the attacker's key as a trusted earlier key (exit {code}): {out}"
+    );
 }
