@@ -869,6 +869,28 @@ fn upgrade(cipherdir: &Path, key_file: Option<PathBuf>, kms_key: Option<String>)
         }
         Err(e) => return Err(Failure(exit::VOLUME, format!("trust store: {e}"))),
     }
+    let conf = cipherdir.join(kmsfs::volume::CONFIG_NAME);
+    // Earlier keys came with authenticated configs: a legacy one listing
+    // some was forged, to have them signed as trusted.
+    if !cfg.previous_keys.is_empty() {
+        return Err(Failure(
+            exit::VOLUME,
+            format!("{}: lists previous_keys but has no MAC, which no kmsfs writes: it was modified", conf.display()),
+        ));
+    }
+    // The cipher dir cannot say which KMS key is the volume's (anyone with a
+    // key of their own could write a config under it): the user names it.
+    if cfg.provider == ProviderKind::AwsKms && kms_key.is_none() {
+        return Err(Failure(
+            exit::VOLUME,
+            format!(
+                "{}: the unauthenticated config names KMS key {}; if that is the volume's key, run upgrade again \
+                 with --kms-key and its ARN",
+                conf.display(),
+                cfg.key_id.escape_debug()
+            ),
+        ));
+    }
     let keys = KeyArgs { key_file, kms_key };
     let provider = cfg.provider_unchecked(&keys).map_err(volume_failure)?;
     provider.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;

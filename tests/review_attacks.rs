@@ -332,4 +332,13 @@ fn upgrade_never_trusts_the_kms_key_a_legacy_config_names() {
         now.get("mac").is_none() || !now.to_string().contains(&evil.arn),
         "upgrade signed the attacker's key as a trusted earlier key (exit {code}): {out}"
     );
+    // A real legacy config, upgraded with its key named, mounts and reads.
+    let mut c = now;
+    c.as_object_mut().unwrap().remove("previous_keys");
+    c["key_id"] = victim.arn.clone().into();
+    std::fs::write(&conf, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+    let (code, out) = upgrade(&["--kms-key", &victim.arn]);
+    assert_eq!(code, 0, "{out}");
+    let m = Mounted::start(&cipher, &tmp.path().join("m2"), &[]);
+    assert_eq!(std::fs::read(m.path("f")).unwrap(), b"victim data");
 }
