@@ -342,3 +342,47 @@ fn upgrade_never_trusts_the_kms_key_a_legacy_config_names() {
     let m = Mounted::start(&cipher, &tmp.path().join("m2"), &[]);
     assert_eq!(std::fs::read(m.path("f")).unwrap(), b"victim data");
 }
+
+/// On SIGTERM the daemon writes back every open file by opening its path
+/// through the mount. A writer of the cipher dir (or the local user who
+/// owns that backing directory) swaps a directory on that path for a
+/// symlink (with plaintext names its target is stored in clear): the
+/// daemon, root, must not follow it out of the mount and open whatever is
+/// there (here a FIFO, whose blocked writer wakes; a device's open can act).
+#[test]
+fn stop_write_back_never_follows_a_link_out_of_the_mount() {
+    if !fuse_available("stop_write_back_never_follows_a_link_out_of_the_mount") {
+        return;
+    }
+    let v = Volume::plain();
+    let outside = v.tmp.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let fifo = outside.join("ff");
+    let c = std::ffi::CString::new(p(&fifo)).unwrap();
+    // SAFETY: valid path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let mut m = v.mount("m", &[]);
+    std::fs::create_dir(m.path("b")).unwrap();
+    let held = std::fs::OpenOptions::new().create(true).write(true).open(m.path("b/ff")).unwrap();
+    std::fs::rename(v.cipher.join("b"), v.cipher.join("b2")).unwrap();
+    std::os::unix::fs::symlink(&outside, v.cipher.join("b")).unwrap();
+    // Past the kernel's entry cache (1 s), so the path is looked up again.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let f2 = fifo.clone();
+    std::thread::spawn(move || {
+        let w = std::fs::OpenOptions::new().write(true).open(&f2);
+        let _ = tx.send(w.is_ok());
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let pid = m.child.as_ref().unwrap().id() as i32;
+    // SAFETY: plain kill of the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let opened = rx.recv_timeout(Duration::from_secs(5)).is_ok();
+    if !opened {
+        let _ = std::fs::OpenOptions::new().read(true).custom_flags_nonblock().open(&fifo);
+    }
+    drop(held);
+    m.unmount();
+    assert!(!opened, "the stopping daemon followed a planted link out of the mount and opened a FIFO");
+}
