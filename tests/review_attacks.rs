@@ -363,7 +363,7 @@ fn stop_write_back_never_follows_a_link_out_of_the_mount() {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
     let mut m = v.mount("m", &[]);
     std::fs::create_dir(m.path("b")).unwrap();
-    let held = std::fs::OpenOptions::new().create(true).write(true).open(m.path("b/ff")).unwrap();
+    let held = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(m.path("b/ff")).unwrap();
     std::fs::rename(v.cipher.join("b"), v.cipher.join("b2")).unwrap();
     std::os::unix::fs::symlink(&outside, v.cipher.join("b")).unwrap();
     // Past the kernel's entry cache (1 s), so the path is looked up again.
