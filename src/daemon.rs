@@ -131,7 +131,10 @@ pub fn flush_mount(root: &std::fs::File, open: Vec<std::path::PathBuf>, deadline
         let mut ok = true;
         for rel in open {
             let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
-            let f = match crate::sys::openat(root.as_raw_fd(), rel.as_os_str(), flags, 0) {
+            // Every component is a directory the daemon knows: a symlink on
+            // the way was planted (in the cipher dir), and must not lead the
+            // root daemon out of the mount.
+            let f = match crate::sys::open_beneath(root.as_raw_fd(), rel.as_os_str(), flags, 0) {
                 Ok(f) => std::fs::File::from(f),
                 Err(e) => {
                     tracing::debug!("flush: cannot reopen {}: {e}", rel.display());

@@ -890,6 +890,49 @@ fn upgrade(cipherdir: &Path, key_file: Option<PathBuf>, kms_key: Option<String>)
         println!("{}: config already authenticated.", cipherdir.display());
         return upgrade_dirs(cipherdir, &config, provider.as_ref());
     }
+    // Every config this kmsfs writes has a MAC, and this host records a pin
+    // only for a config it checked or signed. So a legacy config for a
+    // volume pinned here had its MAC stripped: signing it would accept
+    // whatever was changed with it (names mode, key, name key).
+    let store = kmsfs::trust::TrustStore::default_location();
+    match store.get(&cfg.volume_id()) {
+        Ok(None) => {}
+        Ok(Some(pin)) => {
+            return Err(Failure(
+                exit::VOLUME,
+                format!(
+                    "{}: this host already trusts volume {} (key {}) and saw its config authenticated; this copy \
+                     has no MAC, so it was modified: restore the config from a backup instead of upgrading it",
+                    cipherdir.join(kmsfs::volume::CONFIG_NAME).display(),
+                    cfg.volume_id,
+                    pin.key_id
+                ),
+            ));
+        }
+        Err(e) => return Err(Failure(exit::VOLUME, format!("trust store: {e}"))),
+    }
+    let conf = cipherdir.join(kmsfs::volume::CONFIG_NAME);
+    // Earlier keys came with authenticated configs: a legacy one listing
+    // some was forged, to have them signed as trusted.
+    if !cfg.previous_keys.is_empty() {
+        return Err(Failure(
+            exit::VOLUME,
+            format!("{}: lists previous_keys but has no MAC, which no kmsfs writes: it was modified", conf.display()),
+        ));
+    }
+    // The cipher dir cannot say which KMS key is the volume's (anyone with a
+    // key of their own could write a config under it): the user names it.
+    if cfg.provider == ProviderKind::AwsKms && kms_key.is_none() {
+        return Err(Failure(
+            exit::VOLUME,
+            format!(
+                "{}: the unauthenticated config names KMS key {}; if that is the volume's key, run upgrade again \
+                 with --kms-key and its ARN",
+                conf.display(),
+                cfg.key_id.escape_debug()
+            ),
+        ));
+    }
     let keys = KeyArgs { key_file, kms_key };
     let provider = cfg.provider_unchecked(&keys).map_err(volume_failure)?;
     provider.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;

@@ -289,16 +289,26 @@ pub fn walk(cipherdir: &Path, names: &Names, repair: bool) -> Result<(Vec<Entry>
             if at_root && nb == CONFIG_NAME.as_bytes() {
                 continue;
             }
-            if nb.starts_with(crate::sys::TMP_PREFIX.as_bytes()) {
+            // kmsfs writes temporary entries only where names are its own:
+            // anywhere with encrypted names, only at the root with plaintext
+            // names (elsewhere such a name is the user's).
+            if nb.starts_with(crate::sys::TMP_PREFIX.as_bytes()) && (names.encrypted() || at_root) {
                 // Left by a crash: a directory whose mkdir was cut short
                 // (never visible, holds at most its ID), or the temporary
                 // file of a bookkeeping write (never the only copy).
                 if ft.is_dir() {
-                    let gone = repair && std::fs::remove_dir_all(crate::sys::proc_path(&d.fd).join(&raw)).is_ok();
+                    // Only as much as an unfinished mkdir can hold: anything
+                    // else in it (a directory renamed there by whoever owns
+                    // this one) is never deleted.
+                    let gone = repair && crate::fs::remove_dir_with_id(d.fd.as_raw_fd(), &raw).is_ok();
                     if gone {
                         problems.repaired.push(format!("{where_} (unfinished mkdir removed)"));
                     } else if !repair {
                         problems.bad_ids.push((where_, "unfinished mkdir left by a crash (run fsck --repair)".into()));
+                    } else {
+                        problems
+                            .bad_ids
+                            .push((where_, "looks like an unfinished mkdir but holds entries: left as it is".into()));
                     }
                 } else if repair && crate::sys::unlinkat(d.fd.as_raw_fd(), &raw, 0).is_ok() {
                     problems.repaired.push(format!("{where_} (leftover temporary file removed)"));

@@ -248,7 +248,7 @@ impl VolumeConfig {
     pub fn load(cipherdir: &Path) -> Result<Self, VolumeError> {
         let path = cipherdir.join(CONFIG_NAME);
         let p = path.display().to_string();
-        let text = read_config(&path).map_err(|source| VolumeError::Io { path: p.clone(), source })?;
+        let text = read_config(cipherdir).map_err(|source| VolumeError::Io { path: p.clone(), source })?;
         let c: Self =
             serde_json::from_str(&text).map_err(|e| VolumeError::Invalid { path: p.clone(), detail: e.to_string() })?;
         let bad = |d: &str| VolumeError::Invalid { path: p.clone(), detail: d.into() };
@@ -497,22 +497,13 @@ impl VolumeConfig {
     }
 }
 
-fn read_config(path: &Path) -> std::io::Result<String> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)?;
-    if !f.metadata()?.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
-    let mut text = String::new();
-    (&f).take(CONFIG_MAX + 1).read_to_string(&mut text)?;
-    if text.len() as u64 > CONFIG_MAX {
-        return Err(std::io::Error::other("too large for a volume config"));
-    }
-    Ok(text)
+fn read_config(cipherdir: &Path) -> std::io::Result<String> {
+    use std::os::fd::AsRawFd;
+    // Checked as a small regular file before it is opened for reading: a
+    // FIFO or device planted under the name is never opened.
+    let dir = crate::sys::openat(libc::AT_FDCWD, cipherdir.as_os_str(), libc::O_PATH | libc::O_DIRECTORY, 0)?;
+    let bytes = crate::sys::read_regular(dir.as_raw_fd(), CONFIG_NAME.as_ref(), CONFIG_MAX as usize)?;
+    String::from_utf8(bytes).map_err(|_| std::io::Error::other("not UTF-8"))
 }
 
 /// Opens a volume for use: loads its config, checks it against the trust
@@ -643,28 +634,37 @@ pub fn pin(cfg: &VolumeConfig) -> Result<(), VolumeError> {
 /// mount namespaces, whatever `fsname=` says, and (on NFS, where Linux maps
 /// flock to byte-range locks) across hosts. Held until the file is dropped.
 pub fn lock(cipherdir: &Path, exclusive: bool) -> Result<std::fs::File, VolumeError> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::fd::AsRawFd;
     let path = cipherdir.join(LOCK_NAME);
     let io = |source| VolumeError::Io { path: path.display().to_string(), source };
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(&path)
-        .or_else(|e| {
-            // A read-only cipher dir can still be mounted read-only.
-            std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-                .open(&path)
-                .map_err(|_| e)
-        })
-        .map_err(io)?;
-    if !f.metadata().map_err(io)?.is_file() {
-        return Err(io(std::io::Error::other("not a regular file")));
+    let dir =
+        crate::sys::openat(libc::AT_FDCWD, cipherdir.as_os_str(), libc::O_PATH | libc::O_DIRECTORY, 0).map_err(io)?;
+    let name = std::ffi::OsStr::new(LOCK_NAME);
+    // The entry is checked to be a regular file before it is opened (a FIFO
+    // or device planted under the name is never opened); if missing, it is
+    // created new, never through a link.
+    let existing = || -> std::io::Result<std::fs::File> {
+        let p = crate::sys::open_path(dir.as_raw_fd(), name)?;
+        if crate::sys::fstat(p.as_raw_fd())?.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        // A read-only cipher dir can still be mounted read-only.
+        crate::sys::reopen(&p, libc::O_RDWR | libc::O_NONBLOCK)
+            .or_else(|_| crate::sys::reopen(&p, libc::O_RDONLY | libc::O_NONBLOCK))
+            .map(std::fs::File::from)
+    };
+    let f = match existing() {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            match crate::sys::open_beneath(dir.as_raw_fd(), name, libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, 0o600) {
+                Ok(f) => Ok(std::fs::File::from(f)),
+                // Made by another command meanwhile.
+                Err(e2) if e2.raw_os_error() == Some(libc::EEXIST) => existing(),
+                Err(_) => Err(e),
+            }
+        }
+        r => r,
     }
+    .map_err(io)?;
     let r = if exclusive { f.try_lock() } else { f.try_lock_shared() };
     match r {
         Ok(()) => Ok(f),

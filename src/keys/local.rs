@@ -67,24 +67,33 @@ impl LocalProvider {
         Self::from_raw(&raw)
     }
 
-    /// Loads a key file. Opened once without following a final symlink, then
-    /// checked and read through that one descriptor, so a swap between the
-    /// check and the read changes nothing. The file must be a small regular
-    /// file owned by us or root with no group or other bits.
+    /// Loads a key file. Pinned as an O_PATH descriptor without following a
+    /// final symlink, checked through it, then that same inode is opened to
+    /// read, so a swap between the check and the read changes nothing. The
+    /// file must be a small regular file owned by us or root with no group
+    /// or other bits.
     pub fn open(path: &Path) -> Result<Self, KeyError> {
         use std::io::Read;
-        let f = std::fs::OpenOptions::new()
+        // O_PATH first: the path may come from the (unauthenticated)
+        // config's `key_file`, so it is never opened for reading unless it
+        // is a regular file (opening a FIFO or a device can act).
+        let pinned = std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
+            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ELOOP) => kf_err(path, "is a symbolic link; give the real path"),
-                _ => kf_err(path, format!("cannot read: {e}")),
-            })?;
-        let meta = f.metadata().map_err(|e| kf_err(path, format!("cannot stat: {e}")))?;
+            .map_err(|e| kf_err(path, format!("cannot read: {e}")))?;
+        let meta = pinned.metadata().map_err(|e| kf_err(path, format!("cannot stat: {e}")))?;
+        if meta.file_type().is_symlink() {
+            return Err(kf_err(path, "is a symbolic link; give the real path"));
+        }
         if !meta.is_file() {
             return Err(kf_err(path, "not a regular file"));
         }
+        // The same inode, now for reading (/proc/self/fd names it alone).
+        let f = std::fs::File::from(
+            crate::sys::reopen(&std::os::fd::OwnedFd::from(pinned), libc::O_RDONLY | libc::O_NONBLOCK)
+                .map_err(|e| kf_err(path, format!("cannot read: {e}")))?,
+        );
         // SAFETY: geteuid has no preconditions and cannot fail.
         let euid = unsafe { libc::geteuid() };
         if meta.uid() != euid && meta.uid() != 0 {
