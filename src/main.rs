@@ -507,6 +507,12 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
         }
         Cmd::Fsck { cipherdir, key_file, kms_key, json, repair } => {
             key_outside(&cipherdir, key_file.as_deref())?;
+            // A repair changes files: never under a live mount, here or on
+            // another host (-o shared). A check only reads.
+            let _lock = match repair {
+                true => Some(kmsfs::volume::lock(&cipherdir, true).map_err(volume_failure)?),
+                false => None,
+            };
             let OpenVolume { config: cfg, provider: p } = open_volume(&cipherdir, key_file, kms_key)?;
             let names = cfg.names(p.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
             let r = kmsfs::ops::fsck(

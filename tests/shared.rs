@@ -416,3 +416,28 @@ fn shared_flag_and_option_both_mount() {
     let (ok, out) = sh(&format!("{BIN} unmount {}", mnt.display()));
     assert!(ok, "{out}");
 }
+
+/// Offline commands that change the volume take the cipher-dir lock
+/// exclusively, so they refuse while any mount (on any host) holds it
+/// shared; a plain check still runs.
+#[test]
+fn offline_commands_refuse_a_live_mount() {
+    if !fuse_available("offline_commands_refuse_a_live_mount") {
+        return;
+    }
+    let v = Volume::new();
+    let (mut a, b) = two_mounts(&v);
+    std::fs::write(a.path("f"), b"x").unwrap();
+    let key = v.key.display();
+    let c = v.cipher.display();
+    for cmd in [format!("fsck --repair --key-file {key} {c}"), format!("rewrap --key-file {key} {c}")] {
+        let (ok, out) = sh(&format!("{BIN} {cmd}"));
+        assert!(!ok && out.contains("mounted"), "{cmd}: {out}");
+    }
+    let (ok, out) = sh(&format!("{BIN} fsck --key-file {key} {c}"));
+    assert!(ok, "a check runs beside the mounts: {out}");
+    a.unmount();
+    drop(b);
+    let (ok, out) = sh(&format!("{BIN} fsck --repair --key-file {key} {c}"));
+    assert!(ok, "{out}");
+}
