@@ -441,3 +441,62 @@ fn offline_commands_refuse_a_live_mount() {
     let (ok, out) = sh(&format!("{BIN} fsck --repair --key-file {key} {c}"));
     assert!(ok, "{out}");
 }
+
+/// One mount cuts and extends a file while the other writes partial blocks
+/// and appends, and a third thread truncates to zero now and then (a new
+/// header): every state either leaves reads whole, and fsck finds nothing.
+#[test]
+fn truncations_racing_writes_leave_no_bad_block() {
+    if !fuse_available("truncations_racing_writes_leave_no_bad_block") {
+        return;
+    }
+    let v = Volume::new();
+    let (mut a, mut b) = two_mounts(&v);
+    std::fs::write(a.path("t"), random_bytes(40_000, 9)).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let cutter = {
+        let p = a.path("t");
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+            // At least 300 cuts, and on until 300 writes have raced them.
+            let mut i = 0u64;
+            while i < 300 || done.load(std::sync::atomic::Ordering::Relaxed) < 300 {
+                let len = if i % 50 == 49 { 0 } else { (i * 7919) % 60_000 };
+                f.set_len(len).unwrap();
+                i += 1;
+            }
+        })
+    };
+    let writer = {
+        let p = b.path("t");
+        let (stop, done) = (stop.clone(), done.clone());
+        std::thread::spawn(move || {
+            let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                f.write_all_at(&[i as u8 | 1; 300], (i * 4001) % 50_000).unwrap();
+                let mut buf = vec![0u8; 9000];
+                if let Err(e) = f.read_at(&mut buf, (i * 3001) % 50_000) {
+                    panic!("read {i}: {e}");
+                }
+                i += 1;
+                done.store(i, std::sync::atomic::Ordering::Relaxed);
+            }
+            i
+        })
+    };
+    cutter.join().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.join().unwrap();
+    assert!(writes >= 300, "only {writes} writes raced the truncations");
+    let (ra, rb) = (std::fs::read(a.path("t")).unwrap(), std::fs::read(b.path("t")).unwrap());
+    assert!(ra == rb);
+    no_errors(&a);
+    no_errors(&b);
+    a.unmount();
+    b.unmount();
+    let (ok, out) = sh(&format!("{BIN} fsck --key-file {} {}", v.key.display(), v.cipher.display()));
+    assert!(ok, "{out}");
+}
