@@ -955,6 +955,17 @@ impl EncFs {
                     }
                     None => self.open_enc(n, write)?,
                 };
+                if self.shared {
+                    // Another mount emptied and rewrote the file since its last
+                    // close here: the key of the header it had then goes.
+                    let mut closed = lock(&n.closed_file_id);
+                    if let Some(old) = *closed
+                        && enc.header().is_none_or(|h| h.file_id != old)
+                    {
+                        self.keys.forget(&old);
+                        *closed = None;
+                    }
+                }
                 g.insert(OpenState::new(enc))
             }
         };

@@ -116,6 +116,16 @@ fn truncate_and_rewrite_while_open_elsewhere() {
         drop(wb);
         assert!(std::fs::read(a.path("f")).unwrap() == data[..1000]);
     }
+    // The key cache is keyed by file ID; a header replaced by the other
+    // mount drops its old key: one file, one cached key on each side.
+    let mut got = vec![0u8; 1000];
+    held.read_exact_at(&mut got, 0).unwrap();
+    for m in [&a, &b] {
+        let (ok, out) = m.stats_json();
+        assert!(ok, "{out}");
+        let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(j["cache"]["size"], 1, "{}: {out}", m.mnt.display());
+    }
     no_errors(&a);
     no_errors(&b);
 }
