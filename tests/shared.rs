@@ -15,9 +15,10 @@ fn two_mounts(v: &Volume) -> (Mounted, Mounted) {
     (v.mount("a", &["shared"]), v.mount("b", &["shared"]))
 }
 
+/// Neither errors nor warnings: lock conflicts and races are normal here.
 fn no_errors(m: &Mounted) {
-    let bad: Vec<String> = m.noisy_log_lines().into_iter().filter(|l| l.contains("ERROR")).collect();
-    assert!(bad.is_empty(), "errors in {}: {bad:?}", m.log.display());
+    let bad = m.noisy_log_lines();
+    assert!(bad.is_empty(), "errors or warnings in {}: {bad:?}", m.log.display());
 }
 
 /// The one regular file in the cipher dir besides kmsfs's own.
