@@ -511,3 +511,30 @@ fn truncations_racing_writes_leave_no_bad_block() {
     let (ok, out) = sh(&format!("{BIN} fsck --key-file {} {}", v.key.display(), v.cipher.display()));
     assert!(ok, "{out}");
 }
+
+/// Shared mmap works in shared mode; another mount sees what was written
+/// through the mapping once it is synced (msync) and the file reopened.
+#[test]
+fn mmap_writes_reach_the_other_mount_after_msync() {
+    if !fuse_available("mmap_writes_reach_the_other_mount_after_msync") {
+        return;
+    }
+    let v = Volume::new();
+    let (a, b) = two_mounts(&v);
+    std::fs::write(a.path("m"), vec![0u8; 100_000]).unwrap();
+    let script = r#"
+import mmap, os, sys
+f = os.open(sys.argv[1], os.O_RDWR)
+m = mmap.mmap(f, 100000)
+for i in range(0, 100000, 4096):
+    m[i:i + 5] = b"hello"
+m.flush()
+print(open(sys.argv[2], "rb").read().count(b"hello"))
+m.close()
+os.close(f)
+"#;
+    let out = output(python(script, &[&a.path("m"), &b.path("m")]));
+    assert_eq!(out.trim(), "25", "{out}");
+    no_errors(&a);
+    no_errors(&b);
+}
