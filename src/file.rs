@@ -142,6 +142,9 @@ pub struct EncryptedFile {
     layout: Layout,
     volume_id: Id,
     header: Option<std::sync::Arc<FileHeader>>,
+    /// The header's bytes as stored, so `refresh` sees a header another
+    /// mount replaced (`-o shared`) with one comparison.
+    header_raw: Vec<u8>,
     size: u64,
     size_ok: bool,
     verified: AtomicBool,
@@ -155,21 +158,61 @@ impl EncryptedFile {
             Ok(s) => (s, true),
             Err((s, _)) => (s, false),
         };
+        let mut header_raw = Vec::new();
         let header = if backing == 0 {
             None
         } else {
-            let mut buf = vec![0u8; layout.header_size() as usize];
-            read_exact_at(&file, &mut buf, 0).map_err(|_| HeaderError::Truncated)?;
-            let h = FileHeader::parse(&buf, buf.len())?;
-            if h.volume_id != volume_id {
-                return Err(FileError::ForeignVolume);
-            }
-            if h.block_log2 != layout.block_log2() {
-                return Err(FileError::ForeignBlockSize(h.block_log2));
-            }
-            Some(std::sync::Arc::new(h))
+            header_raw = vec![0u8; layout.header_size() as usize];
+            read_exact_at(&file, &mut header_raw, 0).map_err(|_| HeaderError::Truncated)?;
+            Some(std::sync::Arc::new(Self::parse_header(&header_raw, layout, volume_id)?))
         };
-        Ok(Self { file, layout, volume_id, header, size, size_ok, verified: AtomicBool::new(false) })
+        Ok(Self { file, layout, volume_id, header, header_raw, size, size_ok, verified: AtomicBool::new(false) })
+    }
+
+    fn parse_header(raw: &[u8], layout: Layout, volume_id: Id) -> Result<FileHeader, FileError> {
+        let h = FileHeader::parse(raw, raw.len())?;
+        if h.volume_id != volume_id {
+            return Err(FileError::ForeignVolume);
+        }
+        if h.block_log2 != layout.block_log2() {
+            return Err(FileError::ForeignBlockSize(h.block_log2));
+        }
+        Ok(h)
+    }
+
+    /// Re-reads the size and the header from the backing file, which another
+    /// mount may have changed (`-o shared`; the caller holds the file's
+    /// update lock, see [`UpdateLock`]). A header whose bytes changed (the
+    /// file was emptied and rewritten there, with a new file ID and key)
+    /// replaces the old one and must be verified again; an unchanged one
+    /// keeps its identity, so a [`KeyNeed`] taken before still matches.
+    /// Costs an fstat and one header-sized pread. Returns whether the
+    /// header was replaced or removed.
+    pub fn refresh(&mut self) -> Result<bool, FileError> {
+        let backing = self.file.metadata()?.len();
+        (self.size, self.size_ok) = match self.layout.plain_size(backing) {
+            Ok(s) => (s, true),
+            Err((s, _)) => (s, false),
+        };
+        if backing == 0 {
+            if self.header.take().is_some() {
+                self.header_raw.clear();
+                self.verified.store(false, Ordering::Relaxed);
+                return Ok(true);
+            }
+            return Ok(false);
+        }
+        let mut scratch = Scratch::take();
+        let raw = scratch.get(self.layout.header_size() as usize);
+        read_exact_at(&self.file, raw, 0).map_err(|_| HeaderError::Truncated)?;
+        if self.header.is_some() && self.header_raw == *raw {
+            return Ok(false);
+        }
+        let h = Self::parse_header(raw, self.layout, self.volume_id)?;
+        self.header = Some(std::sync::Arc::new(h));
+        self.header_raw = raw.to_vec();
+        self.verified.store(false, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// Plaintext size.
@@ -419,6 +462,7 @@ impl EncryptedFile {
                 let bytes = h.to_bytes()?;
                 self.file.write_all_at(&bytes, 0)?;
                 self.header = Some(std::sync::Arc::new(h));
+                self.header_raw = bytes;
                 self.verified.store(true, Ordering::Relaxed);
                 self.size_ok = true;
                 Ok(())
@@ -547,6 +591,7 @@ impl EncryptedFile {
         }
         if fresh_header {
             self.header = None;
+            self.header_raw.clear();
             self.verified.store(false, Ordering::Relaxed);
         }
     }
@@ -704,6 +749,7 @@ impl EncryptedFile {
             // A fresh file ID and DEK will be minted on the next write.
             self.file.set_len(0)?;
             self.header = None;
+            self.header_raw.clear();
             self.size = 0;
             self.size_ok = true;
             self.verified.store(false, Ordering::Relaxed);
@@ -864,6 +910,7 @@ impl EncryptedFile {
             self.file.sync_all()?;
             (r.cut_bytes, r.cut_blocks) = (backing, slots);
             self.header = None;
+            self.header_raw.clear();
             self.verified.store(false, Ordering::Relaxed);
             (self.size, self.size_ok) = (0, true);
             return Ok(r);
@@ -930,6 +977,61 @@ fn open_stale_slot(key: &DataKey, aad: &BlockAad<'_>, stored: &[u8], work: &mut 
 
 fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
     f.read_exact_at(buf, off)
+}
+
+/// Where byte-range locks that applications take through a `-o shared`
+/// mount end: they are forwarded to the backing file below this offset
+/// (a lock "to the end of the file" stops here), so they never meet the
+/// lock kmsfs itself takes at this offset to update a file.
+pub const APP_LOCK_END: u64 = 1 << 62;
+
+/// kmsfs's own cross-mount lock on a backing file (`-o shared`): an open
+/// file description lock (F_OFD_SETLKW) on one byte at [`APP_LOCK_END`],
+/// shared to read, exclusive to write. Taken around every refresh, read
+/// and update, it keeps two mounts from interleaving a header creation, a
+/// read-modify-write of a partial block or a truncation, and a read from
+/// seeing a block half rewritten. Released on drop. Holds the raw
+/// descriptor: the caller keeps the file open (and the lock's open file
+/// description alive) for the guard's life.
+pub struct UpdateLock(std::os::fd::RawFd);
+
+impl UpdateLock {
+    /// Waits for the lock on `file`'s open file description.
+    pub fn take(file: &File, write: bool) -> std::io::Result<Self> {
+        let fd = file.as_raw_fd();
+        let ty = if write { libc::F_WRLCK } else { libc::F_RDLCK };
+        ofd_lock(fd, libc::F_OFD_SETLKW, ty as i16, APP_LOCK_END, 1)?;
+        Ok(Self(fd))
+    }
+}
+
+impl Drop for UpdateLock {
+    fn drop(&mut self) {
+        let _ = ofd_lock(self.0, libc::F_OFD_SETLK, libc::F_UNLCK as i16, APP_LOCK_END, 1);
+    }
+}
+
+/// One fcntl open-file-description lock call on `start..start+len`
+/// (`len` 0: to the end), retried on EINTR; returns the `flock` as the
+/// kernel left it (F_OFD_GETLK fills in the conflicting lock).
+pub fn ofd_lock(fd: std::os::fd::RawFd, cmd: i32, ty: i16, start: u64, len: u64) -> std::io::Result<libc::flock> {
+    // SAFETY: flock is plain data; all-zero is a valid value (l_pid must be 0 for OFD locks).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = ty;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = i64::try_from(start).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    fl.l_len = i64::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    loop {
+        // SAFETY: fd is a descriptor the caller owns; fl is a valid flock for these commands.
+        let r = unsafe { libc::fcntl(fd, cmd, &mut fl as *mut libc::flock) };
+        if r == 0 {
+            return Ok(fl);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
 }
 
 /// A stored block's nonce and tag, read apart from its ciphertext.
@@ -1206,6 +1308,42 @@ mod tests {
         }
         let allowed = usize::from(torn_in_place);
         assert!(failed <= allowed, "{what}: {failed} blocks below the old size fail");
+    }
+
+    /// `-o shared`: a second open of the backing file (another mount) sees
+    /// growth, and a file emptied and rewritten under a new file ID and key,
+    /// after `refresh`; the update lock excludes across open files.
+    #[test]
+    fn refresh_follows_another_writer_and_update_lock_excludes() {
+        let fx = Fx::new();
+        let mut w = fx.file(&pattern(5000, 1));
+        let mut r = fx.open();
+        assert!(!r.refresh().unwrap(), "same header");
+        w.write_at(KeyArg::Existing(&fx.key.key), 5000, &pattern(3000, 2)).unwrap();
+        assert_eq!(r.size(), 5000);
+        assert!(!r.refresh().unwrap());
+        assert_eq!(r.size(), 8000);
+        assert_eq!(r.read_at(Some(&fx.key.key), 5000, 3000).unwrap(), pattern(3000, 2));
+        // Emptied and rewritten with another key: a new header.
+        let other = Fx::new();
+        w.set_len(None, 0).unwrap();
+        assert!(r.refresh().unwrap(), "emptied");
+        assert!(r.header().is_none());
+        w.write_at(KeyArg::Fresh(&other.key), 0, &pattern(100, 3)).unwrap();
+        assert!(r.refresh().unwrap(), "new header");
+        assert_eq!(r.header().unwrap().file_id, other.key.file_id);
+        assert_eq!(r.read_at(Some(&other.key.key), 0, 100).unwrap(), pattern(100, 3));
+        // Exclusive against any other open file description, shared with readers.
+        let g = UpdateLock::take(w.backing(), true).unwrap();
+        let busy = ofd_lock(r.backing().as_raw_fd(), libc::F_OFD_SETLK, libc::F_RDLCK as i16, APP_LOCK_END, 1);
+        assert!(busy.is_err());
+        drop(g);
+        let g1 = UpdateLock::take(w.backing(), false).unwrap();
+        let g2 = UpdateLock::take(r.backing(), false).unwrap();
+        drop((g1, g2));
+        // Application locks (below APP_LOCK_END) never meet the update lock.
+        ofd_lock(r.backing().as_raw_fd(), libc::F_OFD_SETLK, libc::F_WRLCK as i16, 0, APP_LOCK_END).unwrap();
+        drop(UpdateLock::take(w.backing(), true).unwrap());
     }
 
     #[test]

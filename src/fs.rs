@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::FsError;
-use crate::file::{EncryptedFile, FileError, KeyArg, KeyNeed, Scratch};
+use crate::file::{APP_LOCK_END, EncryptedFile, FileError, KeyArg, KeyNeed, Scratch, UpdateLock, ofd_lock};
 use crate::format::Id;
 use crate::format::layout::Layout;
 use crate::keys::cache::KeyCache;
@@ -201,6 +201,9 @@ struct Node {
     /// Files: the file ID of the header when the last handle closed, so the
     /// data key can leave the cache as soon as the file is deleted.
     closed_file_id: Mutex<Option<Id>>,
+    /// `-o shared`: one backing open file description per lock owner, which
+    /// holds that owner's application locks (see `EncFs::setlk`).
+    app_locks: Mutex<HashMap<u64, Arc<File>>>,
 }
 
 enum Handle {
@@ -312,6 +315,8 @@ pub struct EncFs {
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     euid_root: bool,
+    /// `-o shared`: other mounts of this cipher dir change files under us.
+    shared: bool,
 }
 
 impl EncFs {
@@ -337,6 +342,7 @@ impl EncFs {
             first_key: Mutex::new(()),
             dir_id: std::sync::OnceLock::new(),
             closed_file_id: Mutex::new(None),
+            app_locks: Mutex::new(HashMap::new()),
         });
         let mut nodes = HashMap::new();
         nodes.insert(ROOT_INO, root);
@@ -355,7 +361,38 @@ impl EncFs {
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             euid_root,
+            shared: false,
         })
+    }
+
+    /// `-o shared`: the cipher dir is also mounted elsewhere (shared
+    /// storage). Sizes then come from the backing file every time, every
+    /// read and update of a file re-reads its size and header under the
+    /// file's cross-mount update lock, and application locks are forwarded
+    /// to the backing file (docs/SEMANTICS.md, "Shared mode").
+    pub fn with_shared(mut self, shared: bool) -> Self {
+        self.shared = shared;
+        self
+    }
+
+    /// Takes the update lock of an open file (`-o shared` only) and
+    /// re-reads its size and header. The guard must be dropped before the
+    /// open state can go (before the inode lock is released).
+    fn sync_shared(&self, ino: u64, o: &mut OpenState, write: bool) -> Result<Option<UpdateLock>, FsError> {
+        if !self.shared {
+            return Ok(None);
+        }
+        let l = UpdateLock::take(o.enc.backing(), write)?;
+        let old = o.enc.header().map(|h| h.file_id);
+        // Another mount emptied (and maybe rewrote) the file: the old key
+        // leaves the cache, as after a local truncation. The cache is keyed
+        // by file ID, so the new header's key is fetched afresh.
+        if o.enc.refresh().map_err(|e| self.file_error(ino, e))?
+            && let Some(id) = old
+        {
+            self.keys.forget(&id);
+        }
+        Ok(Some(l))
     }
 
     /// The key cache (for stats and unmount).
@@ -505,7 +542,8 @@ impl EncFs {
                 .and_then(|t| self.names.decrypt_target(&t).ok())
                 .map_or(st.st_size as u64, |t| t.len() as u64)
         } else if kind == Kind::File {
-            let open = node.map(|n| rlock(&n.open).as_ref().map(|o| o.enc.size()));
+            // Shared: another mount may have changed it; the backing size says.
+            let open = node.filter(|_| !self.shared).map(|n| rlock(&n.open).as_ref().map(|o| o.enc.size()));
             match open {
                 Some(Some(s)) => s,
                 _ => match self.layout.plain_size(st.st_size as u64) {
@@ -567,6 +605,7 @@ impl EncFs {
                         first_key: Mutex::new(()),
                         dir_id: std::sync::OnceLock::new(),
                         closed_file_id: Mutex::new(None),
+                        app_locks: Mutex::new(HashMap::new()),
                     });
                     nodes.insert(ino, n.clone());
                     n
@@ -700,6 +739,13 @@ impl EncFs {
 
     fn open_enc(&self, n: &Node, write: bool) -> Result<EncryptedFile, FsError> {
         let f = self.reopen(n, write)?;
+        // Shared: never read a header another mount is writing. The lock is
+        // taken through a duplicate, which outlives it.
+        let dup = if self.shared { Some(f.try_clone()?) } else { None };
+        let _l = match &dup {
+            Some(d) => Some(UpdateLock::take(d, false)?),
+            None => None,
+        };
         EncryptedFile::open(f, self.layout, self.volume_id).map_err(|e| self.file_error(n.ino, e))
     }
 
@@ -746,6 +792,7 @@ impl EncFs {
         {
             let mut g = wlock(&n.open);
             let Some(o) = g.as_mut() else { return Err(FsError::BadHandle) };
+            let _l = self.sync_shared(n.ino, o, true)?;
             if let Some(r) = self.with_pin(o, fresh_if_empty, &mut op) {
                 return r.map_err(|e| self.file_error(n.ino, e));
             }
@@ -769,7 +816,9 @@ impl EncFs {
             let got = self.obtain(&need, fresh_if_empty)?;
             let mut g = wlock(&n.open);
             let Some(o) = g.as_mut() else { return Err(FsError::BadHandle) };
+            let l = self.sync_shared(n.ino, o, true)?;
             if o.enc.key_need() != need {
+                drop(l);
                 drop(g);
                 if let Obtained::Fresh(k, born) = got {
                     self.pool.give_back(k, born);
@@ -800,6 +849,7 @@ impl EncFs {
             {
                 old = o.pin.replace(Pin::Existing(id, k));
             }
+            drop(l);
             drop(g);
             if let Some(p) = old {
                 self.unpin(p);
@@ -905,6 +955,17 @@ impl EncFs {
                     }
                     None => self.open_enc(n, write)?,
                 };
+                if self.shared {
+                    // Another mount emptied and rewrote the file since its last
+                    // close here: the key of the header it had then goes.
+                    let mut closed = lock(&n.closed_file_id);
+                    if let Some(old) = *closed
+                        && enc.header().is_none_or(|h| h.file_id != old)
+                    {
+                        self.keys.forget(&old);
+                        *closed = None;
+                    }
+                }
                 g.insert(OpenState::new(enc))
             }
         };
@@ -963,6 +1024,7 @@ impl EncFs {
         let mut g = wlock(&n.open);
         let o = match g.as_mut() {
             Some(o) => {
+                let _l = if self.shared { Some(UpdateLock::take(o.enc.backing(), true)?) } else { None };
                 if let Some(h) = o.enc.header() {
                     self.keys.forget(&h.file_id);
                 }
@@ -996,7 +1058,14 @@ impl EncFs {
     /// read first only to drop the old key from the cache; if it does not
     /// parse (damaged, foreign), the file is emptied all the same.
     fn open_emptied(&self, n: &Node) -> Result<EncryptedFile, FsError> {
-        if let Ok(mut enc) = EncryptedFile::open(self.reopen(n, true)?, self.layout, self.volume_id) {
+        let f = self.reopen(n, true)?;
+        // Shared: taken through a duplicate, which outlives it.
+        let dup = if self.shared { Some(f.try_clone()?) } else { None };
+        let _l = match &dup {
+            Some(d) => Some(UpdateLock::take(d, true)?),
+            None => None,
+        };
+        if let Ok(mut enc) = EncryptedFile::open(f, self.layout, self.volume_id) {
             if let Some(h) = enc.header() {
                 self.keys.forget(&h.file_id);
             }
@@ -1044,6 +1113,17 @@ impl EncFs {
             self.truncate_to_zero(&n, true)?;
         } else {
             self.attach(&n, write, write)?;
+            if self.shared {
+                // Close-to-open: what other mounts wrote and closed is seen now.
+                let mut g = wlock(&n.open);
+                if let Some(o) = g.as_mut()
+                    && let Err(e) = self.sync_shared(n.ino, o, false)
+                {
+                    drop(g);
+                    self.detach(&n, write);
+                    return Err(e);
+                }
+            }
             // No write without a key: a writer holds it from open to release.
             // Read-only opens stay lazy (the first read fetches it).
             if write && let Err(e) = self.pin_key(&n, None) {
@@ -1448,6 +1528,9 @@ impl EncFs {
 
     fn read_into(&self, fh: u64, off: u64, size: u32, buf: &mut Vec<u8>) -> Result<usize, FsError> {
         let n = self.file_handle(fh)?;
+        if self.shared {
+            return self.read_shared(&n, off, size, buf);
+        }
         for _ in 0..8 {
             let need = match rlock(&n.open).as_ref() {
                 // A file being written reads with its writers' key: the
@@ -1473,6 +1556,112 @@ impl EncFs {
             return o.enc.read_into(key.as_deref(), off, size as usize, buf).map_err(|e| self.file_error(n.ino, e));
         }
         Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EAGAIN)))
+    }
+
+    /// A read under `-o shared`: the file's size and header are re-read
+    /// under its update lock first, so a file another mount grew, cut or
+    /// emptied and rewrote (new file ID and key) reads as it is now. The key
+    /// is fetched for the header as last seen, outside the locks, and used
+    /// only if the header is still that one.
+    fn read_shared(&self, n: &Node, off: u64, size: u32, buf: &mut Vec<u8>) -> Result<usize, FsError> {
+        for _ in 0..8 {
+            let (need, pinned) = match rlock(&n.open).as_ref() {
+                Some(o) => (o.enc.key_need(), o.pinned().is_some()),
+                None => return Err(FsError::BadHandle),
+            };
+            let key = match pinned {
+                true => None,
+                false => match self.obtain(&need, false)? {
+                    Obtained::Existing(k) => Some(k),
+                    _ => None,
+                },
+            };
+            let mut g = wlock(&n.open);
+            let Some(o) = g.as_mut() else { return Err(FsError::BadHandle) };
+            let l = self.sync_shared(n.ino, o, false)?;
+            let r = if let Some(k) = o.pinned() {
+                o.enc.read_into(Some(k), off, size as usize, buf)
+            } else if o.enc.key_need() == need {
+                o.enc.read_into(key.as_deref(), off, size as usize, buf)
+            } else {
+                drop(l);
+                continue;
+            };
+            drop(l);
+            return r.map_err(|e| self.file_error(n.ino, e));
+        }
+        Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EAGAIN)))
+    }
+
+    /// `-o shared`: the backing open file description that holds `owner`'s
+    /// application locks on `n`, opened on first use.
+    fn lock_file(&self, n: &Node, owner: u64) -> Result<Arc<File>, FsError> {
+        if let Some(f) = lock(&n.app_locks).get(&owner) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(self.reopen(n, false)?);
+        Ok(lock(&n.app_locks).entry(owner).or_insert(f).clone())
+    }
+
+    /// The backing range of an application lock on bytes `start..=end`
+    /// (`end` past [`APP_LOCK_END`]: to the end of the file).
+    fn lock_range(start: u64, end: u64) -> Result<(u64, u64), FsError> {
+        if start >= APP_LOCK_END || end < start {
+            return Err(FsError::Invalid);
+        }
+        let stop = end.saturating_add(1).min(APP_LOCK_END);
+        Ok((start, stop - start))
+    }
+
+    /// F_GETLK (`-o shared`): the first lock of another owner, on this or
+    /// another mount, that conflicts with `typ` on `start..=end`, as
+    /// (start, end, type); F_UNLCK if none.
+    pub fn getlk(&self, fh: u64, owner: u64, start: u64, end: u64, typ: i32) -> Result<(u64, u64, i32), FsError> {
+        let n = self.file_handle(fh)?;
+        let (s, len) = Self::lock_range(start, end)?;
+        let f = self.lock_file(&n, owner)?;
+        let fl = ofd_lock(f.as_raw_fd(), libc::F_OFD_GETLK, typ as i16, s, len)?;
+        if i32::from(fl.l_type) == libc::F_UNLCK {
+            return Ok((start, end, libc::F_UNLCK));
+        }
+        let from = fl.l_start.max(0) as u64;
+        let to = if fl.l_len == 0 || from.saturating_add(fl.l_len as u64) >= APP_LOCK_END {
+            i64::MAX as u64
+        } else {
+            from + fl.l_len as u64 - 1
+        };
+        Ok((from, to, i32::from(fl.l_type)))
+    }
+
+    /// F_SETLK / F_SETLKW and flock (`-o shared`): takes or drops `owner`'s
+    /// lock on `start..=end` as an open file description lock on the backing
+    /// file, so it conflicts with locks taken through every mount of this
+    /// cipher dir. `wait` blocks until the lock is free.
+    pub fn setlk(&self, fh: u64, owner: u64, start: u64, end: u64, typ: i32, wait: bool) -> Result<(), FsError> {
+        let n = self.file_handle(fh)?;
+        let (s, len) = Self::lock_range(start, end)?;
+        if typ == libc::F_UNLCK && !lock(&n.app_locks).contains_key(&owner) {
+            return Ok(());
+        }
+        let f = self.lock_file(&n, owner)?;
+        let cmd = if wait { libc::F_OFD_SETLKW } else { libc::F_OFD_SETLK };
+        match ofd_lock(f.as_raw_fd(), cmd, typ as i16, s, len) {
+            Ok(_) => Ok(()),
+            // EACCES from F_SETLK means "held by another": POSIX lets it be EAGAIN.
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+                Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EAGAIN)))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Drops every application lock `owner` holds on `ino` (a close of any
+    /// of its descriptors for POSIX locks, the last close for flock).
+    pub fn drop_locks(&self, ino: u64, owner: u64) {
+        if let Ok(n) = self.node(ino) {
+            let f = lock(&n.app_locks).remove(&owner);
+            drop(f);
+        }
     }
 
     /// Writes `data` at `off` of an open file; returns bytes written.
@@ -1573,6 +1762,12 @@ impl EncFs {
     /// both data, and a hole narrower than a slot is no hole at all.
     pub fn lseek(&self, fh: u64, off: u64, whence: i32) -> Result<u64, FsError> {
         let n = self.file_handle(fh)?;
+        if self.shared {
+            // The size as another mount may have left it.
+            let mut g = wlock(&n.open);
+            let o = g.as_mut().ok_or(FsError::BadHandle)?;
+            drop(self.sync_shared(n.ino, o, false)?);
+        }
         let g = rlock(&n.open);
         let o = g.as_ref().ok_or(FsError::BadHandle)?;
         let size = o.enc.size();

@@ -10,8 +10,8 @@ use std::time::Duration;
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     IoctlFlags, KernelConfig, LockOwner, OpenFlags, PollEvents, PollFlags, PollNotifier, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyPoll,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLock, ReplyLseek, ReplyOpen,
+    ReplyPoll, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tracing::{debug, warn};
 
@@ -19,7 +19,8 @@ use crate::error::FsError;
 use crate::fs::{Attr, Caller, EncFs, Kind, SetTime};
 
 /// Attribute and entry cache time. Short, so a second mount of the same
-/// cipher dir (shared storage) sees changes within a second.
+/// cipher dir (shared storage) sees changes within a second; zero with
+/// `-o shared`, where every lookup and stat asks the daemon.
 const TTL: Duration = Duration::from_secs(1);
 /// Largest write the kernel may send: 1 MiB (the kernel's cap).
 pub const MAX_WRITE: u32 = 1 << 20;
@@ -29,6 +30,11 @@ pub const MAX_WRITE: u32 = 1 << 20;
 pub struct FuseOptions {
     /// Use the kernel writeback cache (coalesces small writes).
     pub writeback_cache: bool,
+    /// `-o shared`: other mounts of the cipher dir (other hosts) change it.
+    /// No attribute or entry caching, no writeback cache, pages dropped at
+    /// every open and whenever the size or mtime changed, and application
+    /// locks (fcntl, flock) forwarded to the backing files.
+    pub shared: bool,
 }
 
 /// The fuser filesystem.
@@ -41,6 +47,10 @@ impl KmsFuse {
     /// Wraps a filesystem.
     pub fn new(fs: Arc<EncFs>, opts: FuseOptions) -> Self {
         Self { fs, opts }
+    }
+
+    fn ttl(&self) -> &'static Duration {
+        if self.opts.shared { &Duration::ZERO } else { &TTL }
     }
 }
 
@@ -109,7 +119,12 @@ impl Filesystem for KmsFuse {
             // We clear set-ID bits ourselves (see EncFs::clear_set_id), so the
             // kernel stops asking for security.capability before every write.
             | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
-        if self.opts.writeback_cache {
+        if self.opts.shared {
+            // Locks go to the backing files; the kernel re-checks size and
+            // mtime before each read and drops stale pages (no writeback
+            // cache: writes reach the backing file before they return).
+            caps |= InitFlags::FUSE_POSIX_LOCKS | InitFlags::FUSE_FLOCK_LOCKS | InitFlags::FUSE_AUTO_INVAL_DATA;
+        } else if self.opts.writeback_cache {
             caps |= InitFlags::FUSE_WRITEBACK_CACHE;
         }
         for cap in caps.iter() {
@@ -126,7 +141,7 @@ impl Filesystem for KmsFuse {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.fs.lookup(parent.0, name) {
-            Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
+            Ok(a) => reply.entry(self.ttl(), &attr(&a), Generation(0)),
             Err(e) => reply.error(errno("lookup", &e)),
         }
     }
@@ -137,7 +152,7 @@ impl Filesystem for KmsFuse {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0) {
-            Ok(a) => reply.attr(&TTL, &attr(&a)),
+            Ok(a) => reply.attr(self.ttl(), &attr(&a)),
             Err(e) => reply.error(errno("getattr", &e)),
         }
     }
@@ -180,7 +195,7 @@ impl Filesystem for KmsFuse {
             self.fs.setattr(ino.0, caller(req), mode, uid, gid, size, time(atime), time(mtime))
         };
         match r {
-            Ok(a) => reply.attr(&TTL, &attr(&a)),
+            Ok(a) => reply.attr(self.ttl(), &attr(&a)),
             Err(e) => reply.error(errno("setattr", &e)),
         }
     }
@@ -203,14 +218,14 @@ impl Filesystem for KmsFuse {
         reply: ReplyEntry,
     ) {
         match self.fs.mknod(parent.0, name, mode, rdev, caller(req)) {
-            Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
+            Ok(a) => reply.entry(self.ttl(), &attr(&a), Generation(0)),
             Err(e) => reply.error(errno("mknod", &e)),
         }
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
         match self.fs.mkdir(parent.0, name, mode, caller(req)) {
-            Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
+            Ok(a) => reply.entry(self.ttl(), &attr(&a), Generation(0)),
             Err(e) => reply.error(errno("mkdir", &e)),
         }
     }
@@ -231,7 +246,7 @@ impl Filesystem for KmsFuse {
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         match self.fs.symlink(parent.0, link_name, target.as_os_str(), caller(req)) {
-            Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
+            Ok(a) => reply.entry(self.ttl(), &attr(&a), Generation(0)),
             Err(e) => reply.error(errno("symlink", &e)),
         }
     }
@@ -254,7 +269,7 @@ impl Filesystem for KmsFuse {
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         match self.fs.link(ino.0, newparent.0, newname) {
-            Ok(a) => reply.entry(&TTL, &attr(&a), Generation(0)),
+            Ok(a) => reply.entry(self.ttl(), &attr(&a), Generation(0)),
             Err(e) => reply.error(errno("link", &e)),
         }
     }
@@ -304,7 +319,13 @@ impl Filesystem for KmsFuse {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, lock: LockOwner, reply: ReplyEmpty) {
+        if self.opts.shared {
+            // A close drops the closing process's POSIX locks on the file.
+            self.fs.drop_locks(ino.0, lock.0);
+            reply.ok();
+            return;
+        }
         // Writes go to the backing file synchronously, so FLUSH has nothing
         // to do. ENOSYS makes the kernel stop sending it (fc->no_flush) after
         // it has written back its own cache, which saves a round trip on every
@@ -315,13 +336,17 @@ impl Filesystem for KmsFuse {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
-        _lock: Option<LockOwner>,
+        lock: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // Set with FUSE_RELEASE_FLOCK_UNLOCK: the last close drops flock locks.
+        if let Some(owner) = lock.filter(|_| self.opts.shared) {
+            self.fs.drop_locks(ino.0, owner.0);
+        }
         match self.fs.release(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("release", &e)),
@@ -446,7 +471,7 @@ impl Filesystem for KmsFuse {
         reply: ReplyCreate,
     ) {
         match self.fs.create(parent.0, name, mode, flags, caller(req)) {
-            Ok((a, fh)) => reply.created(&TTL, &attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty()),
+            Ok((a, fh)) => reply.created(self.ttl(), &attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno("create", &e)),
         }
     }
@@ -515,6 +540,61 @@ impl Filesystem for KmsFuse {
         reply: ReplyPoll,
     ) {
         reply.error(Errno::ENOSYS);
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        _pid: u32,
+        reply: ReplyLock,
+    ) {
+        // Only asked in shared mode (FUSE_POSIX_LOCKS); the holder may be on
+        // another host, so no pid is reported.
+        match self.fs.getlk(fh.0, lock_owner.0, start, end, typ) {
+            Ok((s, e, t)) => reply.locked(s, e, t, 0),
+            Err(e) => reply.error(errno("getlk", &e)),
+        }
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        _pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        if !sleep {
+            match self.fs.setlk(fh.0, lock_owner.0, start, end, typ, false) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("setlk", &e)),
+            }
+            return;
+        }
+        // F_SETLKW and blocking flock wait on a thread of their own: a
+        // worker blocked for as long as another host holds the lock would
+        // starve the requests that release it.
+        let fs = self.fs.clone();
+        let spawned = std::thread::Builder::new().name("kmsfs-lockw".into()).spawn(move || {
+            match fs.setlk(fh.0, lock_owner.0, start, end, typ, true) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("setlk", &e)),
+            }
+        });
+        if let Err(e) = spawned {
+            warn!("cannot start a lock waiter: {e}");
+        }
     }
 
     fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {

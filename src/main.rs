@@ -220,7 +220,7 @@ struct MountArgs {
     foreground: bool,
     /// Mount options: ro, allow_other, allow_root, default_permissions,
     /// auto_unmount, key_file=PATH, fsname=NAME, noatime, nodev, nosuid,
-    /// noexec, no_writeback; nofail and _netdev are accepted and ignored.
+    /// noexec, no_writeback, shared; nofail and _netdev are accepted and ignored.
     #[arg(short = 'o', value_delimiter = ',')]
     options: Vec<String>,
     /// Local key file, if not the recorded one.
@@ -242,6 +242,10 @@ struct MountArgs {
     /// Log to this file instead of stderr (foreground) or syslog (daemon).
     #[arg(long)]
     log_file: Option<PathBuf>,
+    /// The cipher dir is mounted on other hosts too (shared storage): no
+    /// caching across opens, locks across mounts; also `-o shared`.
+    #[arg(long)]
+    shared: bool,
 }
 
 struct Failure(u8, String);
@@ -521,6 +525,12 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
         }
         Cmd::Fsck { cipherdir, key_file, kms_key, json, repair } => {
             key_outside(&cipherdir, key_file.as_deref())?;
+            // A repair changes files: never under a live mount, here or on
+            // another host (-o shared). A check only reads.
+            let _lock = match repair {
+                true => Some(kmsfs::volume::lock(&cipherdir, true).map_err(volume_failure)?),
+                false => None,
+            };
             let OpenVolume { config: cfg, provider: p, legacy } = open_volume(&cipherdir, key_file, kms_key)?;
             if legacy && repair {
                 return Err(volume_failure(VolumeError::Legacy {
@@ -975,6 +985,7 @@ struct MountPlan {
     fuse: fuser::Config,
     read_only: bool,
     writeback: bool,
+    shared: bool,
     key_file: Option<PathBuf>,
     kms_key: Option<String>,
 }
@@ -987,6 +998,7 @@ fn parse_options(m: &MountArgs) -> Result<MountPlan, Failure> {
     ];
     let (mut read_only, mut writeback, mut key_file) = (false, true, m.key_file.clone());
     let mut kms_key = m.kms_key.clone();
+    let mut shared = m.shared;
     let mut acl = fuser::SessionACL::Owner;
     for o in m.options.iter().filter(|o| !o.is_empty()) {
         match o.as_str() {
@@ -1007,6 +1019,7 @@ fn parse_options(m: &MountArgs) -> Result<MountPlan, Failure> {
             "suid" => opts.push(O::Suid),
             "exec" => opts.push(O::Exec),
             "no_writeback" => writeback = false,
+            "shared" => shared = true,
             // For mount(8) and fstab, not for the kernel.
             "nofail" | "_netdev" | "auto" | "noauto" | "user" | "users" | "defaults" => {}
             s if s.starts_with("key_file=") => key_file = Some(PathBuf::from(&s["key_file=".len()..])),
@@ -1021,7 +1034,7 @@ fn parse_options(m: &MountArgs) -> Result<MountPlan, Failure> {
     fuse.acl = acl;
     fuse.n_threads = Some(m.threads.max(1));
     fuse.clone_fd = true;
-    Ok(MountPlan { fuse, read_only, writeback, key_file, kms_key })
+    Ok(MountPlan { fuse, read_only, writeback, shared, key_file, kms_key })
 }
 
 fn mount(m: MountArgs) -> Result<u8, Failure> {
@@ -1110,9 +1123,13 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
             names.clone(),
             FsOptions { read_only: plan.read_only },
         )
-        .map_err(|e| Failure(exit::MOUNT, format!("{}: {e}", m.cipherdir.display())))?,
+        .map_err(|e| Failure(exit::MOUNT, format!("{}: {e}", m.cipherdir.display())))?
+        .with_shared(plan.shared),
     );
-    let adapter = KmsFuse::new(fs.clone(), FuseOptions { writeback_cache: plan.writeback && !plan.read_only });
+    let adapter = KmsFuse::new(
+        fs.clone(),
+        FuseOptions { writeback_cache: plan.writeback && !plan.read_only && !plan.shared, shared: plan.shared },
+    );
     let session = fuser::spawn_mount(adapter, &m.mountpoint, &plan.fuse)
         .map_err(|e| Failure(exit::MOUNT, format!("cannot mount {}: {e}", m.mountpoint.display())))?;
     // The mount serves once a stat through it answers.
