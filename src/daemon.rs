@@ -295,3 +295,82 @@ pub fn set_readahead(mountpoint: &std::path::Path, kb: u32) {
         Err(e) => tracing::debug!("cannot set readahead ({path}): {e}"),
     }
 }
+
+/// One line of /proc/self/mountinfo, with its escapes decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// Where it is mounted.
+    pub mount_point: std::path::PathBuf,
+    /// The fs type, e.g. `fuse.kmsfs`.
+    pub fs_type: String,
+    /// The mount source (for kmsfs, the cipher dir).
+    pub source: String,
+}
+
+/// The mounts this process sees. Hand-written on purpose: procfs-core 0.18
+/// leaves mountinfo's octal escapes undecoded (and its /proc/mounts decoder
+/// misses `\040`, the space), and both work on `String`, while a path is bytes.
+pub fn mounts() -> std::io::Result<Vec<MountEntry>> {
+    Ok(parse_mountinfo(&std::fs::read("/proc/self/mountinfo")?))
+}
+
+/// Parses mountinfo(5): `ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [TAGS...] - TYPE SOURCE SUPEROPTS`.
+/// Malformed lines are skipped.
+pub fn parse_mountinfo(text: &[u8]) -> Vec<MountEntry> {
+    use std::os::unix::ffi::OsStringExt;
+    let mut out = Vec::new();
+    for line in text.split(|&b| b == b'\n') {
+        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+        let Some(dash) = fields.iter().position(|f| *f == b"-") else { continue };
+        if dash < 6 || fields.len() < dash + 3 {
+            continue;
+        }
+        out.push(MountEntry {
+            mount_point: std::ffi::OsString::from_vec(unescape_octal(fields[4])).into(),
+            fs_type: String::from_utf8_lossy(&unescape_octal(fields[dash + 1])).into_owned(),
+            source: String::from_utf8_lossy(&unescape_octal(fields[dash + 2])).into_owned(),
+        });
+    }
+    out
+}
+
+/// Decodes the kernel's `\NNN` octal escapes (space, tab, newline,
+/// backslash, '#'); anything else is kept as it is.
+fn unescape_octal(f: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(f.len());
+    let mut i = 0;
+    while i < f.len() {
+        if f[i] == b'\\'
+            && let Some(d) = f.get(i + 1..i + 4)
+            && d.iter().all(|c| (b'0'..=b'7').contains(c))
+            && d[0] <= b'3'
+        {
+            out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+            i += 4;
+        } else {
+            out.push(f[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_decodes_escapes_and_optional_fields() {
+        let text = b"36 35 98:0 /mnt1 /mnt/a\\040b\\011c\\134d\\043e rw,noatime master:1 shared:2 - fuse.kmsfs /srv/c\\040d rw,user_id=0\n\
+37 35 0:5 / /proc rw - proc proc rw\n\
+garbage line\n\
+38 35 0:6 / /x rw - tmpfs\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].mount_point, std::path::PathBuf::from("/mnt/a b\tc\\d#e"));
+        assert_eq!(m[0].fs_type, "fuse.kmsfs");
+        assert_eq!(m[0].source, "/srv/c d");
+        assert_eq!(m[1].mount_point, std::path::PathBuf::from("/proc"));
+        assert_eq!(unescape_octal(b"a\\9bc\\"), b"a\\9bc\\");
+    }
+}

@@ -19,18 +19,108 @@ use kmsfs::keys::pool::KeyPool;
 use kmsfs::keys::stats::KeyStats;
 use kmsfs::volume::{KeyArgs, OpenVolume, ProviderKind, VolumeConfig, VolumeError};
 
-/// Exit codes (stable; documented in README.md).
+/// Exit codes (stable; documented in README.md, `--help` and the man page).
+/// Every command, in the foreground and through the background mount's
+/// ready pipe, takes its code from the `Code` mapping below.
 mod exit {
+    /// Any other error (I/O on an input or output file, a failed rename...).
     pub const ERROR: u8 = 1;
+    /// Bad command line or options.
     pub const USAGE: u8 = 2;
+    /// The volume config is missing, invalid, untrusted or not a volume;
+    /// an input that is not a kmsfs file at all.
     pub const VOLUME: u8 = 3;
+    /// The key provider: key file missing or loose, wrong key, KMS key
+    /// disabled or denied, no credentials, no region.
     pub const KEY: u8 = 4;
+    /// Mounting or unmounting: busy, already mounted, bad mountpoint.
     pub const MOUNT: u8 = 5;
+    /// Damaged data: a kmsfs file or block that fails authentication.
     pub const DAMAGED: u8 = 6;
+
+    /// The one mapping from an error kind to its exit code.
+    pub trait Code: std::fmt::Display {
+        fn exit_code(&self) -> u8;
+    }
+
+    impl Code for kmsfs::keys::KeyError {
+        fn exit_code(&self) -> u8 {
+            KEY
+        }
+    }
+
+    impl Code for kmsfs::volume::VolumeError {
+        fn exit_code(&self) -> u8 {
+            use kmsfs::volume::VolumeError as V;
+            match self {
+                V::Key(_) => KEY,
+                V::Busy(_) => MOUNT,
+                _ => VOLUME,
+            }
+        }
+    }
+
+    impl Code for kmsfs::ops::OpError {
+        fn exit_code(&self) -> u8 {
+            use kmsfs::ops::OpError as O;
+            match self {
+                O::Key(_) => KEY,
+                O::Io { .. } => ERROR,
+                O::Corrupt { .. } => DAMAGED,
+            }
+        }
+    }
+
+    /// A bare I/O error on a path the user named.
+    impl Code for std::io::Error {
+        fn exit_code(&self) -> u8 {
+            ERROR
+        }
+    }
+
+    /// Exit codes with what they mean, for `--help` and the man page.
+    pub const TABLE: &str = "Exit codes:
+  0  success
+  1  other error (I/O on an input or output file)
+  2  usage: bad command line or mount option
+  3  volume: config missing, invalid or untrusted; input not a kmsfs file
+  4  key provider: key file missing or too open, wrong key, KMS key disabled
+     or denied, no credentials, no region, unknown profile
+  5  mount: already mounted, dead mount, mountpoint not empty or inside the
+     cipher dir, busy, cannot unmount
+  6  damaged data: a kmsfs file or block fails authentication (fsck: damage found)";
 }
 
+fn help_footer() -> String {
+    format!("{}\n\n{ENVIRONMENT}", exit::TABLE)
+}
+
+/// Turns any error into its exit code and message (see `exit::Code`).
+fn fail<E: exit::Code>(e: E) -> Failure {
+    Failure(e.exit_code(), e.to_string())
+}
+
+/// Environment variables, for `--help` and the man page.
+const ENVIRONMENT: &str = "Environment:
+  KMSFS_LOG            log filter (tracing EnvFilter syntax, e.g. debug or kmsfs=trace);
+                       RUST_LOG is read if it is unset. The AWS SDK stays at warn.
+  AWS_REGION, AWS_PROFILE, AWS_CONFIG_FILE, AWS_SHARED_CREDENTIALS_FILE,
+  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ENDPOINT_URL_KMS
+                       the AWS SDK's usual configuration (--region and --profile
+                       override the first two)
+  CREDENTIALS_DIRECTORY
+                       systemd credentials: a key file named kmsfs.key there is
+                       used when no --key-file is given
+  NOTIFY_SOCKET        systemd readiness (Type=notify)
+  JOURNAL_STREAM       set by systemd: logs then go to the journal natively";
+
 #[derive(Parser)]
-#[command(name = "kmsfs", version, about = "Encrypted FUSE filesystem with KMS envelope encryption")]
+#[command(
+    name = "kmsfs",
+    version,
+    about = "Encrypted FUSE filesystem with KMS envelope encryption",
+    after_help = help_footer()
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -201,9 +291,12 @@ struct MountArgs {
     /// Stay in the foreground (for systemd and debugging).
     #[arg(short, long)]
     foreground: bool,
-    /// Mount options: ro, allow_other, allow_root, default_permissions,
-    /// auto_unmount, key_file=PATH, fsname=NAME, noatime, nodev, nosuid,
-    /// noexec, no_writeback; nofail and _netdev are accepted and ignored.
+    /// Mount options: ro, rw, allow_other, allow_root, default_permissions,
+    /// auto_unmount, nonempty, key_file=PATH, kms_key=ARN, fsname=NAME,
+    /// noatime, atime, nodev, dev, nosuid, suid, noexec, exec, sync,
+    /// dirsync, no_writeback. Accepted and ignored (for fstab): async,
+    /// relatime, norelatime, strictatime, lazytime, diratime, nodiratime,
+    /// defaults, auto, noauto, user, users, nofail, _netdev, x-*, comment=.
     #[arg(short = 'o', value_delimiter = ',')]
     options: Vec<String>,
     /// Local key file, if not the recorded one.
@@ -322,14 +415,9 @@ fn load(cipherdir: &Path) -> Result<VolumeConfig, Failure> {
     VolumeConfig::load(cipherdir).map_err(|e| Failure(exit::VOLUME, e.to_string()))
 }
 
-/// The exit code for a volume error: key problems are 4, the rest 3.
+/// The exit code for a volume error (see `exit::Code`).
 fn volume_failure(e: VolumeError) -> Failure {
-    let code = match &e {
-        VolumeError::Key(_) => exit::KEY,
-        VolumeError::Busy(_) => exit::MOUNT,
-        _ => exit::VOLUME,
-    };
-    Failure(code, e.to_string())
+    fail(e)
 }
 
 /// Opens a volume through its trust anchor (see `volume::open`).
@@ -344,6 +432,19 @@ fn key_outside(cipherdir: &Path, key: Option<&Path>) -> Result<(), Failure> {
             Err(Failure(exit::USAGE, format!("{}: the key file must live outside the cipher dir", k.display())))
         }
         _ => Ok(()),
+    }
+}
+
+/// An input that does not even start with the kmsfs magic is not a kmsfs
+/// file (exit 3), not a damaged one (exit 6).
+fn not_kmsfs(file: &Path, f: Failure) -> Failure {
+    let mut magic = [0u8; 4];
+    let is_kmsfs =
+        std::fs::File::open(file).and_then(|mut r| r.read_exact(&mut magic)).is_ok() && magic == kmsfs::format::MAGIC;
+    if f.0 == exit::DAMAGED && !is_kmsfs {
+        Failure(exit::VOLUME, format!("{}: not a kmsfs file", file.display()))
+    } else {
+        f
     }
 }
 
@@ -401,7 +502,7 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
         }
         Cmd::Unmount { mountpoint } => unmount(&mountpoint),
         Cmd::Inspect { file, json } => {
-            let v = kmsfs::ops::inspect(&file).map_err(|e| Failure(exit::DAMAGED, e.to_string()))?;
+            let v = kmsfs::ops::inspect(&file).map_err(|e| not_kmsfs(&file, fail(e)))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else if let Some(o) = v.as_object() {
@@ -417,11 +518,11 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                 let ov = open_volume(v, key_file, None)?;
                 (ov.provider, layout_of(&ov.config)?, ov.config.volume_id())
             } else if let Some(k) = kms_key {
-                let p = kmsfs::keys::open_aws_kms(&k, &[]).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+                let p = kmsfs::keys::open_aws_kms(&k, &[]).map_err(fail)?;
                 let l = Layout::new(kmsfs::volume::KMS_HEADER_SIZE, 12).ok_or(Failure(exit::ERROR, "layout".into()))?;
                 (p, l, kmsfs::format::random_id().map_err(|e| Failure(exit::ERROR, e.to_string()))?)
             } else if let Some(k) = key_file {
-                let p = LocalProvider::open(&k).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+                let p = LocalProvider::open(&k).map_err(fail)?;
                 let l =
                     Layout::new(kmsfs::volume::LOCAL_HEADER_SIZE, 12).ok_or(Failure(exit::ERROR, "layout".into()))?;
                 (Arc::new(p), l, kmsfs::format::random_id().map_err(|e| Failure(exit::ERROR, e.to_string()))?)
@@ -430,8 +531,7 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
             };
             let mut i = open_in(&input)?;
             let mut o = open_out(&output)?;
-            kmsfs::ops::encrypt_stream(&mut i, &mut o, layout, vid, provider.as_ref())
-                .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+            kmsfs::ops::encrypt_stream(&mut i, &mut o, layout, vid, provider.as_ref()).map_err(fail)?;
             Ok(0)
         }
         Cmd::Decrypt { volume, key_file, kms_key, trust_header_key, input, output } => {
@@ -441,14 +541,18 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                 open_volume(v, key_file.clone(), kms_key.clone())?.provider
             } else if let Some(k) = &kms_key {
                 // Only this key is trusted: a header naming another is refused.
-                kmsfs::keys::open_aws_kms(k, &[]).map_err(|e| Failure(exit::KEY, e.to_string()))?
+                kmsfs::keys::open_aws_kms(k, &[]).map_err(fail)?
             } else if let Some(k) = &key_file {
-                Arc::new(LocalProvider::open(k).map_err(|e| Failure(exit::KEY, e.to_string()))?)
+                Arc::new(LocalProvider::open(k).map_err(fail)?)
             } else {
                 // No volume: the header names the KMS key. Peek at it, then
                 // hand the decryptor the same bytes again.
                 let mut prefix = vec![0u8; 8];
-                i.read_exact(&mut prefix).map_err(|e| Failure(exit::DAMAGED, format!("input: {e}")))?;
+                i.read_exact(&mut prefix)
+                    .map_err(|e| Failure(exit::VOLUME, format!("input: not a kmsfs file ({e})")))?;
+                if prefix[..4] != kmsfs::format::MAGIC {
+                    return Err(Failure(exit::VOLUME, "input: not a kmsfs file (bad magic)".into()));
+                }
                 let hs = usize::from(u16::from_be_bytes([prefix[6], prefix[7]]));
                 prefix.resize(hs.max(8), 0);
                 i.read_exact(&mut prefix[8..]).map_err(|e| Failure(exit::DAMAGED, format!("input: {e}")))?;
@@ -467,14 +571,21 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                     ));
                 }
                 i = Box::new(std::io::Cursor::new(prefix).chain(i));
-                kmsfs::keys::open_aws_kms(&h.wrapped.key_id, &[]).map_err(|e| Failure(exit::KEY, e.to_string()))?
+                kmsfs::keys::open_aws_kms(&h.wrapped.key_id, &[]).map_err(fail)?
             };
+            // Not a kmsfs file at all (exit 3) is told apart from a damaged
+            // one (exit 6) by the magic alone; the bytes go back in front.
+            let mut magic = Vec::with_capacity(4);
+            (&mut i).take(4).read_to_end(&mut magic).map_err(|e| Failure(exit::ERROR, format!("input: {e}")))?;
+            if !magic.is_empty() && magic[..] != kmsfs::format::MAGIC[..] {
+                return Err(Failure(exit::VOLUME, "input: not a kmsfs file (bad magic)".into()));
+            }
+            let mut i: Box<dyn std::io::Read> = Box::new(std::io::Cursor::new(magic).chain(i));
             // Decrypt into a temp file and rename, so a failed authentication
             // never leaves partial plaintext under the output name.
             if output == Path::new("-") {
                 let mut o = open_out(&output)?;
-                kmsfs::ops::decrypt_stream(&mut i, &mut o, provider.as_ref())
-                    .map_err(|e| Failure(exit::DAMAGED, e.to_string()))?;
+                kmsfs::ops::decrypt_stream(&mut i, &mut o, provider.as_ref()).map_err(fail)?;
             } else {
                 let tmp = output.with_extension("kmsfs-partial");
                 let mut o = open_out(&tmp)?;
@@ -482,7 +593,7 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                 drop(o);
                 if let Err(e) = r {
                     let _ = std::fs::remove_file(&tmp);
-                    return Err(Failure(exit::DAMAGED, e.to_string()));
+                    return Err(fail(e));
                 }
                 std::fs::rename(&tmp, &output).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
             }
@@ -491,20 +602,20 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
         Cmd::Path { cipherdir, path, reverse, key_file, kms_key } => {
             key_outside(&cipherdir, key_file.as_deref())?;
             let OpenVolume { config: cfg, provider: p } = open_volume(&cipherdir, key_file, kms_key)?;
-            let names = cfg.names(p.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+            let names = cfg.names(p.as_ref()).map_err(fail)?;
             let out = if reverse {
                 kmsfs::ops::backing_to_plain(&cipherdir, &path, &names)
             } else {
                 kmsfs::ops::plain_to_backing(&cipherdir, &path, &names)
             }
-            .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+            .map_err(fail)?;
             println!("{}", out.display());
             Ok(0)
         }
         Cmd::Fsck { cipherdir, key_file, kms_key, json, repair } => {
             key_outside(&cipherdir, key_file.as_deref())?;
             let OpenVolume { config: cfg, provider: p } = open_volume(&cipherdir, key_file, kms_key)?;
-            let names = cfg.names(p.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+            let names = cfg.names(p.as_ref()).map_err(fail)?;
             let r = kmsfs::ops::fsck(
                 &cipherdir,
                 layout_of(&cfg)?,
@@ -514,7 +625,7 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                 repair,
                 progress("fsck"),
             )
-            .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+            .map_err(fail)?;
             let dir_damage = !r.dirs.bad_ids.is_empty() || !r.dirs.undecryptable.is_empty();
             if json {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
@@ -626,8 +737,8 @@ fn init(
         return Err(Failure(exit::VOLUME, format!("{} {what}", cipherdir.display())));
     }
     let (mut cfg, provider): (VolumeConfig, Arc<dyn KeyProvider>) = if let Some(k) = kms_key {
-        let p = kmsfs::keys::open_aws_kms(&k, &[]).map_err(|e| Failure(exit::KEY, e.to_string()))?;
-        p.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;
+        let p = kmsfs::keys::open_aws_kms(&k, &[]).map_err(fail)?;
+        p.check().map_err(fail)?;
         // The resolved ARN, not an alias someone could later repoint.
         let cfg = VolumeConfig::new(ProviderKind::AwsKms, p.key_id(), None, block_size)
             .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
@@ -642,7 +753,7 @@ fn init(
         if abs.starts_with(&cd) || parent_canon.is_some_and(|p| p.starts_with(&cd)) {
             return Err(Failure(exit::USAGE, "the key file must live outside the cipher dir".into()));
         }
-        let p = LocalProvider::create_key_file(&abs).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+        let p = LocalProvider::create_key_file(&abs).map_err(fail)?;
         cfg.key_id = p.key_id();
         cfg.key_file = Some(abs.clone());
         eprintln!(
@@ -652,7 +763,7 @@ fn init(
         (cfg, Arc::new(p))
     };
     if !plaintext_names {
-        cfg.create_name_key(provider.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+        cfg.create_name_key(provider.as_ref()).map_err(fail)?;
     }
     cfg.create_auth_key(provider.as_ref()).map_err(volume_failure)?;
     cfg.store(cipherdir).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
@@ -667,18 +778,104 @@ fn init(
     Ok(0)
 }
 
+/// `mnt` made absolute and resolved, without touching `mnt` itself when it
+/// is a dead FUSE mount (any access to it fails with ENOTCONN).
+fn resolve_mountpoint(mnt: &Path) -> PathBuf {
+    let abs = std::path::absolute(mnt).unwrap_or_else(|_| mnt.to_path_buf());
+    match (abs.parent().and_then(|p| std::fs::canonicalize(p).ok()), abs.file_name()) {
+        (Some(parent), Some(name)) => parent.join(name),
+        _ => abs,
+    }
+}
+
+/// The FUSE mount at `mnt`, from /proc/self/mountinfo (escapes decoded, so
+/// a path with a space is found).
+fn fuse_mount_at(mnt: &Path) -> Option<daemon::MountEntry> {
+    let at = resolve_mountpoint(mnt);
+    daemon::mounts()
+        .ok()?
+        .into_iter()
+        .rev()
+        .find(|e| e.mount_point == at && (e.fs_type == "fuse" || e.fs_type.starts_with("fuse.")))
+}
+
 fn is_mounted(mnt: &Path) -> bool {
-    let Ok(abs) = std::fs::canonicalize(mnt) else { return false };
-    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
-        m.lines().any(|l| {
-            let mut f = l.split(' ');
-            let (_src, dst, ty) = (f.next(), f.next(), f.next());
-            dst == Some(&abs.to_string_lossy()) && ty.is_some_and(|t| t == "fuse" || t.starts_with("fuse."))
-        })
-    })
+    fuse_mount_at(mnt).is_some()
+}
+
+/// Whether `mnt` is a mount whose daemon is gone ("transport endpoint is
+/// not connected").
+/// statfs(2), unlike stat, always asks the daemon (stat may be answered from
+/// the kernel's attribute cache), so it tells a dead mount apart.
+fn is_dead_mount(mnt: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: valid C string and out-pointer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
+}
+
+/// Refuses the mountpoints gocryptfs refuses: a dead or live mount, the
+/// cipher dir itself or a directory inside it (fsck would then walk into
+/// the mount), and a non-empty directory unless `-o nonempty`.
+fn check_mountpoint(m: &MountArgs, nonempty: bool) -> Result<(), Failure> {
+    let mnt = &m.mountpoint;
+    if is_dead_mount(mnt) {
+        return Err(Failure(
+            exit::MOUNT,
+            format!(
+                "{} is a dead mount (transport endpoint is not connected: its daemon exited);                  clear it with `kmsfs unmount {}`, then mount again",
+                mnt.display(),
+                mnt.display()
+            ),
+        ));
+    }
+    if is_mounted(mnt) {
+        return Err(Failure(exit::MOUNT, format!("{} is already mounted", mnt.display())));
+    }
+    let meta =
+        std::fs::metadata(mnt).map_err(|e| Failure(exit::MOUNT, format!("mountpoint {}: {e}", mnt.display())))?;
+    if !meta.is_dir() {
+        return Err(Failure(exit::MOUNT, format!("mountpoint {} is not a directory", mnt.display())));
+    }
+    let at = resolve_mountpoint(mnt);
+    if let Ok(cd) = std::fs::canonicalize(&m.cipherdir)
+        && at.starts_with(&cd)
+    {
+        return Err(Failure(
+            exit::MOUNT,
+            format!("mountpoint {} is the cipher dir or inside it; mount it elsewhere", mnt.display()),
+        ));
+    }
+    if !nonempty
+        && std::fs::read_dir(mnt)
+            .map_err(|e| Failure(exit::MOUNT, format!("mountpoint {}: {e}", mnt.display())))?
+            .next()
+            .is_some()
+    {
+        return Err(Failure(
+            exit::MOUNT,
+            format!(
+                "mountpoint {} is not empty: the mount would hide its files (use -o nonempty to mount anyway)",
+                mnt.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn unmount(mnt: &Path) -> Result<u8, Failure> {
+    if is_dead_mount(mnt) {
+        // No daemon left to write anything back: just clear the mount.
+        return daemon::unmount(mnt, false)
+            .or_else(|_| daemon::unmount(mnt, true))
+            .map(|()| {
+                eprintln!("{}: cleared a dead mount (its daemon had exited)", mnt.display());
+                0
+            })
+            .map_err(|e| Failure(exit::MOUNT, format!("cannot clear the dead mount {}: {e}", mnt.display())));
+    }
     if !is_mounted(mnt) {
         return Err(Failure(exit::MOUNT, format!("{} is not a FUSE mount", mnt.display())));
     }
@@ -733,21 +930,21 @@ fn rewrap(
     // Excludes every mount of this cipher dir, here or on another host.
     let _lock = kmsfs::volume::lock(cipherdir, !dry_run).map_err(volume_failure)?;
     let OpenVolume { config: mut cfg, provider: source } = open_volume(cipherdir, key_file, kms_key)?;
-    let (dest, kind, key_id, kf): (Arc<dyn KeyProvider>, ProviderKind, String, Option<PathBuf>) =
-        if let Some(k) = to_key {
-            let p = kmsfs::keys::open_aws_kms(&k, &[]).map_err(|e| Failure(exit::KEY, e.to_string()))?;
-            p.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;
-            let arn = p.key_id();
-            (p, ProviderKind::AwsKms, arn, None)
-        } else if let Some(f) = to_key_file {
-            let p = if f.exists() { LocalProvider::open(&f) } else { LocalProvider::create_key_file(&f) }
-                .map_err(|e| Failure(exit::KEY, e.to_string()))?;
-            let id = p.key_id();
-            let abs = std::path::absolute(&f).unwrap_or(f);
-            (Arc::new(p), ProviderKind::Local, id, Some(abs))
-        } else {
-            return Err(Failure(exit::USAGE, "rewrap needs --to-key or --to-key-file".into()));
-        };
+    let (dest, kind, key_id, kf): (Arc<dyn KeyProvider>, ProviderKind, String, Option<PathBuf>) = if let Some(k) =
+        to_key
+    {
+        let p = kmsfs::keys::open_aws_kms(&k, &[]).map_err(fail)?;
+        p.check().map_err(fail)?;
+        let arn = p.key_id();
+        (p, ProviderKind::AwsKms, arn, None)
+    } else if let Some(f) = to_key_file {
+        let p = if f.exists() { LocalProvider::open(&f) } else { LocalProvider::create_key_file(&f) }.map_err(fail)?;
+        let id = p.key_id();
+        let abs = std::path::absolute(&f).unwrap_or(f);
+        (Arc::new(p), ProviderKind::Local, id, Some(abs))
+    } else {
+        return Err(Failure(exit::USAGE, "rewrap needs --to-key or --to-key-file".into()));
+    };
     let old_key = cfg.key_id.clone();
     // ReEncrypt runs on the destination's client: it may name as source only
     // the keys this volume trusts.
@@ -761,7 +958,7 @@ fn rewrap(
         cfg.store(cipherdir).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
         source.trust_also(&cfg.previous_keys);
     }
-    let names = cfg.names(source.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+    let names = cfg.names(source.as_ref()).map_err(fail)?;
     // The volume keys first: they are small, and a failure here changes nothing.
     let move_key = |sk: &kmsfs::volume::StoredKey, what: &str| -> Result<kmsfs::volume::StoredKey, Failure> {
         let (ctx, w) = sk.parts(cfg.volume_id()).ok_or(Failure(exit::VOLUME, format!("malformed {what}")))?;
@@ -784,7 +981,7 @@ fn rewrap(
         dry_run,
         progress("rewrap"),
     )
-    .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+    .map_err(fail)?;
     for (p, e) in &r.failed {
         println!("FAILED {p}: {e}");
     }
@@ -836,7 +1033,7 @@ fn upgrade(cipherdir: &Path, key_file: Option<PathBuf>, kms_key: Option<String>)
     }
     let keys = KeyArgs { key_file, kms_key };
     let provider = cfg.provider_unchecked(&keys).map_err(volume_failure)?;
-    provider.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;
+    provider.check().map_err(fail)?;
     if cfg.provider == ProviderKind::AwsKms {
         let arn = provider.key_id();
         if arn.starts_with("arn:") && cfg.key_id != arn {
@@ -867,6 +1064,7 @@ struct MountPlan {
     writeback: bool,
     key_file: Option<PathBuf>,
     kms_key: Option<String>,
+    nonempty: bool,
 }
 
 fn parse_options(m: &MountArgs) -> Result<MountPlan, Failure> {
@@ -878,6 +1076,7 @@ fn parse_options(m: &MountArgs) -> Result<MountPlan, Failure> {
     let (mut read_only, mut writeback, mut key_file) = (false, true, m.key_file.clone());
     let mut kms_key = m.kms_key.clone();
     let mut acl = fuser::SessionACL::Owner;
+    let mut nonempty = false;
     for o in m.options.iter().filter(|o| !o.is_empty()) {
         match o.as_str() {
             "ro" => {
@@ -897,6 +1096,15 @@ fn parse_options(m: &MountArgs) -> Result<MountPlan, Failure> {
             "suid" => opts.push(O::Suid),
             "exec" => opts.push(O::Exec),
             "no_writeback" => writeback = false,
+            "nonempty" => nonempty = true,
+            "sync" => opts.push(O::Sync),
+            "dirsync" => opts.push(O::DirSync),
+            "atime" => opts.push(O::Atime),
+            // Usual fstab options with nothing to do for kmsfs: the kernel
+            // default (relatime, async) already applies, and FUSE keeps no
+            // atime of its own to tune.
+            "async" | "relatime" | "norelatime" | "strictatime" | "nostrictatime" | "lazytime" | "nolazytime"
+            | "diratime" | "nodiratime" | "iversion" | "noiversion" | "silent" | "loud" => {}
             // For mount(8) and fstab, not for the kernel.
             "nofail" | "_netdev" | "auto" | "noauto" | "user" | "users" | "defaults" => {}
             s if s.starts_with("key_file=") => key_file = Some(PathBuf::from(&s["key_file=".len()..])),
@@ -911,7 +1119,7 @@ fn parse_options(m: &MountArgs) -> Result<MountPlan, Failure> {
     fuse.acl = acl;
     fuse.n_threads = Some(m.threads.max(1));
     fuse.clone_fd = true;
-    Ok(MountPlan { fuse, read_only, writeback, key_file, kms_key })
+    Ok(MountPlan { fuse, read_only, writeback, key_file, kms_key, nonempty })
 }
 
 fn mount(m: MountArgs) -> Result<u8, Failure> {
@@ -935,9 +1143,7 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
             cfg.provider_unchecked(&KeyArgs { key_file: plan.key_file.clone(), kms_key: None })
                 .map_err(volume_failure)?;
         }
-        if is_mounted(&m.mountpoint) {
-            return Err(Failure(exit::MOUNT, format!("{} is already mounted", m.mountpoint.display())));
-        }
+        check_mountpoint(&m, plan.nonempty)?;
         let (r, w) = daemon::pipe().map_err(|e| Failure(exit::ERROR, e.to_string()))?;
         let exe = std::env::current_exe().map_err(|e| Failure(exit::ERROR, e.to_string()))?;
         use std::os::fd::AsRawFd;
@@ -974,11 +1180,14 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
     // SAFETY: umask never fails; backing files get exactly the modes asked for.
     unsafe { libc::umask(0) };
     key_outside(&m.cipherdir, plan.key_file.as_deref())?;
+    if !in_child {
+        check_mountpoint(&m, plan.nonempty)?;
+    }
     let OpenVolume { config: cfg, provider } = open_volume(&m.cipherdir, plan.key_file.clone(), plan.kms_key.clone())?;
     // Held for the daemon's life: rewrap refuses while any mount holds it.
     let _lock = kmsfs::volume::lock(&m.cipherdir, false).map_err(volume_failure)?;
     let layout = layout_of(&cfg)?;
-    provider.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;
+    provider.check().map_err(fail)?;
     let stats = Arc::new(KeyStats::default());
     let max_age = Duration::from_secs(m.cache_max_age.max(1));
     let cache = Arc::new(KeyCache::new(provider.clone(), m.cache_size, max_age, stats.clone()));
@@ -986,7 +1195,7 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
     // 64 keys at 16 in flight hide ~10 ms of KMS latency at 1,600 creates/s.
     let (target, workers) = if cfg.provider == ProviderKind::AwsKms { (64, 16) } else { (0, 0) };
     let pool = KeyPool::start(provider.clone(), cfg.volume_id(), target, workers, max_age, stats);
-    let names = Arc::new(cfg.names(provider.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?);
+    let names = Arc::new(cfg.names(provider.as_ref()).map_err(fail)?);
     let fs = Arc::new(
         EncFs::new(
             &m.cipherdir,
