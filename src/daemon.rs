@@ -70,8 +70,10 @@ pub fn sd_notify(state: &str) {
 /// Signals the daemon handles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sig {
-    /// SIGTERM / SIGINT / SIGHUP: flush, unmount and exit.
+    /// SIGTERM / SIGINT: flush, unmount and exit.
     Stop,
+    /// SIGHUP: reopen the log file (logrotate), keep serving.
+    Reopen,
     /// SIGUSR1: log statistics.
     Stats,
 }
@@ -104,6 +106,7 @@ pub fn wait_signal(timeout: Duration) -> Option<Sig> {
     let s = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
     match s {
         libc::SIGUSR1 => Some(Sig::Stats),
+        libc::SIGHUP => Some(Sig::Reopen),
         s if s > 0 => Some(Sig::Stop),
         _ => None,
     }
@@ -236,6 +239,84 @@ pub fn raise_nofile() {
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
+}
+
+/// The `--log-file`: created 0600 (and put back to 0600 if it was looser),
+/// reopened on SIGHUP so logrotate can move it away.
+pub struct LogFile {
+    path: std::path::PathBuf,
+    file: std::sync::Arc<LogSink>,
+}
+
+/// The open log file, swappable under a lock.
+pub struct LogSink(std::sync::Mutex<std::fs::File>);
+
+impl Write for &LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // One event is one write_all under the lock: lines never interleave.
+        let mut f = self.0.lock().map_err(|_| std::io::Error::other("log lock poisoned"))?;
+        f.write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogFile {
+    /// Opens (creating) the log file; an error here fails the mount rather
+    /// than logging silently elsewhere.
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let path = std::path::absolute(path)?;
+        let f = Self::open_file(&path)?;
+        Ok(Self { path, file: std::sync::Arc::new(LogSink(std::sync::Mutex::new(f))) })
+    }
+
+    fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)?;
+        if !f.metadata()?.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        Ok(f)
+    }
+
+    /// Opens the path again and swaps the new file in.
+    pub fn reopen(&self) -> std::io::Result<()> {
+        let f = Self::open_file(&self.path)?;
+        *self.file.0.lock().map_err(|_| std::io::Error::other("log lock poisoned"))? = f;
+        Ok(())
+    }
+
+    /// The writer for tracing-subscriber.
+    pub fn writer(&self) -> std::sync::Arc<LogSink> {
+        self.file.clone()
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Whether stderr is systemd's journal stream (JOURNAL_STREAM names its
+/// device and inode), so logs should go to the journal natively.
+pub fn stderr_is_journal() -> bool {
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else { return false };
+    let Some((dev, ino)) = v.to_str().and_then(|v| v.split_once(':')) else { return false };
+    // SAFETY: valid out-pointer; fd 2 may be closed, then fstat fails.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(2, &mut st) } != 0 {
+        return false;
+    }
+    dev.parse::<u64>().is_ok_and(|d| d == st.st_dev) && ino.parse::<u64>().is_ok_and(|i| i == st.st_ino)
 }
 
 /// A tracing writer that sends each line to syslog (journald picks it up).

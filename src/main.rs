@@ -124,6 +124,12 @@ const ENVIRONMENT: &str = "Environment:
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// AWS region for KMS (sets AWS_REGION).
+    #[arg(long, global = true, value_name = "REGION")]
+    region: Option<String>,
+    /// AWS profile for KMS credentials and region (sets AWS_PROFILE).
+    #[arg(long, global = true, value_name = "NAME")]
+    profile: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -328,8 +334,13 @@ impl<E: std::fmt::Display> From<(u8, E)> for Failure {
     }
 }
 
-fn init_logging(to: Option<&Path>, syslog: bool) {
+/// Sets up logging: to `to` if given (an open failure is returned, so the
+/// mount fails instead of logging silently elsewhere), else to the journal
+/// when stderr is systemd's journal stream (real priorities), else syslog
+/// (background daemon) or stderr.
+fn init_logging(to: Option<&Path>, syslog: bool) -> Result<Option<daemon::LogFile>, Failure> {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::prelude::*;
     let filter = EnvFilter::try_from_env("KMSFS_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -341,22 +352,52 @@ fn init_logging(to: Option<&Path>, syslog: bool) {
             .iter()
             .filter_map(|t| format!("{t}=warn").parse().ok())
             .fold(filter, |f, d| f.add_directive(d));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(p) = to
-        && let Ok(f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(p)
-    {
-        let _ = b.with_ansi(false).with_writer(Arc::new(f)).try_init();
-    } else if syslog {
-        let _ = b.with_ansi(false).without_time().with_writer(daemon::Syslog::open()).try_init();
-    } else {
-        let _ = b.with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).try_init();
+    let fmt = tracing_subscriber::fmt::layer().with_target(false);
+    let reg = tracing_subscriber::registry().with(filter);
+    if let Some(p) = to {
+        let f = daemon::LogFile::open(p)
+            .map_err(|e| Failure(exit::ERROR, format!("cannot open the log file {}: {e}", p.display())))?;
+        let _ = reg.with(fmt.with_ansi(false).with_writer(f.writer())).try_init();
+        return Ok(Some(f));
     }
+    if daemon::stderr_is_journal()
+        && let Ok(j) = tracing_journald::layer()
+    {
+        let _ = reg.with(j.with_syslog_identifier("kmsfs".into())).try_init();
+    } else if syslog {
+        let _ = reg.with(fmt.with_ansi(false).without_time().with_writer(daemon::Syslog::open())).try_init();
+    } else {
+        let _ = reg.with(fmt.with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr)).try_init();
+    }
+    Ok(None)
+}
+
+/// With AWS_PROFILE naming a profile that no AWS config file has, says so:
+/// the SDK itself only reports the missing region or credentials.
+fn missing_profile() -> Option<String> {
+    let name = std::env::var("AWS_PROFILE").ok().filter(|p| !p.is_empty())?;
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let file = |var: &str, default: &str| {
+        std::env::var_os(var).map(PathBuf::from).or_else(|| home.as_ref().map(|h| h.join(".aws").join(default)))
+    };
+    let files: Vec<PathBuf> = [file("AWS_CONFIG_FILE", "config"), file("AWS_SHARED_CREDENTIALS_FILE", "credentials")]
+        .into_iter()
+        .flatten()
+        .collect();
+    let found = files.iter().any(|f| {
+        std::fs::read_to_string(f).is_ok_and(|t| {
+            t.lines().map(str::trim).any(|l| l == format!("[{name}]") || l == format!("[profile {name}]"))
+        })
+    });
+    if found {
+        return None;
+    }
+    let where_ = if files.is_empty() {
+        "no AWS config file ($HOME is unset: set AWS_CONFIG_FILE, or HOME in the unit)".to_string()
+    } else {
+        files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(" or ")
+    };
+    Some(format!("AWS profile {name:?} (AWS_PROFILE or --profile) is not in {where_}"))
 }
 
 fn main() -> ExitCode {
@@ -394,15 +435,27 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { exit::USAGE } else { 0 });
         }
     };
+    // Before any thread exists (the SDK reads these when it loads).
+    for (var, val) in [("AWS_REGION", &cli.region), ("AWS_PROFILE", &cli.profile)] {
+        if let Some(v) = val {
+            // SAFETY: single-threaded still: no thread reads the environment.
+            unsafe { std::env::set_var(var, v) };
+        }
+    }
     if let Cmd::Mount(_) = &cli.cmd {
         // Before any thread exists, so only the main thread sees signals.
         daemon::block_signals();
     } else {
-        init_logging(None, false);
+        let _ = init_logging(None, false);
     }
     match run(cli.cmd) {
         Ok(code) => ExitCode::from(code),
-        Err(Failure(code, msg)) => {
+        Err(Failure(code, mut msg)) => {
+            if code == exit::KEY
+                && let Some(hint) = missing_profile()
+            {
+                msg = format!("{hint} ({msg})");
+            }
             eprintln!("kmsfs: {msg}");
             // The background parent exits with the daemon's own code.
             daemon::report_ready(&format!("exit={code} kmsfs: {msg}"));
@@ -1114,6 +1167,16 @@ fn parse_options(m: &MountArgs) -> Result<MountPlan, Failure> {
             s => return Err(Failure(exit::USAGE, format!("unknown mount option {s:?}"))),
         }
     }
+    // systemd credentials (LoadCredential=kmsfs.key:/etc/kmsfs/NAME.key):
+    // the key file systemd hands the service, readable by it alone.
+    if key_file.is_none()
+        && let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY")
+    {
+        let k = Path::new(&dir).join("kmsfs.key");
+        if k.exists() {
+            key_file = Some(k);
+        }
+    }
     let mut fuse = fuser::Config::default();
     fuse.mount_options = opts;
     fuse.acl = acl;
@@ -1127,8 +1190,9 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
     let in_child = std::env::var_os(daemon::READY_FD_ENV).is_some();
     if !m.foreground && !in_child {
         // Daemon mode: re-run ourselves in the foreground, detached, and
-        // return once the child says the mount serves.
-        init_logging(m.log_file.as_deref(), false);
+        // return once the child says the mount serves. An unwritable log
+        // file fails here, before anything starts.
+        init_logging(m.log_file.as_deref(), false)?;
         // Fail early in the parent for the errors a user is most likely to
         // hit, without a KMS call (the daemon makes the full check).
         key_outside(&m.cipherdir, plan.key_file.as_deref())?;
@@ -1169,12 +1233,12 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
             }
         };
     }
-    if in_child {
+    let log = if in_child {
         daemon::detach();
-        init_logging(m.log_file.as_deref(), m.log_file.is_none());
+        init_logging(m.log_file.as_deref(), m.log_file.is_none())?
     } else {
-        init_logging(m.log_file.as_deref(), false);
-    }
+        init_logging(m.log_file.as_deref(), false)?
+    };
     daemon::harden_memory();
     daemon::raise_nofile();
     // SAFETY: umask never fails; backing files get exactly the modes asked for.
@@ -1234,6 +1298,13 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
                 break;
             }
             Some(Sig::Stats) => tracing::info!("stats: {}", fs.stats_json()),
+            Some(Sig::Reopen) => match &log {
+                Some(l) => match l.reopen() {
+                    Ok(()) => tracing::info!("SIGHUP: log file {} reopened", l.path().display()),
+                    Err(e) => tracing::error!("SIGHUP: cannot reopen the log file {}: {e}", l.path().display()),
+                },
+                None => tracing::info!("SIGHUP: no log file to reopen"),
+            },
             None if session.guard.is_finished() => {
                 tracing::info!("unmounted externally");
                 fs.shutdown();
