@@ -505,17 +505,64 @@ fn layout_of(cfg: &VolumeConfig) -> Result<Layout, Failure> {
     cfg.layout().ok_or_else(|| Failure(exit::VOLUME, "invalid block or header size in volume config".into()))
 }
 
-fn progress(label: &'static str) -> impl FnMut(u64, u64) {
-    let tty = std::io::stderr().is_terminal();
-    move |done, total| {
-        if tty && total > 0 {
-            let w = 30;
-            let fill = (done * w / total) as usize;
-            eprint!("\r{label} [{}{}] {done}/{total}", "#".repeat(fill), " ".repeat(w as usize - fill));
-            if done == total {
-                eprintln!();
+/// A progress bar on stderr for fsck and rewrap: files and bytes, with an
+/// ETA; indicatif throttles the redraw (at most 10 a second). Nothing at
+/// all when stderr is not a terminal.
+fn progress(label: &'static str) -> impl FnMut(kmsfs::ops::Progress) {
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let pb = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr_with_hz(10));
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {msg} files, {bytes}/{total_bytes} ({bytes_per_sec}, ETA {eta})",
+        ) {
+            pb.set_style(style.progress_chars("#>-"));
+        }
+        pb.set_prefix(label);
+        pb
+    });
+    move |p| {
+        if let Some(pb) = &bar {
+            pb.set_length(p.bytes_total);
+            pb.set_position(p.bytes);
+            pb.set_message(format!("{}/{}", p.files, p.files_total));
+            if p.files == p.files_total {
+                pb.finish_and_clear();
             }
         }
+    }
+}
+
+/// Byte progress for encrypt and decrypt, on a terminal only: wraps the
+/// input so every read advances the bar (a spinner when the size is unknown).
+fn byte_progress(label: &'static str, input: &Path, r: Box<dyn std::io::Read>) -> Box<dyn std::io::Read> {
+    if !std::io::stderr().is_terminal() {
+        return r;
+    }
+    let len = (input != Path::new("-")).then(|| std::fs::metadata(input).ok().map(|m| m.len())).flatten();
+    let pb = indicatif::ProgressBar::with_draw_target(len, indicatif::ProgressDrawTarget::stderr_with_hz(10));
+    let tpl = if len.is_some() {
+        "{prefix} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, ETA {eta})"
+    } else {
+        "{prefix} {spinner} {bytes} ({bytes_per_sec})"
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(tpl) {
+        pb.set_style(style.progress_chars("#>-"));
+    }
+    pb.set_prefix(label);
+    Box::new(ClearOnDrop(pb.wrap_read(r)))
+}
+
+/// Clears the bar when the input is done with (success or error).
+struct ClearOnDrop<R: std::io::Read>(indicatif::ProgressBarIter<R>);
+
+impl<R: std::io::Read> std::io::Read for ClearOnDrop<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<R: std::io::Read> Drop for ClearOnDrop<R> {
+    fn drop(&mut self) {
+        self.0.progress.finish_and_clear();
     }
 }
 
@@ -582,13 +629,13 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
             } else {
                 return Err(Failure(exit::USAGE, "encrypt needs --volume, --kms-key or --key-file".into()));
             };
-            let mut i = open_in(&input)?;
+            let mut i = byte_progress("encrypt", &input, open_in(&input)?);
             let mut o = open_out(&output)?;
             kmsfs::ops::encrypt_stream(&mut i, &mut o, layout, vid, provider.as_ref()).map_err(fail)?;
             Ok(0)
         }
         Cmd::Decrypt { volume, key_file, kms_key, trust_header_key, input, output } => {
-            let mut i = open_in(&input)?;
+            let mut i = byte_progress("decrypt", &input, open_in(&input)?);
             let provider: Arc<dyn KeyProvider> = if let Some(v) = &volume {
                 key_outside(v, key_file.as_deref())?;
                 open_volume(v, key_file.clone(), kms_key.clone())?.provider
@@ -980,8 +1027,11 @@ fn rewrap(
 ) -> Result<u8, Failure> {
     key_outside(cipherdir, key_file.as_deref())?;
     key_outside(cipherdir, to_key_file.as_deref())?;
+    if dry_run {
+        return rewrap_dry_run(cipherdir, to_key, to_key_file);
+    }
     // Excludes every mount of this cipher dir, here or on another host.
-    let _lock = kmsfs::volume::lock(cipherdir, !dry_run).map_err(volume_failure)?;
+    let _lock = kmsfs::volume::lock(cipherdir, true).map_err(volume_failure)?;
     let OpenVolume { config: mut cfg, provider: source } = open_volume(cipherdir, key_file, kms_key)?;
     let (dest, kind, key_id, kf): (Arc<dyn KeyProvider>, ProviderKind, String, Option<PathBuf>) = if let Some(k) =
         to_key
@@ -1003,7 +1053,7 @@ fn rewrap(
     // the keys this volume trusts.
     dest.trust_also(&[vec![old_key.clone()], cfg.previous_keys.clone()].concat());
     let auth = cfg.unwrap_auth_key(source.as_ref()).map_err(volume_failure)?;
-    if !dry_run && kind == ProviderKind::AwsKms && !cfg.previous_keys.contains(&key_id) && key_id != old_key {
+    if kind == ProviderKind::AwsKms && !cfg.previous_keys.contains(&key_id) && key_id != old_key {
         // Files move to the new key one by one: trust it for reading from
         // the start, so an interrupted rewrap leaves every file readable.
         cfg.previous_keys.push(key_id.clone());
@@ -1025,22 +1075,13 @@ fn rewrap(
     };
     let new_name_key = cfg.name_key.as_ref().map(|sk| move_key(sk, "name key")).transpose()?;
     let new_auth_key = cfg.auth_key.as_ref().map(|sk| move_key(sk, "config key")).transpose()?;
-    let r = kmsfs::ops::rewrap(
-        cipherdir,
-        layout_of(&cfg)?,
-        source.as_ref(),
-        dest.as_ref(),
-        &names,
-        dry_run,
-        progress("rewrap"),
-    )
-    .map_err(fail)?;
+    let r = kmsfs::ops::rewrap(cipherdir, layout_of(&cfg)?, source.as_ref(), dest.as_ref(), &names, progress("rewrap"))
+        .map_err(fail)?;
     for (p, e) in &r.failed {
         println!("FAILED {p}: {e}");
     }
     println!(
-        "{}{} re-wrapped, {} already under the new key, {} empty, {} failed",
-        if dry_run { "dry run: " } else { "" },
+        "{} re-wrapped, {} already under the new key, {} empty, {} failed",
         r.rewrapped,
         r.already,
         r.empty,
@@ -1052,7 +1093,7 @@ fn rewrap(
         );
         return Ok(exit::ERROR);
     }
-    if !dry_run {
+    {
         cfg.previous_keys.retain(|k| *k != key_id);
         if cfg.provider == ProviderKind::AwsKms && !cfg.previous_keys.contains(&old_key) {
             cfg.previous_keys.push(old_key);
@@ -1071,6 +1112,37 @@ fn rewrap(
         kmsfs::volume::pin(&cfg).map_err(volume_failure)?;
         println!("Volume now uses {} for new files.", cfg.key_id);
     }
+    Ok(0)
+}
+
+/// `rewrap --dry-run`: no key-provider call and nothing created. The config
+/// is read without verifying its MAC (that needs one unwrap), and the output
+/// says so; the new key is not resolved or created either.
+fn rewrap_dry_run(cipherdir: &Path, to_key: Option<String>, to_key_file: Option<PathBuf>) -> Result<u8, Failure> {
+    let cfg = load(cipherdir)?;
+    let dest: Option<String> = match (&to_key, &to_key_file) {
+        // Only a full ARN can be compared with headers without a KMS call.
+        (Some(k), _) => k.starts_with("arn:").then(|| k.clone()),
+        (None, Some(f)) if f.exists() => Some(LocalProvider::open(f).map_err(fail)?.key_id()),
+        (None, Some(_)) => None,
+        (None, None) => return Err(Failure(exit::USAGE, "rewrap needs --to-key or --to-key-file".into())),
+    };
+    let r = kmsfs::ops::rewrap_plan(cipherdir, layout_of(&cfg)?, dest.as_deref()).map_err(fail)?;
+    println!("dry run: no key-provider call was made and nothing was written.");
+    println!(
+        "dry run: the volume config was read without verifying its MAC (that needs the key); it names key {}.",
+        cfg.key_id
+    );
+    match (&to_key, &to_key_file, &dest) {
+        (Some(k), _, None) => println!("dry run: {k} is not an ARN; it would be resolved at the real run."),
+        (None, Some(f), None) => println!("dry run: {} does not exist; the real run would create it.", f.display()),
+        _ => {}
+    }
+    println!(
+        "dry run: {} kmsfs files would be re-wrapped, {} already under the new key, {} other files (empty, or \
+         kmsfs's own name and directory-ID files)",
+        r.rewrapped, r.already, r.empty
+    );
     Ok(0)
 }
 
