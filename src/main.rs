@@ -282,10 +282,41 @@ enum Cmd {
     Stats {
         /// The mount point.
         mountpoint: PathBuf,
+        /// JSON output (same as --format json).
+        #[arg(long, conflicts_with = "format")]
+        json: bool,
+        /// Output format: text, json, or prometheus (text exposition
+        /// format, for node_exporter's textfile collector).
+        #[arg(long, value_enum, default_value_t = StatsFormat::Text)]
+        format: StatsFormat,
+    },
+    /// Describe a volume: ID, provider, key, names mode, block size, format
+    /// version, whether its config is authenticated, and this host's trust
+    /// record for it. No key is needed unless --verify.
+    Info {
+        /// The cipher dir.
+        cipherdir: PathBuf,
         /// JSON output.
         #[arg(long)]
         json: bool,
+        /// Also verify the config's MAC (one key-provider call), through the
+        /// same trust checks as mount.
+        #[arg(long)]
+        verify: bool,
+        /// Local key file, if not the recorded one (with --verify).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// The volume's KMS key, if this host has not recorded it (with --verify).
+        #[arg(long)]
+        kms_key: Option<String>,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum StatsFormat {
+    Text,
+    Json,
+    Prometheus,
 }
 
 #[derive(clap::Args, Clone)]
@@ -418,6 +449,7 @@ fn main() -> ExitCode {
         "path",
         "manpage",
         "upgrade",
+        "info",
     ];
     if args.len() >= 3 && args[1].to_str().is_none_or(|a| !known.contains(&a) && !a.starts_with('-')) {
         // mount(8)-helper flags: -n (no mtab), -s (sloppy), -v (verbose) do not
@@ -594,10 +626,7 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
             Ok(0)
         }
         Cmd::Manpage => {
-            use clap::CommandFactory;
-            clap_mangen::Man::new(Cli::command())
-                .render(&mut std::io::stdout())
-                .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+            manpage(&mut std::io::stdout().lock()).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
             Ok(0)
         }
         Cmd::Unmount { mountpoint } => unmount(&mountpoint),
@@ -770,10 +799,13 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
             rewrap(&cipherdir, to_key, to_key_file, key_file, kms_key, dry_run)
         }
         Cmd::Upgrade { cipherdir, key_file, kms_key } => upgrade(&cipherdir, key_file, kms_key),
-        Cmd::Stats { mountpoint, json } => {
+        Cmd::Info { cipherdir, json, verify, key_file, kms_key } => info(&cipherdir, json, verify, key_file, kms_key),
+        Cmd::Stats { mountpoint, json, format } => {
             let v =
                 read_stats(&mountpoint).map_err(|e| Failure(exit::ERROR, format!("{}: {e}", mountpoint.display())))?;
-            if json {
+            if format == StatsFormat::Prometheus {
+                print!("{}", prometheus(&v, &mountpoint));
+            } else if json || format == StatsFormat::Json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
                 let c = &v["cache"];
@@ -800,6 +832,256 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
             Ok(0)
         }
     }
+}
+
+/// `kmsfs info`: what the config says, read without a key (the MAC is
+/// only checked with `verify`), and what this host's trust store records.
+fn info(
+    cipherdir: &Path,
+    json: bool,
+    verify: bool,
+    key_file: Option<PathBuf>,
+    kms_key: Option<String>,
+) -> Result<u8, Failure> {
+    let cfg = if verify {
+        key_outside(cipherdir, key_file.as_deref())?;
+        open_volume(cipherdir, key_file, kms_key)?.config
+    } else {
+        load(cipherdir)?
+    };
+    let pin = kmsfs::trust::TrustStore::default_location()
+        .get(&cfg.volume_id())
+        .map_err(|e| Failure(exit::ERROR, format!("trust store: {e}")))?;
+    let provider = match cfg.provider {
+        ProviderKind::Local => "local",
+        ProviderKind::AwsKms => "aws-kms",
+    };
+    let authenticated = match (&cfg.mac, verify) {
+        (None, _) => "no (made by an older kmsfs: run kmsfs upgrade)",
+        (Some(_), true) => "yes (MAC verified)",
+        (Some(_), false) => "MAC present (not verified: use --verify)",
+    };
+    let trust = match &pin {
+        Some(p) if p.key_id == cfg.key_id => format!("this host trusts {} for this volume", p.key_id),
+        Some(p) => format!("this host trusts {}, NOT the key this config names", p.key_id),
+        None => "no record on this host (name the key once: --kms-key or --key-file)".into(),
+    };
+    let v = serde_json::json!({
+        "volume_id": cfg.volume_id,
+        "provider": provider,
+        "key_id": cfg.key_id,
+        "key_file": cfg.key_file,
+        "previous_keys": cfg.previous_keys,
+        "names": if cfg.plaintext_names { "plaintext" } else { "encrypted" },
+        "block_size": cfg.block_size,
+        "header_size": cfg.header_size,
+        "format_version": cfg.format_version,
+        "config_mac": cfg.mac.is_some(),
+        "config_verified": verify && cfg.mac.is_some(),
+        "authenticated": authenticated,
+        "trust_record": pin.as_ref().map(|p| serde_json::json!({"provider": p.provider, "key_id": p.key_id})),
+        "trust": trust,
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        println!("volume ID       {}", cfg.volume_id);
+        println!("provider        {provider}");
+        println!("key             {}", cfg.key_id);
+        if let Some(k) = &cfg.key_file {
+            println!("key file        {}", k.display());
+        }
+        if !cfg.previous_keys.is_empty() {
+            println!("previous keys   {}", cfg.previous_keys.join(", "));
+        }
+        println!("names           {}", v["names"].as_str().unwrap_or_default());
+        println!("block size      {}", cfg.block_size);
+        println!("format version  {}", cfg.format_version);
+        println!("authenticated   {authenticated}");
+        println!("trust           {trust}");
+    }
+    Ok(0)
+}
+
+/// The stats snapshot in Prometheus text format, for node_exporter's
+/// textfile collector. Counters only grow while the mount lives.
+fn prometheus(v: &serde_json::Value, mnt: &Path) -> String {
+    use std::fmt::Write as _;
+    let label = mnt.display().to_string().replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+    let mut o = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, serde_json::Value)>| {
+        let _ = writeln!(o, "# HELP kmsfs_{name} {help}\n# TYPE kmsfs_{name} {kind}");
+        for (extra, val) in rows {
+            let val = val.as_f64().unwrap_or(0.0);
+            let _ = writeln!(o, "kmsfs_{name}{{mountpoint=\"{label}\"{extra}}} {val}");
+        }
+    };
+    let ops: Vec<(String, serde_json::Value)> = v["provider_calls"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, s)| (k.clone(), s.clone())).collect())
+        .unwrap_or_default();
+    let per_op = |f: &dyn Fn(&serde_json::Value) -> serde_json::Value| {
+        ops.iter().map(|(op, s)| (format!(",op=\"{op}\""), f(s))).collect::<Vec<_>>()
+    };
+    metric("kms_calls_total", "counter", "Key-provider calls by operation.", per_op(&|s| s["calls"].clone()));
+    metric("kms_errors_total", "counter", "Failed key-provider calls by operation.", per_op(&|s| s["errors"].clone()));
+    metric(
+        "kms_latency_mean_seconds",
+        "gauge",
+        "Mean key-provider call latency by operation.",
+        per_op(&|s| (s["latency_us"]["mean"].as_f64().unwrap_or(0.0) / 1e6).into()),
+    );
+    metric(
+        "kms_latency_p99_seconds",
+        "gauge",
+        "Upper bound of the 99th percentile key-provider latency by operation.",
+        per_op(&|s| (s["latency_us"]["p99_le"].as_f64().unwrap_or(0.0) / 1e6).into()),
+    );
+    let c = &v["cache"];
+    metric("key_cache_hits_total", "counter", "Data-key cache hits.", vec![(String::new(), c["hits"].clone())]);
+    metric("key_cache_misses_total", "counter", "Data-key cache misses.", vec![(String::new(), c["misses"].clone())]);
+    metric(
+        "key_cache_evictions_total",
+        "counter",
+        "Data keys dropped from the cache.",
+        vec![(String::new(), c["evictions"].clone())],
+    );
+    metric("key_cache_keys", "gauge", "Data keys in the cache.", vec![(String::new(), c["size"].clone())]);
+    metric(
+        "key_pool_ready",
+        "gauge",
+        "Fresh data keys ready in the pool.",
+        vec![(String::new(), v["pool"]["ready"].clone())],
+    );
+    metric(
+        "key_pool_refill_errors_total",
+        "counter",
+        "Failed pool refills.",
+        vec![(String::new(), v["pool"]["refill_errors"].clone())],
+    );
+    metric("inodes", "gauge", "Inodes the mount knows.", vec![(String::new(), v["inodes"].clone())]);
+    metric("handles", "gauge", "Open file handles.", vec![(String::new(), v["handles"].clone())]);
+    o
+}
+
+/// Files kmsfs reads or writes, for the man page.
+const FILES: &[(&str, &str)] = &[
+    ("CIPHERDIR/kmsfs.conf", "the volume config (JSON, authenticated by a MAC under the volume's key)"),
+    ("CIPHERDIR/.kmsfs.lock", "held by every mount; rewrap and upgrade take it exclusively"),
+    (
+        "/var/lib/kmsfs/trust/ (root), ~/.local/state/kmsfs/trust/ (others), $KMSFS_TRUST_DIR",
+        "the keys this host trusts, per volume ID",
+    ),
+    ("/etc/kmsfs/NAME.env", "settings of the kmsfs@NAME systemd unit"),
+    ("$CREDENTIALS_DIRECTORY/kmsfs.key", "a local key handed over by systemd (LoadCredential=)"),
+];
+
+/// Examples, for the man page.
+const EXAMPLES: &[(&str, &str)] = &[
+    (
+        "Create a volume with a local key and mount it:",
+        "kmsfs init /srv/c --key-file /etc/kmsfs/c.key\nkmsfs mount /srv/c /srv/p",
+    ),
+    ("Create a volume under an AWS KMS key:", "kmsfs --region eu-west-1 init /srv/c --kms-key alias/kmsfs"),
+    ("Mount from fstab:", "/srv/c /srv/p fuse.kmsfs key_file=/etc/kmsfs/c.key,allow_other,nofail,_netdev 0 0"),
+    ("Run as a systemd service:", "systemctl enable --now kmsfs@docs"),
+    (
+        "Check every block, then rotate to a new KMS key:",
+        "kmsfs fsck /srv/c\nkmsfs rewrap /srv/c --to-key alias/kmsfs-2 --dry-run\nkmsfs rewrap /srv/c --to-key alias/kmsfs-2",
+    ),
+    (
+        "Describe a volume and export mount statistics:",
+        "kmsfs info /srv/c\nkmsfs stats /srv/p --format prometheus > /var/lib/node_exporter/kmsfs.prom",
+    ),
+];
+
+/// Escapes text for roff.
+fn roff(t: &str) -> String {
+    t.replace('\\', "\\e")
+        .replace('-', "\\-")
+        .lines()
+        .map(|l| if l.starts_with(['.', '\'']) { format!("\\&{l}") } else { l.to_string() })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The man page: the main command, then every subcommand with its
+/// options (mount's -o options among them), exit status, environment,
+/// files and examples.
+fn manpage(w: &mut dyn Write) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command().after_help("");
+    cmd.build();
+    let man = clap_mangen::Man::new(cmd.clone());
+    man.render_title(w)?;
+    man.render_name_section(w)?;
+    man.render_synopsis_section(w)?;
+    man.render_description_section(w)?;
+    writeln!(
+        w,
+        ".SH OPTIONS\n.TP\n.B \\-\\-region \\fIREGION\\fR\nAWS region for KMS (sets AWS_REGION); any command.\n\
+         .TP\n.B \\-\\-profile \\fINAME\\fR\nAWS profile for KMS credentials and region (sets AWS_PROFILE); any command.\n\
+         .TP\n.B \\-h, \\-\\-help\nPrint help.\n.TP\n.B \\-V, \\-\\-version\nPrint the version."
+    )?;
+    writeln!(w, ".SH COMMANDS")?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+        let mut buf = Vec::new();
+        let m = clap_mangen::Man::new(sub.clone());
+        m.render_synopsis_section(&mut buf)?;
+        m.render_description_section(&mut buf)?;
+        m.render_options_section(&mut buf)?;
+        let text = String::from_utf8_lossy(&buf);
+        writeln!(w, ".SS \"kmsfs {}\"", sub.get_name())?;
+        // Each subcommand's sections become paragraphs of its subsection.
+        for line in text.lines() {
+            match line {
+                ".SH SYNOPSIS" | ".SH NAME" => {}
+                ".SH DESCRIPTION" => writeln!(w, ".PP")?,
+                ".SH OPTIONS" => writeln!(w, ".PP\n.I Options:")?,
+                l if l.starts_with(".SH") => writeln!(w, ".PP\n.I {}", l.trim_start_matches(".SH ").trim_matches('"'))?,
+                l => writeln!(w, "{l}")?,
+            }
+        }
+    }
+    writeln!(w, ".SH \"EXIT STATUS\"")?;
+    for line in exit::TABLE.lines().skip(1) {
+        match line.trim_start().split_once("  ") {
+            Some((code, what)) if code.len() == 1 => writeln!(w, ".TP\n.B {code}\n{}", roff(what.trim()))?,
+            _ => writeln!(w, "{}", roff(line.trim()))?,
+        }
+    }
+    writeln!(w, ".SH ENVIRONMENT")?;
+    let mut pending: Vec<&str> = Vec::new();
+    for line in ENVIRONMENT.lines().skip(1) {
+        let t = line.trim();
+        if line.starts_with("  ") && !line.starts_with("   ") {
+            if !pending.is_empty() {
+                writeln!(w, "{}", roff(&pending.join(" ")))?;
+                pending.clear();
+            }
+            let (name, rest) = t.split_once("  ").unwrap_or((t, ""));
+            writeln!(w, ".TP\n.B {}", roff(name.trim()))?;
+            if !rest.trim().is_empty() {
+                pending.push(rest.trim());
+            }
+        } else {
+            pending.push(t);
+        }
+    }
+    if !pending.is_empty() {
+        writeln!(w, "{}", roff(&pending.join(" ")))?;
+    }
+    writeln!(w, ".SH FILES")?;
+    for (f, what) in FILES {
+        writeln!(w, ".TP\n.I {}\n{}", roff(f), roff(what))?;
+    }
+    writeln!(w, ".SH EXAMPLES")?;
+    for (what, ex) in EXAMPLES {
+        writeln!(w, ".PP\n{}\n.PP\n.RS 4\n.nf\n{}\n.fi\n.RE", roff(what), roff(ex))?;
+    }
+    writeln!(w, ".SH \"SEE ALSO\"\n.BR fusermount3 (1),\n.BR mount.fuse3 (8),\n.BR systemd.exec (5)")?;
+    man.render_version_section(w)?;
+    Ok(())
 }
 
 fn read_stats(mnt: &Path) -> std::io::Result<serde_json::Value> {
