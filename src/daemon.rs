@@ -455,3 +455,70 @@ garbage line\n\
         assert_eq!(unescape_octal(b"a\\9bc\\"), b"a\\9bc\\");
     }
 }
+
+/// Mounts /dev/fuse at `mnt` with the fs type `fuse.kmsfs`, as root, and
+/// returns the session's descriptor for `fuser::Session::from_fd`. fuser
+/// 0.18 mounts as root with the bare type `fuse` (it drops the subtype,
+/// which only fusermount3 applies), so kmsfs mounts itself there, with the
+/// same defaults (nosuid, nodev). `Ok(None)` without the privilege: the
+/// caller then lets fuser go through fusermount3, which sets the subtype.
+pub fn mount_typed(
+    mnt: &Path,
+    source: &str,
+    options: &[fuser::MountOption],
+    allow_other: bool,
+) -> std::io::Result<Option<OwnedFd>> {
+    use fuser::MountOption as O;
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::OpenOptions::new().read(true).write(true).custom_flags_cloexec().open("/dev/fuse")?;
+    let mode = std::fs::metadata(mnt)?.mode() & libc::S_IFMT;
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut data = format!("fd={},rootmode={mode:o},user_id={uid},group_id={gid}", dev.as_raw_fd());
+    let mut flags: libc::c_ulong = 0;
+    let (mut nodev, mut nosuid) = (true, true);
+    for o in options {
+        match o {
+            O::RO => flags |= libc::MS_RDONLY,
+            O::NoExec => flags |= libc::MS_NOEXEC,
+            O::NoAtime => flags |= libc::MS_NOATIME,
+            O::Sync => flags |= libc::MS_SYNCHRONOUS,
+            O::DirSync => flags |= libc::MS_DIRSYNC,
+            O::Dev => nodev = false,
+            O::Suid => nosuid = false,
+            O::NoDev => nodev = true,
+            O::NoSuid => nosuid = true,
+            O::DefaultPermissions => data.push_str(",default_permissions"),
+            _ => {}
+        }
+    }
+    if nodev {
+        flags |= libc::MS_NODEV;
+    }
+    if nosuid {
+        flags |= libc::MS_NOSUID;
+    }
+    if allow_other {
+        data.push_str(",allow_other");
+    }
+    let c = |s: &[u8]| std::ffi::CString::new(s).map_err(std::io::Error::other);
+    let (src, target, data) = (c(source.as_bytes())?, c(mnt.as_os_str().as_encoded_bytes())?, c(data.as_bytes())?);
+    // SAFETY: valid C strings; data is the FUSE option string.
+    let r = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), c"fuse.kmsfs".as_ptr(), flags, data.as_ptr().cast()) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::EPERM) { Ok(None) } else { Err(e) };
+    }
+    Ok(Some(OwnedFd::from(dev)))
+}
+
+trait CloexecExt {
+    fn custom_flags_cloexec(&mut self) -> &mut Self;
+}
+
+impl CloexecExt for std::fs::OpenOptions {
+    fn custom_flags_cloexec(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_CLOEXEC)
+    }
+}

@@ -1539,6 +1539,37 @@ fn parse_options(m: &MountArgs) -> Result<MountPlan, Failure> {
     Ok(MountPlan { fuse, read_only, writeback, key_file, kms_key, nonempty })
 }
 
+/// Mounts with the fs type `fuse.kmsfs` (see `daemon::mount_typed`), or
+/// through fuser's own mount (fusermount3) without privilege or when
+/// `auto_unmount` needs fusermount3 anyway.
+fn spawn_session(adapter: KmsFuse, mnt: &Path, plan: &MountPlan) -> std::io::Result<fuser::BackgroundSession> {
+    use fuser::MountOption as O;
+    let opts = &plan.fuse.mount_options;
+    if !opts.contains(&O::AutoUnmount) {
+        let source = opts
+            .iter()
+            .find_map(|o| if let O::FSName(n) = o { Some(n.clone()) } else { None })
+            .unwrap_or_else(|| "kmsfs".into());
+        let allow_other = !matches!(plan.fuse.acl, fuser::SessionACL::Owner);
+        if let Some(fd) = daemon::mount_typed(mnt, &source, opts, allow_other)? {
+            let mut config = fuser::Config::default();
+            config.acl = plan.fuse.acl;
+            config.n_threads = plan.fuse.n_threads;
+            config.clone_fd = plan.fuse.clone_fd;
+            let acl = plan.fuse.acl;
+            return match fuser::Session::from_fd(adapter, fd, acl, config) {
+                Ok(s) => s.spawn(),
+                Err(e) => {
+                    // Not serving: take the mount away again.
+                    let _ = daemon::unmount(mnt, true);
+                    Err(e)
+                }
+            };
+        }
+    }
+    fuser::spawn_mount(adapter, mnt, &plan.fuse)
+}
+
 fn mount(m: MountArgs) -> Result<u8, Failure> {
     let plan = parse_options(&m)?;
     let in_child = std::env::var_os(daemon::READY_FD_ENV).is_some();
@@ -1627,7 +1658,7 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
         .map_err(|e| Failure(exit::MOUNT, format!("{}: {e}", m.cipherdir.display())))?,
     );
     let adapter = KmsFuse::new(fs.clone(), FuseOptions { writeback_cache: plan.writeback && !plan.read_only });
-    let session = fuser::spawn_mount(adapter, &m.mountpoint, &plan.fuse)
+    let session = spawn_session(adapter, &m.mountpoint, &plan)
         .map_err(|e| Failure(exit::MOUNT, format!("cannot mount {}: {e}", m.mountpoint.display())))?;
     // The mount serves once a stat through it answers.
     let dev = std::fs::metadata(&m.mountpoint)
