@@ -104,3 +104,33 @@ fn unit_prevents_restart_on_config_and_key_errors() {
     assert!(unit.contains("Environment=HOME=/root"));
     assert!(unit.contains("LoadCredential=kmsfs.key:"));
 }
+
+#[test]
+fn key_from_systemd_credentials_directory() {
+    if !fuse_available("key_from_systemd_credentials_directory") {
+        return;
+    }
+    let v = Volume::new();
+    let creds = v.tmp.path().join("creds");
+    std::fs::create_dir(&creds).unwrap();
+    std::fs::rename(&v.key, creds.join("kmsfs.key")).unwrap();
+    let mnt = v.tmp.path().join("m");
+    std::fs::create_dir(&mnt).unwrap();
+    // Without the credential the recorded key file is missing: exit 4.
+    let out = Command::new(BIN).arg("mount").arg(&v.cipher).arg(&mnt).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .arg("mount")
+        .arg(&v.cipher)
+        .arg(&mnt)
+        .env("CREDENTIALS_DIRECTORY", &creds)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(mnt.join("a"), b"via credential").unwrap();
+    assert_eq!(std::fs::read(mnt.join("a")).unwrap(), b"via credential");
+    let out = Command::new(BIN).arg("unmount").arg(&mnt).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!mounted(&mnt));
+}
