@@ -51,7 +51,10 @@ pub fn report_ready(msg: &str) {
     }
 }
 
-/// Sends a state string to systemd when NOTIFY_SOCKET is set.
+/// Sends a state string to systemd when NOTIFY_SOCKET is set. Kept by hand
+/// rather than the sd-notify crate: its 0.5.0 connects to NOTIFY_SOCKET as a
+/// path only, so an abstract socket ("@...", as systemd hands out in some
+/// setups) fails there; this is the whole protocol we need.
 pub fn sd_notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
     let Ok(sock) = UnixDatagram::unbound() else { return };
