@@ -439,26 +439,6 @@ fn unescape_octal(f: &[u8]) -> Vec<u8> {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_decodes_escapes_and_optional_fields() {
-        let text = b"36 35 98:0 /mnt1 /mnt/a\\040b\\011c\\134d\\043e rw,noatime master:1 shared:2 - fuse.kmsfs /srv/c\\040d rw,user_id=0\n\
-37 35 0:5 / /proc rw - proc proc rw\n\
-garbage line\n\
-38 35 0:6 / /x rw - tmpfs\n";
-        let m = parse_mountinfo(text);
-        assert_eq!(m.len(), 2);
-        assert_eq!(m[0].mount_point, std::path::PathBuf::from("/mnt/a b\tc\\d#e"));
-        assert_eq!(m[0].fs_type, "fuse.kmsfs");
-        assert_eq!(m[0].source, "/srv/c d");
-        assert_eq!(m[1].mount_point, std::path::PathBuf::from("/proc"));
-        assert_eq!(unescape_octal(b"a\\9bc\\"), b"a\\9bc\\");
-    }
-}
-
 /// Mounts /dev/fuse at `mnt` with the fs type `fuse.kmsfs`, as root, and
 /// returns the session's descriptor for `fuser::Session::from_fd`. fuser
 /// 0.18 mounts as root with the bare type `fuse` (it drops the subtype,
@@ -523,5 +503,25 @@ impl CloexecExt for std::fs::OpenOptions {
     fn custom_flags_cloexec(&mut self) -> &mut Self {
         use std::os::unix::fs::OpenOptionsExt;
         self.custom_flags(libc::O_CLOEXEC)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_decodes_escapes_and_optional_fields() {
+        let text = b"36 35 98:0 /mnt1 /mnt/a\\040b\\011c\\134d\\043e rw,noatime master:1 shared:2 - fuse.kmsfs /srv/c\\040d rw,user_id=0\n\
+37 35 0:5 / /proc rw - proc proc rw\n\
+garbage line\n\
+38 35 0:6 / /x rw - tmpfs\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].mount_point, std::path::PathBuf::from("/mnt/a b\tc\\d#e"));
+        assert_eq!(m[0].fs_type, "fuse.kmsfs");
+        assert_eq!(m[0].source, "/srv/c d");
+        assert_eq!(m[1].mount_point, std::path::PathBuf::from("/proc"));
+        assert_eq!(unescape_octal(b"a\\9bc\\"), b"a\\9bc\\");
     }
 }
