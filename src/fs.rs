@@ -278,6 +278,8 @@ pub struct EncFs {
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
     euid_root: bool,
+    /// Integrity log lines: rate-limited, with absolute paths.
+    pub integrity_log: crate::error::IntegrityLog,
 }
 
 impl EncFs {
@@ -321,6 +323,7 @@ impl EncFs {
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             euid_root,
+            integrity_log: Default::default(),
         })
     }
 
@@ -649,7 +652,7 @@ impl EncFs {
     fn file_error(&self, ino: u64, e: FileError) -> FsError {
         let err = FsError::from_file(e, || self.path_of(ino));
         if let FsError::Integrity { path, detail } = &err {
-            tracing::error!(path = %path, "integrity error: {detail}");
+            self.integrity_log.log(path, detail);
         }
         err
     }

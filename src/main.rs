@@ -1657,6 +1657,7 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
         )
         .map_err(|e| Failure(exit::MOUNT, format!("{}: {e}", m.cipherdir.display())))?,
     );
+    fs.integrity_log.set_mountpoint(&resolve_mountpoint(&m.mountpoint));
     let adapter = KmsFuse::new(fs.clone(), FuseOptions { writeback_cache: plan.writeback && !plan.read_only });
     let session = spawn_session(adapter, &m.mountpoint, &plan)
         .map_err(|e| Failure(exit::MOUNT, format!("cannot mount {}: {e}", m.mountpoint.display())))?;

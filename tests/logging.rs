@@ -134,3 +134,29 @@ fn key_from_systemd_credentials_directory() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!mounted(&mnt));
 }
+
+#[test]
+fn a_bad_block_is_logged_once_per_read_with_its_absolute_path() {
+    use std::os::unix::fs::FileExt;
+    if !fuse_available("a_bad_block_is_logged_once_per_read_with_its_absolute_path") {
+        return;
+    }
+    let v = Volume::plain();
+    let m = v.mount("m", &[]);
+    std::fs::write(m.path("victim"), random_bytes(20_000, 5)).unwrap();
+    drop(m);
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(v.cipher.join("victim")).unwrap();
+    let off = 256 + 4124 + 100; // inside block 1
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, off).unwrap();
+    f.write_all_at(&[b[0] ^ 1], off).unwrap();
+    drop(f);
+    let m = v.mount("m2", &[]);
+    // The kernel turns this one read into several FUSE reads of block 1.
+    let err = std::fs::read(m.path("victim")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    let lines: Vec<String> = m.log().lines().filter(|l| l.contains("integrity error")).map(String::from).collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let abs = m.mnt.join("victim");
+    assert!(lines[0].contains(abs.to_str().unwrap()) && lines[0].contains("block 1"), "{lines:?}");
+}
