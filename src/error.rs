@@ -98,6 +98,7 @@ pub const INTEGRITY_LOG_WINDOW: std::time::Duration = std::time::Duration::from_
 pub struct IntegrityLog {
     mountpoint: std::sync::OnceLock<std::path::PathBuf>,
     recent: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>,
+    total: std::sync::atomic::AtomicU64,
 }
 
 impl IntegrityLog {
@@ -109,6 +110,7 @@ impl IntegrityLog {
     /// Logs `detail` for the file at `path` (relative to the mount root),
     /// unless the same line went out within the window.
     pub fn log(&self, path: &str, detail: &str) {
+        self.total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let now = std::time::Instant::now();
         let key = format!("{path}\0{detail}");
         let left_out = {
@@ -141,6 +143,11 @@ impl IntegrityLog {
         } else {
             tracing::error!(path = %shown, "integrity error: {detail}");
         }
+    }
+
+    /// Integrity errors so far, logged or not (for `kmsfs stats`).
+    pub fn total(&self) -> u64 {
+        self.total.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether a line for this file and error would be left out now.

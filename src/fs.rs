@@ -1648,6 +1648,7 @@ impl EncFs {
             files.iter().filter(|n| rlock(&n.open).as_ref().is_some_and(|o| o.pin.is_some())).count().into();
         v["inodes"] = rlock(&self.nodes).len().into();
         v["handles"] = rlock(&self.handles).len().into();
+        v["integrity_errors"] = self.integrity_log.total().into();
         v
     }
 }

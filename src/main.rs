@@ -937,6 +937,33 @@ fn prometheus(v: &serde_json::Value, mnt: &Path) -> String {
         "Upper bound of the 99th percentile key-provider latency by operation.",
         per_op(&|s| (s["latency_us"]["p99_le"].as_f64().unwrap_or(0.0) / 1e6).into()),
     );
+    let mut hist = String::new();
+    // A real histogram: cumulative buckets in seconds, _sum and _count.
+    let _ = writeln!(
+        hist,
+        "# HELP kmsfs_kms_latency_seconds Key-provider call latency by operation.\n# TYPE kmsfs_kms_latency_seconds histogram"
+    );
+    for (op, st) in &ops {
+        let mut acc = 0u64;
+        for b in st["latency_us"]["buckets"].as_array().into_iter().flatten() {
+            acc += b[1].as_u64().unwrap_or(0);
+            let le = match b[0].as_u64() {
+                Some(u64::MAX) | None => "+Inf".to_string(),
+                Some(us) => format!("{}", us as f64 / 1e6),
+            };
+            let _ = writeln!(
+                hist,
+                "kmsfs_kms_latency_seconds_bucket{{mountpoint=\"{label}\",op=\"{op}\",le=\"{le}\"}} {acc}"
+            );
+        }
+        let sum = st["latency_us"]["sum"].as_f64().unwrap_or(0.0) / 1e6;
+        let _ = writeln!(hist, "kmsfs_kms_latency_seconds_sum{{mountpoint=\"{label}\",op=\"{op}\"}} {sum}");
+        let _ = writeln!(
+            hist,
+            "kmsfs_kms_latency_seconds_count{{mountpoint=\"{label}\",op=\"{op}\"}} {}",
+            st["calls"].as_u64().unwrap_or(0)
+        );
+    }
     let c = &v["cache"];
     metric("key_cache_hits_total", "counter", "Data-key cache hits.", vec![(String::new(), c["hits"].clone())]);
     metric("key_cache_misses_total", "counter", "Data-key cache misses.", vec![(String::new(), c["misses"].clone())]);
@@ -959,8 +986,15 @@ fn prometheus(v: &serde_json::Value, mnt: &Path) -> String {
         "Failed pool refills.",
         vec![(String::new(), v["pool"]["refill_errors"].clone())],
     );
+    metric(
+        "integrity_errors_total",
+        "counter",
+        "Reads that failed authentication (EIO), logged or not.",
+        vec![(String::new(), v["integrity_errors"].clone())],
+    );
     metric("inodes", "gauge", "Inodes the mount knows.", vec![(String::new(), v["inodes"].clone())]);
     metric("handles", "gauge", "Open file handles.", vec![(String::new(), v["handles"].clone())]);
+    o.push_str(&hist);
     o
 }
 

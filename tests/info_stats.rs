@@ -67,9 +67,26 @@ fn stats_in_prometheus_format() {
     for l in text.lines().filter(|l| !l.starts_with('#')) {
         let (series, val) = l.rsplit_once(' ').unwrap();
         assert!(series.starts_with("kmsfs_") && series.contains("{mountpoint=\""), "{l}");
+        assert!(
+            text.contains(&format!(
+                "# TYPE {} ",
+                series
+                    .split('{')
+                    .next()
+                    .unwrap()
+                    .trim_end_matches("_bucket")
+                    .trim_end_matches("_sum")
+                    .trim_end_matches("_count")
+            )),
+            "{l}"
+        );
         val.parse::<f64>().unwrap_or_else(|_| panic!("not a number: {l}"));
     }
     assert!(text.contains("op=\"generate_data_key\""), "{text}");
+    assert!(text.contains("# TYPE kmsfs_kms_latency_seconds histogram"), "{text}");
+    assert!(text.contains("kmsfs_kms_latency_seconds_bucket{") && text.contains("le=\"+Inf\"}"), "{text}");
+    assert!(text.contains("kmsfs_kms_latency_seconds_count{"), "{text}");
+    assert!(text.contains("kmsfs_integrity_errors_total{"), "{text}");
 }
 
 #[test]
