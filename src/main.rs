@@ -109,8 +109,8 @@ const ENVIRONMENT: &str = "Environment:
                        the AWS SDK's usual configuration (--region and --profile
                        override the first two)
   CREDENTIALS_DIRECTORY
-                       systemd credentials: a key file named kmsfs.key there is
-                       used when no --key-file is given
+                       systemd credentials: `mount` uses the key file kmsfs.key
+                       there when no --key-file or key_file= is given
   NOTIFY_SOCKET        systemd readiness (Type=notify)
   JOURNAL_STREAM       set by systemd: logs then go to the journal natively";
 
