@@ -51,7 +51,10 @@ pub fn report_ready(msg: &str) {
     }
 }
 
-/// Sends a state string to systemd when NOTIFY_SOCKET is set.
+/// Sends a state string to systemd when NOTIFY_SOCKET is set. Kept by hand
+/// rather than the sd-notify crate: its 0.5.0 connects to NOTIFY_SOCKET as a
+/// path only, so an abstract socket ("@...", as systemd hands out in some
+/// setups) fails there; this is the whole protocol we need.
 pub fn sd_notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
     let Ok(sock) = UnixDatagram::unbound() else { return };
@@ -70,8 +73,10 @@ pub fn sd_notify(state: &str) {
 /// Signals the daemon handles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sig {
-    /// SIGTERM / SIGINT / SIGHUP: flush, unmount and exit.
+    /// SIGTERM / SIGINT: flush, unmount and exit.
     Stop,
+    /// SIGHUP: reopen the log file (logrotate), keep serving.
+    Reopen,
     /// SIGUSR1: log statistics.
     Stats,
 }
@@ -104,6 +109,7 @@ pub fn wait_signal(timeout: Duration) -> Option<Sig> {
     let s = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
     match s {
         libc::SIGUSR1 => Some(Sig::Stats),
+        libc::SIGHUP => Some(Sig::Reopen),
         s if s > 0 => Some(Sig::Stop),
         _ => None,
     }
@@ -241,6 +247,84 @@ pub fn raise_nofile() {
     }
 }
 
+/// The `--log-file`: created 0600 (and put back to 0600 if it was looser),
+/// reopened on SIGHUP so logrotate can move it away.
+pub struct LogFile {
+    path: std::path::PathBuf,
+    file: std::sync::Arc<LogSink>,
+}
+
+/// The open log file, swappable under a lock.
+pub struct LogSink(std::sync::Mutex<std::fs::File>);
+
+impl Write for &LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // One event is one write_all under the lock: lines never interleave.
+        let mut f = self.0.lock().map_err(|_| std::io::Error::other("log lock poisoned"))?;
+        f.write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogFile {
+    /// Opens (creating) the log file; an error here fails the mount rather
+    /// than logging silently elsewhere.
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let path = std::path::absolute(path)?;
+        let f = Self::open_file(&path)?;
+        Ok(Self { path, file: std::sync::Arc::new(LogSink(std::sync::Mutex::new(f))) })
+    }
+
+    fn open_file(path: &Path) -> std::io::Result<std::fs::File> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)?;
+        if !f.metadata()?.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        Ok(f)
+    }
+
+    /// Opens the path again and swaps the new file in.
+    pub fn reopen(&self) -> std::io::Result<()> {
+        let f = Self::open_file(&self.path)?;
+        *self.file.0.lock().map_err(|_| std::io::Error::other("log lock poisoned"))? = f;
+        Ok(())
+    }
+
+    /// The writer for tracing-subscriber.
+    pub fn writer(&self) -> std::sync::Arc<LogSink> {
+        self.file.clone()
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Whether stderr is systemd's journal stream (JOURNAL_STREAM names its
+/// device and inode), so logs should go to the journal natively.
+pub fn stderr_is_journal() -> bool {
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else { return false };
+    let Some((dev, ino)) = v.to_str().and_then(|v| v.split_once(':')) else { return false };
+    // SAFETY: valid out-pointer; fd 2 may be closed, then fstat fails.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(2, &mut st) } != 0 {
+        return false;
+    }
+    dev.parse::<u64>().is_ok_and(|d| d == st.st_dev) && ino.parse::<u64>().is_ok_and(|i| i == st.st_ino)
+}
+
 /// A tracing writer that sends each line to syslog (journald picks it up).
 #[derive(Clone, Copy)]
 pub struct Syslog;
@@ -296,5 +380,151 @@ pub fn set_readahead(mountpoint: &std::path::Path, kb: u32) {
     match std::fs::write(&path, kb.to_string()) {
         Ok(()) => tracing::debug!("readahead set to {kb} KiB ({path})"),
         Err(e) => tracing::debug!("cannot set readahead ({path}): {e}"),
+    }
+}
+
+/// One line of /proc/self/mountinfo, with its escapes decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// Where it is mounted.
+    pub mount_point: std::path::PathBuf,
+    /// The fs type, e.g. `fuse.kmsfs`.
+    pub fs_type: String,
+    /// The mount source (for kmsfs, the cipher dir).
+    pub source: String,
+}
+
+/// The mounts this process sees. Hand-written on purpose: procfs-core 0.18
+/// leaves mountinfo's octal escapes undecoded (and its /proc/mounts decoder
+/// misses `\040`, the space), and both work on `String`, while a path is bytes.
+pub fn mounts() -> std::io::Result<Vec<MountEntry>> {
+    Ok(parse_mountinfo(&std::fs::read("/proc/self/mountinfo")?))
+}
+
+/// Parses mountinfo(5): `ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [TAGS...] - TYPE SOURCE SUPEROPTS`.
+/// Malformed lines are skipped.
+pub fn parse_mountinfo(text: &[u8]) -> Vec<MountEntry> {
+    use std::os::unix::ffi::OsStringExt;
+    let mut out = Vec::new();
+    for line in text.split(|&b| b == b'\n') {
+        let fields: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+        let Some(dash) = fields.iter().position(|f| *f == b"-") else { continue };
+        if dash < 6 || fields.len() < dash + 3 {
+            continue;
+        }
+        out.push(MountEntry {
+            mount_point: std::ffi::OsString::from_vec(unescape_octal(fields[4])).into(),
+            fs_type: String::from_utf8_lossy(&unescape_octal(fields[dash + 1])).into_owned(),
+            source: String::from_utf8_lossy(&unescape_octal(fields[dash + 2])).into_owned(),
+        });
+    }
+    out
+}
+
+/// Decodes the kernel's `\NNN` octal escapes (space, tab, newline,
+/// backslash, '#'); anything else is kept as it is.
+fn unescape_octal(f: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(f.len());
+    let mut i = 0;
+    while i < f.len() {
+        if f[i] == b'\\'
+            && let Some(d) = f.get(i + 1..i + 4)
+            && d.iter().all(|c| (b'0'..=b'7').contains(c))
+            && d[0] <= b'3'
+        {
+            out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+            i += 4;
+        } else {
+            out.push(f[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Mounts /dev/fuse at `mnt` with the fs type `fuse.kmsfs`, as root, and
+/// returns the session's descriptor for `fuser::Session::from_fd`. fuser
+/// 0.18 mounts as root with the bare type `fuse` (it drops the subtype,
+/// which only fusermount3 applies), so kmsfs mounts itself there, with the
+/// same defaults (nosuid, nodev). `Ok(None)` without the privilege: the
+/// caller then lets fuser go through fusermount3, which sets the subtype.
+pub fn mount_typed(
+    mnt: &Path,
+    source: &str,
+    options: &[fuser::MountOption],
+    allow_other: bool,
+) -> std::io::Result<Option<OwnedFd>> {
+    use fuser::MountOption as O;
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::OpenOptions::new().read(true).write(true).custom_flags_cloexec().open("/dev/fuse")?;
+    let mode = std::fs::metadata(mnt)?.mode() & libc::S_IFMT;
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut data = format!("fd={},rootmode={mode:o},user_id={uid},group_id={gid}", dev.as_raw_fd());
+    let mut flags: libc::c_ulong = 0;
+    let (mut nodev, mut nosuid) = (true, true);
+    for o in options {
+        match o {
+            O::RO => flags |= libc::MS_RDONLY,
+            O::NoExec => flags |= libc::MS_NOEXEC,
+            O::NoAtime => flags |= libc::MS_NOATIME,
+            O::Sync => flags |= libc::MS_SYNCHRONOUS,
+            O::DirSync => flags |= libc::MS_DIRSYNC,
+            O::Dev => nodev = false,
+            O::Suid => nosuid = false,
+            O::NoDev => nodev = true,
+            O::NoSuid => nosuid = true,
+            O::DefaultPermissions => data.push_str(",default_permissions"),
+            _ => {}
+        }
+    }
+    if nodev {
+        flags |= libc::MS_NODEV;
+    }
+    if nosuid {
+        flags |= libc::MS_NOSUID;
+    }
+    if allow_other {
+        data.push_str(",allow_other");
+    }
+    let c = |s: &[u8]| std::ffi::CString::new(s).map_err(std::io::Error::other);
+    let (src, target, data) = (c(source.as_bytes())?, c(mnt.as_os_str().as_encoded_bytes())?, c(data.as_bytes())?);
+    // SAFETY: valid C strings; data is the FUSE option string.
+    let r = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), c"fuse.kmsfs".as_ptr(), flags, data.as_ptr().cast()) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::EPERM) { Ok(None) } else { Err(e) };
+    }
+    Ok(Some(OwnedFd::from(dev)))
+}
+
+trait CloexecExt {
+    fn custom_flags_cloexec(&mut self) -> &mut Self;
+}
+
+impl CloexecExt for std::fs::OpenOptions {
+    fn custom_flags_cloexec(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_CLOEXEC)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_decodes_escapes_and_optional_fields() {
+        let text = b"36 35 98:0 /mnt1 /mnt/a\\040b\\011c\\134d\\043e rw,noatime master:1 shared:2 - fuse.kmsfs /srv/c\\040d rw,user_id=0\n\
+37 35 0:5 / /proc rw - proc proc rw\n\
+garbage line\n\
+38 35 0:6 / /x rw - tmpfs\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].mount_point, std::path::PathBuf::from("/mnt/a b\tc\\d#e"));
+        assert_eq!(m[0].fs_type, "fuse.kmsfs");
+        assert_eq!(m[0].source, "/srv/c d");
+        assert_eq!(m[1].mount_point, std::path::PathBuf::from("/proc"));
+        assert_eq!(unescape_octal(b"a\\9bc\\"), b"a\\9bc\\");
     }
 }

@@ -317,6 +317,8 @@ pub struct EncFs {
     euid_root: bool,
     /// `-o shared`: other mounts of this cipher dir change files under us.
     shared: bool,
+    /// Integrity log lines: rate-limited, with absolute paths.
+    pub integrity_log: crate::error::IntegrityLog,
 }
 
 impl EncFs {
@@ -362,6 +364,7 @@ impl EncFs {
             next_fh: AtomicU64::new(1),
             euid_root,
             shared: false,
+            integrity_log: Default::default(),
         })
     }
 
@@ -753,7 +756,7 @@ impl EncFs {
     fn file_error(&self, ino: u64, e: FileError) -> FsError {
         let err = FsError::from_file(e, || self.path_of(ino));
         if let FsError::Integrity { path, detail } = &err {
-            tracing::error!(path = %path, "integrity error: {detail}");
+            self.integrity_log.log(path, detail);
         }
         err
     }
@@ -2076,6 +2079,7 @@ impl EncFs {
             files.iter().filter(|n| rlock(&n.open).as_ref().is_some_and(|o| o.pin.is_some())).count().into();
         v["inodes"] = rlock(&self.nodes).len().into();
         v["handles"] = rlock(&self.handles).len().into();
+        v["integrity_errors"] = self.integrity_log.total().into();
         v
     }
 }

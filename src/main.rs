@@ -19,21 +19,117 @@ use kmsfs::keys::pool::KeyPool;
 use kmsfs::keys::stats::KeyStats;
 use kmsfs::volume::{KeyArgs, OpenVolume, ProviderKind, VolumeConfig, VolumeError};
 
-/// Exit codes (stable; documented in README.md).
+/// Exit codes (stable; documented in README.md, `--help` and the man page).
+/// Every command, in the foreground and through the background mount's
+/// ready pipe, takes its code from the `Code` mapping below.
 mod exit {
+    /// Any other error (I/O on an input or output file, a failed rename...).
     pub const ERROR: u8 = 1;
+    /// Bad command line or options.
     pub const USAGE: u8 = 2;
+    /// The volume config is missing, invalid, untrusted or not a volume;
+    /// an input that is not a kmsfs file at all.
     pub const VOLUME: u8 = 3;
+    /// The key provider: key file missing or loose, wrong key, KMS key
+    /// disabled or denied, no credentials, no region.
     pub const KEY: u8 = 4;
+    /// Mounting or unmounting: busy, already mounted, bad mountpoint.
     pub const MOUNT: u8 = 5;
+    /// Damaged data: a kmsfs file or block that fails authentication.
     pub const DAMAGED: u8 = 6;
+
+    /// The one mapping from an error kind to its exit code.
+    pub trait Code: std::fmt::Display {
+        fn exit_code(&self) -> u8;
+    }
+
+    impl Code for kmsfs::keys::KeyError {
+        fn exit_code(&self) -> u8 {
+            KEY
+        }
+    }
+
+    impl Code for kmsfs::volume::VolumeError {
+        fn exit_code(&self) -> u8 {
+            use kmsfs::volume::VolumeError as V;
+            match self {
+                V::Key(_) => KEY,
+                V::Busy(_) => MOUNT,
+                _ => VOLUME,
+            }
+        }
+    }
+
+    impl Code for kmsfs::ops::OpError {
+        fn exit_code(&self) -> u8 {
+            use kmsfs::ops::OpError as O;
+            match self {
+                O::Key(_) => KEY,
+                O::Io { .. } => ERROR,
+                O::Corrupt { .. } => DAMAGED,
+            }
+        }
+    }
+
+    /// A bare I/O error on a path the user named.
+    impl Code for std::io::Error {
+        fn exit_code(&self) -> u8 {
+            ERROR
+        }
+    }
+
+    /// Exit codes with what they mean, for `--help` and the man page.
+    pub const TABLE: &str = "Exit codes:
+  0  success
+  1  other error (I/O on an input or output file)
+  2  usage: bad command line or mount option
+  3  volume: config missing, invalid or untrusted; input not a kmsfs file
+  4  key provider: key file missing or too open, wrong key, KMS key disabled
+     or denied, no credentials, no region, unknown profile
+  5  mount: already mounted, dead mount, mountpoint not empty or inside the
+     cipher dir, busy, cannot unmount
+  6  damaged data: a kmsfs file or block fails authentication (fsck: damage found)";
 }
 
+fn help_footer() -> String {
+    format!("{}\n\n{ENVIRONMENT}", exit::TABLE)
+}
+
+/// Turns any error into its exit code and message (see `exit::Code`).
+fn fail<E: exit::Code>(e: E) -> Failure {
+    Failure(e.exit_code(), e.to_string())
+}
+
+/// Environment variables, for `--help` and the man page.
+const ENVIRONMENT: &str = "Environment:
+  KMSFS_LOG            log filter (tracing EnvFilter syntax, e.g. debug or kmsfs=trace);
+                       RUST_LOG is read if it is unset. The AWS SDK stays at warn.
+  AWS_REGION, AWS_PROFILE, AWS_CONFIG_FILE, AWS_SHARED_CREDENTIALS_FILE,
+  AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ENDPOINT_URL_KMS
+                       the AWS SDK's usual configuration (--region and --profile
+                       override the first two)
+  CREDENTIALS_DIRECTORY
+                       systemd credentials: `mount` uses the key file kmsfs.key
+                       there when no --key-file or key_file= is given
+  NOTIFY_SOCKET        systemd readiness (Type=notify)
+  JOURNAL_STREAM       set by systemd: logs then go to the journal natively";
+
 #[derive(Parser)]
-#[command(name = "kmsfs", version, about = "Encrypted FUSE filesystem with KMS envelope encryption")]
+#[command(
+    name = "kmsfs",
+    version,
+    about = "Encrypted FUSE filesystem with KMS envelope encryption",
+    after_help = help_footer()
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// AWS region for KMS (sets AWS_REGION).
+    #[arg(long, global = true, value_name = "REGION")]
+    region: Option<String>,
+    /// AWS profile for KMS credentials and region (sets AWS_PROFILE).
+    #[arg(long, global = true, value_name = "NAME")]
+    profile: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -203,10 +299,41 @@ enum Cmd {
     Stats {
         /// The mount point.
         mountpoint: PathBuf,
+        /// JSON output (same as --format json).
+        #[arg(long, conflicts_with = "format")]
+        json: bool,
+        /// Output format: text, json, or prometheus (text exposition
+        /// format, for node_exporter's textfile collector).
+        #[arg(long, value_enum, default_value_t = StatsFormat::Text)]
+        format: StatsFormat,
+    },
+    /// Describe a volume: ID, provider, key, names mode, block size, format
+    /// version, whether its config is authenticated, and this host's trust
+    /// record for it. No key is needed unless --verify.
+    Info {
+        /// The cipher dir.
+        cipherdir: PathBuf,
         /// JSON output.
         #[arg(long)]
         json: bool,
+        /// Also verify the config's MAC (one key-provider call), through the
+        /// same trust checks as mount.
+        #[arg(long)]
+        verify: bool,
+        /// Local key file, if not the recorded one (with --verify).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// The volume's KMS key, if this host has not recorded it (with --verify).
+        #[arg(long)]
+        kms_key: Option<String>,
     },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum StatsFormat {
+    Text,
+    Json,
+    Prometheus,
 }
 
 #[derive(clap::Args, Clone)]
@@ -218,9 +345,12 @@ struct MountArgs {
     /// Stay in the foreground (for systemd and debugging).
     #[arg(short, long)]
     foreground: bool,
-    /// Mount options: ro, allow_other, allow_root, default_permissions,
-    /// auto_unmount, key_file=PATH, fsname=NAME, noatime, nodev, nosuid,
-    /// noexec, no_writeback, shared; nofail and _netdev are accepted and ignored.
+    /// Mount options: ro, rw, allow_other, allow_root, default_permissions,
+    /// auto_unmount, nonempty, key_file=PATH, kms_key=ARN, fsname=NAME,
+    /// noatime, atime, nodev, dev, nosuid, suid, noexec, exec, sync,
+    /// dirsync, no_writeback, shared. Accepted and ignored (for fstab): async,
+    /// relatime, norelatime, strictatime, lazytime, diratime, nodiratime,
+    /// defaults, auto, noauto, user, users, nofail, _netdev, x-*, comment=.
     #[arg(short = 'o', value_delimiter = ',')]
     options: Vec<String>,
     /// Local key file, if not the recorded one.
@@ -256,8 +386,13 @@ impl<E: std::fmt::Display> From<(u8, E)> for Failure {
     }
 }
 
-fn init_logging(to: Option<&Path>, syslog: bool) {
+/// Sets up logging: to `to` if given (an open failure is returned, so the
+/// mount fails instead of logging silently elsewhere), else to the journal
+/// when stderr is systemd's journal stream (real priorities), else syslog
+/// (background daemon) or stderr.
+fn init_logging(to: Option<&Path>, syslog: bool) -> Result<Option<daemon::LogFile>, Failure> {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::prelude::*;
     let filter = EnvFilter::try_from_env("KMSFS_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -269,22 +404,52 @@ fn init_logging(to: Option<&Path>, syslog: bool) {
             .iter()
             .filter_map(|t| format!("{t}=warn").parse().ok())
             .fold(filter, |f, d| f.add_directive(d));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(p) = to
-        && let Ok(f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(p)
-    {
-        let _ = b.with_ansi(false).with_writer(Arc::new(f)).try_init();
-    } else if syslog {
-        let _ = b.with_ansi(false).without_time().with_writer(daemon::Syslog::open()).try_init();
-    } else {
-        let _ = b.with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).try_init();
+    let fmt = tracing_subscriber::fmt::layer().with_target(false);
+    let reg = tracing_subscriber::registry().with(filter);
+    if let Some(p) = to {
+        let f = daemon::LogFile::open(p)
+            .map_err(|e| Failure(exit::ERROR, format!("cannot open the log file {}: {e}", p.display())))?;
+        let _ = reg.with(fmt.with_ansi(false).with_writer(f.writer())).try_init();
+        return Ok(Some(f));
     }
+    if daemon::stderr_is_journal()
+        && let Ok(j) = tracing_journald::layer()
+    {
+        let _ = reg.with(j.with_syslog_identifier("kmsfs".into())).try_init();
+    } else if syslog {
+        let _ = reg.with(fmt.with_ansi(false).without_time().with_writer(daemon::Syslog::open())).try_init();
+    } else {
+        let _ = reg.with(fmt.with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr)).try_init();
+    }
+    Ok(None)
+}
+
+/// With AWS_PROFILE naming a profile that no AWS config file has, says so:
+/// the SDK itself only reports the missing region or credentials.
+fn missing_profile() -> Option<String> {
+    let name = std::env::var("AWS_PROFILE").ok().filter(|p| !p.is_empty())?;
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let file = |var: &str, default: &str| {
+        std::env::var_os(var).map(PathBuf::from).or_else(|| home.as_ref().map(|h| h.join(".aws").join(default)))
+    };
+    let files: Vec<PathBuf> = [file("AWS_CONFIG_FILE", "config"), file("AWS_SHARED_CREDENTIALS_FILE", "credentials")]
+        .into_iter()
+        .flatten()
+        .collect();
+    let found = files.iter().any(|f| {
+        std::fs::read_to_string(f).is_ok_and(|t| {
+            t.lines().map(str::trim).any(|l| l == format!("[{name}]") || l == format!("[profile {name}]"))
+        })
+    });
+    if found {
+        return None;
+    }
+    let where_ = if files.is_empty() {
+        "no AWS config file ($HOME is unset: set AWS_CONFIG_FILE, or HOME in the unit)".to_string()
+    } else {
+        files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(" or ")
+    };
+    Some(format!("AWS profile {name:?} (AWS_PROFILE or --profile) is not in {where_}"))
 }
 
 fn main() -> ExitCode {
@@ -306,6 +471,7 @@ fn main() -> ExitCode {
         "manpage",
         "upgrade",
         "rotate-branch",
+        "info",
     ];
     if args.len() >= 3 && args[1].to_str().is_none_or(|a| !known.contains(&a) && !a.starts_with('-')) {
         // mount(8)-helper flags: -n (no mtab), -s (sloppy), -v (verbose) do not
@@ -323,15 +489,27 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { exit::USAGE } else { 0 });
         }
     };
+    // Before any thread exists (the SDK reads these when it loads).
+    for (var, val) in [("AWS_REGION", &cli.region), ("AWS_PROFILE", &cli.profile)] {
+        if let Some(v) = val {
+            // SAFETY: single-threaded still: no thread reads the environment.
+            unsafe { std::env::set_var(var, v) };
+        }
+    }
     if let Cmd::Mount(_) = &cli.cmd {
         // Before any thread exists, so only the main thread sees signals.
         daemon::block_signals();
     } else {
-        init_logging(None, false);
+        let _ = init_logging(None, false);
     }
     match run(cli.cmd) {
         Ok(code) => ExitCode::from(code),
-        Err(Failure(code, msg)) => {
+        Err(Failure(code, mut msg)) => {
+            if code == exit::KEY
+                && let Some(hint) = missing_profile()
+            {
+                msg = format!("{hint} ({msg})");
+            }
             eprintln!("kmsfs: {msg}");
             // The background parent exits with the daemon's own code.
             daemon::report_ready(&format!("exit={code} kmsfs: {msg}"));
@@ -344,14 +522,9 @@ fn load(cipherdir: &Path) -> Result<VolumeConfig, Failure> {
     VolumeConfig::load(cipherdir).map_err(|e| Failure(exit::VOLUME, e.to_string()))
 }
 
-/// The exit code for a volume error: key problems are 4, the rest 3.
+/// The exit code for a volume error (see `exit::Code`).
 fn volume_failure(e: VolumeError) -> Failure {
-    let code = match &e {
-        VolumeError::Key(_) => exit::KEY,
-        VolumeError::Busy(_) => exit::MOUNT,
-        _ => exit::VOLUME,
-    };
-    Failure(code, e.to_string())
+    fail(e)
 }
 
 /// Opens a volume through its trust anchor (see `volume::open`).
@@ -369,21 +542,81 @@ fn key_outside(cipherdir: &Path, key: Option<&Path>) -> Result<(), Failure> {
     }
 }
 
+/// An input that does not even start with the kmsfs magic is not a kmsfs
+/// file (exit 3), not a damaged one (exit 6).
+fn not_kmsfs(file: &Path, f: Failure) -> Failure {
+    let mut magic = [0u8; 4];
+    let is_kmsfs =
+        std::fs::File::open(file).and_then(|mut r| r.read_exact(&mut magic)).is_ok() && magic == kmsfs::format::MAGIC;
+    if f.0 == exit::DAMAGED && !is_kmsfs {
+        Failure(exit::VOLUME, format!("{}: not a kmsfs file", file.display()))
+    } else {
+        f
+    }
+}
+
 fn layout_of(cfg: &VolumeConfig) -> Result<Layout, Failure> {
     cfg.layout().ok_or_else(|| Failure(exit::VOLUME, "invalid block or header size in volume config".into()))
 }
 
-fn progress(label: &'static str) -> impl FnMut(u64, u64) {
-    let tty = std::io::stderr().is_terminal();
-    move |done, total| {
-        if tty && total > 0 {
-            let w = 30;
-            let fill = (done * w / total) as usize;
-            eprint!("\r{label} [{}{}] {done}/{total}", "#".repeat(fill), " ".repeat(w as usize - fill));
-            if done == total {
-                eprintln!();
+/// A progress bar on stderr for fsck and rewrap: files and bytes, with an
+/// ETA; indicatif throttles the redraw (at most 10 a second). Nothing at
+/// all when stderr is not a terminal.
+fn progress(label: &'static str) -> impl FnMut(kmsfs::ops::Progress) {
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let pb = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr_with_hz(10));
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {msg} files, {bytes}/{total_bytes} ({bytes_per_sec}, ETA {eta})",
+        ) {
+            pb.set_style(style.progress_chars("#>-"));
+        }
+        pb.set_prefix(label);
+        pb
+    });
+    move |p| {
+        if let Some(pb) = &bar {
+            pb.set_length(p.bytes_total);
+            pb.set_position(p.bytes);
+            pb.set_message(format!("{}/{}", p.files, p.files_total));
+            if p.files == p.files_total {
+                pb.finish_and_clear();
             }
         }
+    }
+}
+
+/// Byte progress for encrypt and decrypt, on a terminal only: wraps the
+/// input so every read advances the bar (a spinner when the size is unknown).
+fn byte_progress(label: &'static str, input: &Path, r: Box<dyn std::io::Read>) -> Box<dyn std::io::Read> {
+    if !std::io::stderr().is_terminal() {
+        return r;
+    }
+    let len = (input != Path::new("-")).then(|| std::fs::metadata(input).ok().map(|m| m.len())).flatten();
+    let pb = indicatif::ProgressBar::with_draw_target(len, indicatif::ProgressDrawTarget::stderr_with_hz(10));
+    let tpl = if len.is_some() {
+        "{prefix} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, ETA {eta})"
+    } else {
+        "{prefix} {spinner} {bytes} ({bytes_per_sec})"
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(tpl) {
+        pb.set_style(style.progress_chars("#>-"));
+    }
+    pb.set_prefix(label);
+    Box::new(ClearOnDrop(pb.wrap_read(r)))
+}
+
+/// Clears the bar when the input is done with (success or error).
+struct ClearOnDrop<R: std::io::Read>(indicatif::ProgressBarIter<R>);
+
+impl<R: std::io::Read> std::io::Read for ClearOnDrop<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<R: std::io::Read> Drop for ClearOnDrop<R> {
+    fn drop(&mut self) {
+        self.0.progress.finish_and_clear();
     }
 }
 
@@ -415,15 +648,12 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
             Ok(0)
         }
         Cmd::Manpage => {
-            use clap::CommandFactory;
-            clap_mangen::Man::new(Cli::command())
-                .render(&mut std::io::stdout())
-                .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+            manpage(&mut std::io::stdout().lock()).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
             Ok(0)
         }
         Cmd::Unmount { mountpoint } => unmount(&mountpoint),
         Cmd::Inspect { file, json } => {
-            let v = kmsfs::ops::inspect(&file).map_err(|e| Failure(exit::DAMAGED, e.to_string()))?;
+            let v = kmsfs::ops::inspect(&file).map_err(|e| not_kmsfs(&file, fail(e)))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else if let Some(o) = v.as_object() {
@@ -439,38 +669,41 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                 let ov = open_volume(v, key_file, None)?;
                 (ov.provider, layout_of(&ov.config)?, ov.config.volume_id())
             } else if let Some(k) = kms_key {
-                let p = kmsfs::keys::open_aws_kms(&k, &[]).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+                let p = kmsfs::keys::open_aws_kms(&k, &[]).map_err(fail)?;
                 let l = Layout::new(kmsfs::volume::KMS_HEADER_SIZE, 12).ok_or(Failure(exit::ERROR, "layout".into()))?;
                 (p, l, kmsfs::format::random_id().map_err(|e| Failure(exit::ERROR, e.to_string()))?)
             } else if let Some(k) = key_file {
-                let p = LocalProvider::open(&k).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+                let p = LocalProvider::open(&k).map_err(fail)?;
                 let l =
                     Layout::new(kmsfs::volume::LOCAL_HEADER_SIZE, 12).ok_or(Failure(exit::ERROR, "layout".into()))?;
                 (Arc::new(p), l, kmsfs::format::random_id().map_err(|e| Failure(exit::ERROR, e.to_string()))?)
             } else {
                 return Err(Failure(exit::USAGE, "encrypt needs --volume, --kms-key or --key-file".into()));
             };
-            let mut i = open_in(&input)?;
+            let mut i = byte_progress("encrypt", &input, open_in(&input)?);
             let mut o = open_out(&output)?;
-            kmsfs::ops::encrypt_stream(&mut i, &mut o, layout, vid, provider.as_ref())
-                .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+            kmsfs::ops::encrypt_stream(&mut i, &mut o, layout, vid, provider.as_ref()).map_err(fail)?;
             Ok(0)
         }
         Cmd::Decrypt { volume, key_file, kms_key, trust_header_key, input, output } => {
-            let mut i = open_in(&input)?;
+            let mut i = byte_progress("decrypt", &input, open_in(&input)?);
             let provider: Arc<dyn KeyProvider> = if let Some(v) = &volume {
                 key_outside(v, key_file.as_deref())?;
                 open_volume(v, key_file.clone(), kms_key.clone())?.provider
             } else if let Some(k) = &kms_key {
                 // Only this key is trusted: a header naming another is refused.
-                kmsfs::keys::open_aws_kms(k, &[]).map_err(|e| Failure(exit::KEY, e.to_string()))?
+                kmsfs::keys::open_aws_kms(k, &[]).map_err(fail)?
             } else if let Some(k) = &key_file {
-                Arc::new(LocalProvider::open(k).map_err(|e| Failure(exit::KEY, e.to_string()))?)
+                Arc::new(LocalProvider::open(k).map_err(fail)?)
             } else {
                 // No volume: the header names the KMS key. Peek at it, then
                 // hand the decryptor the same bytes again.
                 let mut prefix = vec![0u8; 8];
-                i.read_exact(&mut prefix).map_err(|e| Failure(exit::DAMAGED, format!("input: {e}")))?;
+                i.read_exact(&mut prefix)
+                    .map_err(|e| Failure(exit::VOLUME, format!("input: not a kmsfs file ({e})")))?;
+                if prefix[..4] != kmsfs::format::MAGIC {
+                    return Err(Failure(exit::VOLUME, "input: not a kmsfs file (bad magic)".into()));
+                }
                 let hs = usize::from(u16::from_be_bytes([prefix[6], prefix[7]]));
                 prefix.resize(hs.max(8), 0);
                 i.read_exact(&mut prefix[8..]).map_err(|e| Failure(exit::DAMAGED, format!("input: {e}")))?;
@@ -489,14 +722,21 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                     ));
                 }
                 i = Box::new(std::io::Cursor::new(prefix).chain(i));
-                kmsfs::keys::open_aws_kms(&h.wrapped.key_id, &[]).map_err(|e| Failure(exit::KEY, e.to_string()))?
+                kmsfs::keys::open_aws_kms(&h.wrapped.key_id, &[]).map_err(fail)?
             };
+            // Not a kmsfs file at all (exit 3) is told apart from a damaged
+            // one (exit 6) by the magic alone; the bytes go back in front.
+            let mut magic = Vec::with_capacity(4);
+            (&mut i).take(4).read_to_end(&mut magic).map_err(|e| Failure(exit::ERROR, format!("input: {e}")))?;
+            if !magic.is_empty() && magic[..] != kmsfs::format::MAGIC[..] {
+                return Err(Failure(exit::VOLUME, "input: not a kmsfs file (bad magic)".into()));
+            }
+            let mut i: Box<dyn std::io::Read> = Box::new(std::io::Cursor::new(magic).chain(i));
             // Decrypt into a temp file and rename, so a failed authentication
             // never leaves partial plaintext under the output name.
             if output == Path::new("-") {
                 let mut o = open_out(&output)?;
-                kmsfs::ops::decrypt_stream(&mut i, &mut o, provider.as_ref())
-                    .map_err(|e| Failure(exit::DAMAGED, e.to_string()))?;
+                kmsfs::ops::decrypt_stream(&mut i, &mut o, provider.as_ref()).map_err(fail)?;
             } else {
                 let tmp = output.with_extension("kmsfs-partial");
                 let mut o = open_out(&tmp)?;
@@ -504,7 +744,7 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                 drop(o);
                 if let Err(e) = r {
                     let _ = std::fs::remove_file(&tmp);
-                    return Err(Failure(exit::DAMAGED, e.to_string()));
+                    return Err(fail(e));
                 }
                 std::fs::rename(&tmp, &output).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
             }
@@ -513,13 +753,13 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
         Cmd::Path { cipherdir, path, reverse, key_file, kms_key } => {
             key_outside(&cipherdir, key_file.as_deref())?;
             let OpenVolume { config: cfg, provider: p, .. } = open_volume(&cipherdir, key_file, kms_key)?;
-            let names = cfg.names(p.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+            let names = cfg.names(p.as_ref()).map_err(fail)?;
             let out = if reverse {
                 kmsfs::ops::backing_to_plain(&cipherdir, &path, &names)
             } else {
                 kmsfs::ops::plain_to_backing(&cipherdir, &path, &names)
             }
-            .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+            .map_err(fail)?;
             println!("{}", out.display());
             Ok(0)
         }
@@ -538,7 +778,7 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                     cipherdir: cipherdir.display().to_string(),
                 }));
             }
-            let names = cfg.names(p.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+            let names = cfg.names(p.as_ref()).map_err(fail)?;
             let r = kmsfs::ops::fsck(
                 &cipherdir,
                 layout_of(&cfg)?,
@@ -548,7 +788,7 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                 repair,
                 progress("fsck"),
             )
-            .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+            .map_err(fail)?;
             let dir_damage = !r.dirs.bad_ids.is_empty() || !r.dirs.undecryptable.is_empty();
             if json {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
@@ -607,10 +847,13 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
         }
         Cmd::RotateBranch { cipherdir, kms_key } => rotate_branch(&cipherdir, kms_key),
         Cmd::Upgrade { cipherdir, key_file, kms_key } => upgrade(&cipherdir, key_file, kms_key),
-        Cmd::Stats { mountpoint, json } => {
+        Cmd::Info { cipherdir, json, verify, key_file, kms_key } => info(&cipherdir, json, verify, key_file, kms_key),
+        Cmd::Stats { mountpoint, json, format } => {
             let v =
                 read_stats(&mountpoint).map_err(|e| Failure(exit::ERROR, format!("{}: {e}", mountpoint.display())))?;
-            if json {
+            if format == StatsFormat::Prometheus {
+                print!("{}", prometheus(&v, &mountpoint));
+            } else if json || format == StatsFormat::Json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
                 let c = &v["cache"];
@@ -637,6 +880,290 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
             Ok(0)
         }
     }
+}
+
+/// `kmsfs info`: what the config says, read without a key (the MAC is
+/// only checked with `verify`), and what this host's trust store records.
+fn info(
+    cipherdir: &Path,
+    json: bool,
+    verify: bool,
+    key_file: Option<PathBuf>,
+    kms_key: Option<String>,
+) -> Result<u8, Failure> {
+    let cfg = if verify {
+        key_outside(cipherdir, key_file.as_deref())?;
+        open_volume(cipherdir, key_file, kms_key)?.config
+    } else {
+        load(cipherdir)?
+    };
+    let pin = kmsfs::trust::TrustStore::default_location()
+        .get(&cfg.volume_id())
+        .map_err(|e| Failure(exit::ERROR, format!("trust store: {e}")))?;
+    let provider = match cfg.provider {
+        ProviderKind::Local => "local",
+        ProviderKind::AwsKms => "aws-kms",
+    };
+    let authenticated = match (&cfg.mac, verify) {
+        (None, _) => "no (made by an older kmsfs: run kmsfs upgrade)",
+        (Some(_), true) => "yes (MAC verified)",
+        (Some(_), false) => "MAC present (not verified: use --verify)",
+    };
+    let trust = match &pin {
+        Some(p) if p.key_id == cfg.key_id => format!("this host trusts {} for this volume", p.key_id),
+        Some(p) => format!("this host trusts {}, NOT the key this config names", p.key_id),
+        None => "no record on this host (name the key once: --kms-key or --key-file)".into(),
+    };
+    let v = serde_json::json!({
+        "volume_id": cfg.volume_id,
+        "provider": provider,
+        "key_id": cfg.key_id,
+        "key_file": cfg.key_file,
+        "previous_keys": cfg.previous_keys,
+        "names": if cfg.plaintext_names { "plaintext" } else { "encrypted" },
+        "block_size": cfg.block_size,
+        "header_size": cfg.header_size,
+        "format_version": cfg.format_version,
+        "config_mac": cfg.mac.is_some(),
+        "config_verified": verify && cfg.mac.is_some(),
+        "authenticated": authenticated,
+        "trust_record": pin.as_ref().map(|p| serde_json::json!({"provider": p.provider, "key_id": p.key_id})),
+        "trust": trust,
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        println!("volume ID       {}", cfg.volume_id);
+        println!("provider        {provider}");
+        println!("key             {}", cfg.key_id);
+        if let Some(k) = &cfg.key_file {
+            println!("key file        {}", k.display());
+        }
+        if !cfg.previous_keys.is_empty() {
+            println!("previous keys   {}", cfg.previous_keys.join(", "));
+        }
+        println!("names           {}", v["names"].as_str().unwrap_or_default());
+        println!("block size      {}", cfg.block_size);
+        println!("format version  {}", cfg.format_version);
+        println!("authenticated   {authenticated}");
+        println!("trust           {trust}");
+    }
+    Ok(0)
+}
+
+/// The stats snapshot in Prometheus text format, for node_exporter's
+/// textfile collector. Counters only grow while the mount lives.
+fn prometheus(v: &serde_json::Value, mnt: &Path) -> String {
+    use std::fmt::Write as _;
+    let label = mnt.display().to_string().replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+    let mut o = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, rows: Vec<(String, serde_json::Value)>| {
+        let _ = writeln!(o, "# HELP kmsfs_{name} {help}\n# TYPE kmsfs_{name} {kind}");
+        for (extra, val) in rows {
+            let val = val.as_f64().unwrap_or(0.0);
+            let _ = writeln!(o, "kmsfs_{name}{{mountpoint=\"{label}\"{extra}}} {val}");
+        }
+    };
+    let ops: Vec<(String, serde_json::Value)> = v["provider_calls"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, s)| (k.clone(), s.clone())).collect())
+        .unwrap_or_default();
+    let per_op = |f: &dyn Fn(&serde_json::Value) -> serde_json::Value| {
+        ops.iter().map(|(op, s)| (format!(",op=\"{op}\""), f(s))).collect::<Vec<_>>()
+    };
+    metric("kms_calls_total", "counter", "Key-provider calls by operation.", per_op(&|s| s["calls"].clone()));
+    metric("kms_errors_total", "counter", "Failed key-provider calls by operation.", per_op(&|s| s["errors"].clone()));
+    metric(
+        "kms_latency_mean_seconds",
+        "gauge",
+        "Mean key-provider call latency by operation.",
+        per_op(&|s| (s["latency_us"]["mean"].as_f64().unwrap_or(0.0) / 1e6).into()),
+    );
+    metric(
+        "kms_latency_p99_seconds",
+        "gauge",
+        "Upper bound of the 99th percentile key-provider latency by operation.",
+        per_op(&|s| (s["latency_us"]["p99_le"].as_f64().unwrap_or(0.0) / 1e6).into()),
+    );
+    let mut hist = String::new();
+    // A real histogram: cumulative buckets in seconds, _sum and _count.
+    let _ = writeln!(
+        hist,
+        "# HELP kmsfs_kms_latency_seconds Key-provider call latency by operation.\n# TYPE kmsfs_kms_latency_seconds histogram"
+    );
+    for (op, st) in &ops {
+        let mut acc = 0u64;
+        for b in st["latency_us"]["buckets"].as_array().into_iter().flatten() {
+            acc += b[1].as_u64().unwrap_or(0);
+            let le = match b[0].as_u64() {
+                Some(u64::MAX) | None => "+Inf".to_string(),
+                Some(us) => format!("{}", us as f64 / 1e6),
+            };
+            let _ = writeln!(
+                hist,
+                "kmsfs_kms_latency_seconds_bucket{{mountpoint=\"{label}\",op=\"{op}\",le=\"{le}\"}} {acc}"
+            );
+        }
+        let sum = st["latency_us"]["sum"].as_f64().unwrap_or(0.0) / 1e6;
+        let _ = writeln!(hist, "kmsfs_kms_latency_seconds_sum{{mountpoint=\"{label}\",op=\"{op}\"}} {sum}");
+        let _ = writeln!(
+            hist,
+            "kmsfs_kms_latency_seconds_count{{mountpoint=\"{label}\",op=\"{op}\"}} {}",
+            st["calls"].as_u64().unwrap_or(0)
+        );
+    }
+    let c = &v["cache"];
+    metric("key_cache_hits_total", "counter", "Data-key cache hits.", vec![(String::new(), c["hits"].clone())]);
+    metric("key_cache_misses_total", "counter", "Data-key cache misses.", vec![(String::new(), c["misses"].clone())]);
+    metric(
+        "key_cache_evictions_total",
+        "counter",
+        "Data keys dropped from the cache.",
+        vec![(String::new(), c["evictions"].clone())],
+    );
+    metric("key_cache_keys", "gauge", "Data keys in the cache.", vec![(String::new(), c["size"].clone())]);
+    metric(
+        "key_pool_ready",
+        "gauge",
+        "Fresh data keys ready in the pool.",
+        vec![(String::new(), v["pool"]["ready"].clone())],
+    );
+    metric(
+        "key_pool_refill_errors_total",
+        "counter",
+        "Failed pool refills.",
+        vec![(String::new(), v["pool"]["refill_errors"].clone())],
+    );
+    metric(
+        "integrity_errors_total",
+        "counter",
+        "Reads that failed authentication (EIO), logged or not.",
+        vec![(String::new(), v["integrity_errors"].clone())],
+    );
+    metric("inodes", "gauge", "Inodes the mount knows.", vec![(String::new(), v["inodes"].clone())]);
+    metric("handles", "gauge", "Open file handles.", vec![(String::new(), v["handles"].clone())]);
+    o.push_str(&hist);
+    o
+}
+
+/// Files kmsfs reads or writes, for the man page.
+const FILES: &[(&str, &str)] = &[
+    ("CIPHERDIR/kmsfs.conf", "the volume config (JSON, authenticated by a MAC under the volume's key)"),
+    ("CIPHERDIR/.kmsfs.lock", "held by every mount; rewrap and upgrade take it exclusively"),
+    (
+        "/var/lib/kmsfs/trust/ (root), ~/.local/state/kmsfs/trust/ (others), $KMSFS_TRUST_DIR",
+        "the keys this host trusts, per volume ID",
+    ),
+    ("/etc/kmsfs/NAME.env", "settings of the kmsfs@NAME systemd unit"),
+    ("$CREDENTIALS_DIRECTORY/kmsfs.key", "a local key handed over by systemd (LoadCredential=)"),
+];
+
+/// Examples, for the man page.
+const EXAMPLES: &[(&str, &str)] = &[
+    (
+        "Create a volume with a local key and mount it:",
+        "kmsfs init /srv/c --key-file /etc/kmsfs/c.key\nkmsfs mount /srv/c /srv/p",
+    ),
+    ("Create a volume under an AWS KMS key:", "kmsfs --region eu-west-1 init /srv/c --kms-key alias/kmsfs"),
+    ("Mount from fstab:", "/srv/c /srv/p fuse.kmsfs key_file=/etc/kmsfs/c.key,allow_other,nofail,_netdev 0 0"),
+    ("Run as a systemd service:", "systemctl enable --now kmsfs@docs"),
+    (
+        "Check every block, then rotate to a new KMS key:",
+        "kmsfs fsck /srv/c\nkmsfs rewrap /srv/c --to-key alias/kmsfs-2 --dry-run\nkmsfs rewrap /srv/c --to-key alias/kmsfs-2",
+    ),
+    (
+        "Describe a volume and export mount statistics:",
+        "kmsfs info /srv/c\nkmsfs stats /srv/p --format prometheus > /var/lib/node_exporter/kmsfs.prom",
+    ),
+];
+
+/// Escapes text for roff.
+fn roff(t: &str) -> String {
+    t.replace('\\', "\\e")
+        .replace('-', "\\-")
+        .lines()
+        .map(|l| if l.starts_with(['.', '\'']) { format!("\\&{l}") } else { l.to_string() })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The man page: the main command, then every subcommand with its
+/// options (mount's -o options among them), exit status, environment,
+/// files and examples.
+fn manpage(w: &mut dyn Write) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command().after_help("");
+    cmd.build();
+    let man = clap_mangen::Man::new(cmd.clone());
+    man.render_title(w)?;
+    man.render_name_section(w)?;
+    man.render_synopsis_section(w)?;
+    man.render_description_section(w)?;
+    writeln!(
+        w,
+        ".SH OPTIONS\n.TP\n.B \\-\\-region \\fIREGION\\fR\nAWS region for KMS (sets AWS_REGION); any command.\n\
+         .TP\n.B \\-\\-profile \\fINAME\\fR\nAWS profile for KMS credentials and region (sets AWS_PROFILE); any command.\n\
+         .TP\n.B \\-h, \\-\\-help\nPrint help.\n.TP\n.B \\-V, \\-\\-version\nPrint the version."
+    )?;
+    writeln!(w, ".SH COMMANDS")?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+        let mut buf = Vec::new();
+        let m = clap_mangen::Man::new(sub.clone());
+        m.render_synopsis_section(&mut buf)?;
+        m.render_description_section(&mut buf)?;
+        m.render_options_section(&mut buf)?;
+        let text = String::from_utf8_lossy(&buf);
+        writeln!(w, ".SS \"kmsfs {}\"", sub.get_name())?;
+        // Each subcommand's sections become paragraphs of its subsection.
+        for line in text.lines() {
+            match line {
+                ".SH SYNOPSIS" | ".SH NAME" => {}
+                ".SH DESCRIPTION" => writeln!(w, ".PP")?,
+                ".SH OPTIONS" => writeln!(w, ".PP\n.I Options:")?,
+                l if l.starts_with(".SH") => writeln!(w, ".PP\n.I {}", l.trim_start_matches(".SH ").trim_matches('"'))?,
+                l => writeln!(w, "{l}")?,
+            }
+        }
+    }
+    writeln!(w, ".SH \"EXIT STATUS\"")?;
+    for line in exit::TABLE.lines().skip(1) {
+        match line.trim_start().split_once("  ") {
+            Some((code, what)) if code.len() == 1 => writeln!(w, ".TP\n.B {code}\n{}", roff(what.trim()))?,
+            _ => writeln!(w, "{}", roff(line.trim()))?,
+        }
+    }
+    writeln!(w, ".SH ENVIRONMENT")?;
+    let mut pending: Vec<&str> = Vec::new();
+    for line in ENVIRONMENT.lines().skip(1) {
+        let t = line.trim();
+        if line.starts_with("  ") && !line.starts_with("   ") {
+            if !pending.is_empty() {
+                writeln!(w, "{}", roff(&pending.join(" ")))?;
+                pending.clear();
+            }
+            let (name, rest) = t.split_once("  ").unwrap_or((t, ""));
+            writeln!(w, ".TP\n.B {}", roff(name.trim()))?;
+            if !rest.trim().is_empty() {
+                pending.push(rest.trim());
+            }
+        } else {
+            pending.push(t);
+        }
+    }
+    if !pending.is_empty() {
+        writeln!(w, "{}", roff(&pending.join(" ")))?;
+    }
+    writeln!(w, ".SH FILES")?;
+    for (f, what) in FILES {
+        writeln!(w, ".TP\n.I {}\n{}", roff(f), roff(what))?;
+    }
+    writeln!(w, ".SH EXAMPLES")?;
+    for (what, ex) in EXAMPLES {
+        writeln!(w, ".PP\n{}\n.PP\n.RS 4\n.nf\n{}\n.fi\n.RE", roff(what), roff(ex))?;
+    }
+    writeln!(w, ".SH \"SEE ALSO\"\n.BR fusermount3 (1),\n.BR mount.fuse3 (8),\n.BR systemd.exec (5)")?;
+    man.render_version_section(w)?;
+    Ok(())
 }
 
 fn read_stats(mnt: &Path) -> std::io::Result<serde_json::Value> {
@@ -678,8 +1205,8 @@ fn init(
         return Err(Failure(exit::VOLUME, format!("{} {what}", cipherdir.display())));
     }
     let (mut cfg, provider): (VolumeConfig, Arc<dyn KeyProvider>) = if let Some(k) = kms_key {
-        let p = kmsfs::keys::open_aws_kms(&k, &[]).map_err(|e| Failure(exit::KEY, e.to_string()))?;
-        p.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;
+        let p = kmsfs::keys::open_aws_kms(&k, &[]).map_err(fail)?;
+        p.check().map_err(fail)?;
         // The resolved ARN, not an alias someone could later repoint.
         let cfg = VolumeConfig::new(ProviderKind::AwsKms, p.key_id(), None, block_size)
             .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
@@ -694,7 +1221,7 @@ fn init(
         if abs.starts_with(&cd) || parent_canon.is_some_and(|p| p.starts_with(&cd)) {
             return Err(Failure(exit::USAGE, "the key file must live outside the cipher dir".into()));
         }
-        let p = LocalProvider::create_key_file(&abs).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+        let p = LocalProvider::create_key_file(&abs).map_err(fail)?;
         cfg.key_id = p.key_id();
         cfg.key_file = Some(abs.clone());
         eprintln!(
@@ -704,7 +1231,7 @@ fn init(
         (cfg, Arc::new(p))
     };
     if !plaintext_names {
-        cfg.create_name_key(provider.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+        cfg.create_name_key(provider.as_ref()).map_err(fail)?;
     }
     if key_mode == KeyMode::Branch {
         cfg.create_branch_key(provider.as_ref()).map_err(volume_failure)?;
@@ -722,18 +1249,104 @@ fn init(
     Ok(0)
 }
 
+/// `mnt` made absolute and resolved, without touching `mnt` itself when it
+/// is a dead FUSE mount (any access to it fails with ENOTCONN).
+fn resolve_mountpoint(mnt: &Path) -> PathBuf {
+    let abs = std::path::absolute(mnt).unwrap_or_else(|_| mnt.to_path_buf());
+    match (abs.parent().and_then(|p| std::fs::canonicalize(p).ok()), abs.file_name()) {
+        (Some(parent), Some(name)) => parent.join(name),
+        _ => abs,
+    }
+}
+
+/// The FUSE mount at `mnt`, from /proc/self/mountinfo (escapes decoded, so
+/// a path with a space is found).
+fn fuse_mount_at(mnt: &Path) -> Option<daemon::MountEntry> {
+    let at = resolve_mountpoint(mnt);
+    daemon::mounts()
+        .ok()?
+        .into_iter()
+        .rev()
+        .find(|e| e.mount_point == at && (e.fs_type == "fuse" || e.fs_type.starts_with("fuse.")))
+}
+
 fn is_mounted(mnt: &Path) -> bool {
-    let Ok(abs) = std::fs::canonicalize(mnt) else { return false };
-    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
-        m.lines().any(|l| {
-            let mut f = l.split(' ');
-            let (_src, dst, ty) = (f.next(), f.next(), f.next());
-            dst == Some(&abs.to_string_lossy()) && ty.is_some_and(|t| t == "fuse" || t.starts_with("fuse."))
-        })
-    })
+    fuse_mount_at(mnt).is_some()
+}
+
+/// Whether `mnt` is a mount whose daemon is gone ("transport endpoint is
+/// not connected").
+/// statfs(2), unlike stat, always asks the daemon (stat may be answered from
+/// the kernel's attribute cache), so it tells a dead mount apart.
+fn is_dead_mount(mnt: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: valid C string and out-pointer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
+}
+
+/// Refuses the mountpoints gocryptfs refuses: a dead or live mount, the
+/// cipher dir itself or a directory inside it (fsck would then walk into
+/// the mount), and a non-empty directory unless `-o nonempty`.
+fn check_mountpoint(m: &MountArgs, nonempty: bool) -> Result<(), Failure> {
+    let mnt = &m.mountpoint;
+    if is_dead_mount(mnt) {
+        return Err(Failure(
+            exit::MOUNT,
+            format!(
+                "{} is a dead mount (transport endpoint is not connected: its daemon exited);                  clear it with `kmsfs unmount {}`, then mount again",
+                mnt.display(),
+                mnt.display()
+            ),
+        ));
+    }
+    if is_mounted(mnt) {
+        return Err(Failure(exit::MOUNT, format!("{} is already mounted", mnt.display())));
+    }
+    let meta =
+        std::fs::metadata(mnt).map_err(|e| Failure(exit::MOUNT, format!("mountpoint {}: {e}", mnt.display())))?;
+    if !meta.is_dir() {
+        return Err(Failure(exit::MOUNT, format!("mountpoint {} is not a directory", mnt.display())));
+    }
+    let at = resolve_mountpoint(mnt);
+    if let Ok(cd) = std::fs::canonicalize(&m.cipherdir)
+        && at.starts_with(&cd)
+    {
+        return Err(Failure(
+            exit::MOUNT,
+            format!("mountpoint {} is the cipher dir or inside it; mount it elsewhere", mnt.display()),
+        ));
+    }
+    if !nonempty
+        && std::fs::read_dir(mnt)
+            .map_err(|e| Failure(exit::MOUNT, format!("mountpoint {}: {e}", mnt.display())))?
+            .next()
+            .is_some()
+    {
+        return Err(Failure(
+            exit::MOUNT,
+            format!(
+                "mountpoint {} is not empty: the mount would hide its files (use -o nonempty to mount anyway)",
+                mnt.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn unmount(mnt: &Path) -> Result<u8, Failure> {
+    if is_dead_mount(mnt) {
+        // No daemon left to write anything back: just clear the mount.
+        return daemon::unmount(mnt, false)
+            .or_else(|_| daemon::unmount(mnt, true))
+            .map(|()| {
+                eprintln!("{}: cleared a dead mount (its daemon had exited)", mnt.display());
+                0
+            })
+            .map_err(|e| Failure(exit::MOUNT, format!("cannot clear the dead mount {}: {e}", mnt.display())));
+    }
     if !is_mounted(mnt) {
         return Err(Failure(exit::MOUNT, format!("{} is not a FUSE mount", mnt.display())));
     }
@@ -786,8 +1399,11 @@ fn rewrap(
 ) -> Result<u8, Failure> {
     key_outside(cipherdir, key_file.as_deref())?;
     key_outside(cipherdir, to_key_file.as_deref())?;
+    if dry_run {
+        return rewrap_dry_run(cipherdir, to_key, to_key_file);
+    }
     // Excludes every mount of this cipher dir, here or on another host.
-    let _lock = kmsfs::volume::lock(cipherdir, !dry_run).map_err(volume_failure)?;
+    let _lock = kmsfs::volume::lock(cipherdir, true).map_err(volume_failure)?;
     let OpenVolume { config: mut cfg, provider: source, legacy } = open_volume(cipherdir, key_file, kms_key)?;
     if legacy {
         return Err(volume_failure(VolumeError::Legacy {
@@ -798,27 +1414,27 @@ fn rewrap(
     if cfg.is_branch() || all_files {
         return rewrap_branch(cipherdir, cfg, source, to_key, to_key_file, dry_run, all_files);
     }
-    let (dest, kind, key_id, kf): (Arc<dyn KeyProvider>, ProviderKind, String, Option<PathBuf>) =
-        if let Some(k) = to_key {
-            let p = kmsfs::keys::open_aws_kms(&k, &[]).map_err(|e| Failure(exit::KEY, e.to_string()))?;
-            p.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;
-            let arn = p.key_id();
-            (p, ProviderKind::AwsKms, arn, None)
-        } else if let Some(f) = to_key_file {
-            let p = if f.exists() { LocalProvider::open(&f) } else { LocalProvider::create_key_file(&f) }
-                .map_err(|e| Failure(exit::KEY, e.to_string()))?;
-            let id = p.key_id();
-            let abs = std::path::absolute(&f).unwrap_or(f);
-            (Arc::new(p), ProviderKind::Local, id, Some(abs))
-        } else {
-            return Err(Failure(exit::USAGE, "rewrap needs --to-key or --to-key-file".into()));
-        };
+    let (dest, kind, key_id, kf): (Arc<dyn KeyProvider>, ProviderKind, String, Option<PathBuf>) = if let Some(k) =
+        to_key
+    {
+        let p = kmsfs::keys::open_aws_kms(&k, &[]).map_err(fail)?;
+        p.check().map_err(fail)?;
+        let arn = p.key_id();
+        (p, ProviderKind::AwsKms, arn, None)
+    } else if let Some(f) = to_key_file {
+        let p = if f.exists() { LocalProvider::open(&f) } else { LocalProvider::create_key_file(&f) }.map_err(fail)?;
+        let id = p.key_id();
+        let abs = std::path::absolute(&f).unwrap_or(f);
+        (Arc::new(p), ProviderKind::Local, id, Some(abs))
+    } else {
+        return Err(Failure(exit::USAGE, "rewrap needs --to-key or --to-key-file".into()));
+    };
     let old_key = cfg.key_id.clone();
     // ReEncrypt runs on the destination's client: it may name as source only
     // the keys this volume trusts.
     dest.trust_also(&[vec![old_key.clone()], cfg.previous_keys.clone()].concat());
     let auth = cfg.unwrap_auth_key(source.as_ref()).map_err(volume_failure)?;
-    if !dry_run && kind == ProviderKind::AwsKms && !cfg.previous_keys.contains(&key_id) && key_id != old_key {
+    if kind == ProviderKind::AwsKms && !cfg.previous_keys.contains(&key_id) && key_id != old_key {
         // Files move to the new key one by one: trust it for reading from
         // the start, so an interrupted rewrap leaves every file readable.
         cfg.previous_keys.push(key_id.clone());
@@ -826,7 +1442,7 @@ fn rewrap(
         cfg.store(cipherdir).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
         source.trust_also(&cfg.previous_keys);
     }
-    let names = cfg.names(source.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
+    let names = cfg.names(source.as_ref()).map_err(fail)?;
     // The volume keys first: they are small, and a failure here changes nothing.
     let move_key = |sk: &kmsfs::volume::StoredKey, what: &str| -> Result<kmsfs::volume::StoredKey, Failure> {
         let (ctx, w) = sk.parts(cfg.volume_id()).ok_or(Failure(exit::VOLUME, format!("malformed {what}")))?;
@@ -840,22 +1456,13 @@ fn rewrap(
     };
     let new_name_key = cfg.name_key.as_ref().map(|sk| move_key(sk, "name key")).transpose()?;
     let new_auth_key = cfg.auth_key.as_ref().map(|sk| move_key(sk, "config key")).transpose()?;
-    let r = kmsfs::ops::rewrap(
-        cipherdir,
-        layout_of(&cfg)?,
-        source.as_ref(),
-        dest.as_ref(),
-        &names,
-        dry_run,
-        progress("rewrap"),
-    )
-    .map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+    let r = kmsfs::ops::rewrap(cipherdir, layout_of(&cfg)?, source.as_ref(), dest.as_ref(), &names, progress("rewrap"))
+        .map_err(fail)?;
     for (p, e) in &r.failed {
         println!("FAILED {p}: {e}");
     }
     println!(
-        "{}{} re-wrapped, {} already under the new key, {} empty, {} failed",
-        if dry_run { "dry run: " } else { "" },
+        "{} re-wrapped, {} already under the new key, {} empty, {} failed",
         r.rewrapped,
         r.already,
         r.empty,
@@ -867,7 +1474,7 @@ fn rewrap(
         );
         return Ok(exit::ERROR);
     }
-    if !dry_run {
+    {
         cfg.previous_keys.retain(|k| *k != key_id);
         if cfg.provider == ProviderKind::AwsKms && !cfg.previous_keys.contains(&old_key) {
             cfg.previous_keys.push(old_key);
@@ -886,6 +1493,37 @@ fn rewrap(
         kmsfs::volume::pin(&cfg).map_err(volume_failure)?;
         println!("Volume now uses {} for new files.", cfg.key_id);
     }
+    Ok(0)
+}
+
+/// `rewrap --dry-run`: no key-provider call and nothing created. The config
+/// is read without verifying its MAC (that needs one unwrap), and the output
+/// says so; the new key is not resolved or created either.
+fn rewrap_dry_run(cipherdir: &Path, to_key: Option<String>, to_key_file: Option<PathBuf>) -> Result<u8, Failure> {
+    let cfg = load(cipherdir)?;
+    let dest: Option<String> = match (&to_key, &to_key_file) {
+        // Only a full ARN can be compared with headers without a KMS call.
+        (Some(k), _) => k.starts_with("arn:").then(|| k.clone()),
+        (None, Some(f)) if f.exists() => Some(LocalProvider::open(f).map_err(fail)?.key_id()),
+        (None, Some(_)) => None,
+        (None, None) => return Err(Failure(exit::USAGE, "rewrap needs --to-key or --to-key-file".into())),
+    };
+    let r = kmsfs::ops::rewrap_plan(cipherdir, layout_of(&cfg)?, dest.as_deref()).map_err(fail)?;
+    println!("dry run: no key-provider call was made and nothing was written.");
+    println!(
+        "dry run: the volume config was read without verifying its MAC (that needs the key); it names key {}.",
+        cfg.key_id
+    );
+    match (&to_key, &to_key_file, &dest) {
+        (Some(k), _, None) => println!("dry run: {k} is not an ARN; it would be resolved at the real run."),
+        (None, Some(f), None) => println!("dry run: {} does not exist; the real run would create it.", f.display()),
+        _ => {}
+    }
+    println!(
+        "dry run: {} kmsfs files would be re-wrapped, {} already under the new key, {} other files (empty, or \
+         kmsfs's own name and directory-ID files)",
+        r.rewrapped, r.already, r.empty
+    );
     Ok(0)
 }
 
@@ -945,7 +1583,7 @@ fn upgrade(cipherdir: &Path, key_file: Option<PathBuf>, kms_key: Option<String>)
     }
     let keys = KeyArgs { key_file, kms_key };
     let provider = cfg.provider_unchecked(&keys).map_err(volume_failure)?;
-    provider.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;
+    provider.check().map_err(fail)?;
     if cfg.provider == ProviderKind::AwsKms {
         let arn = provider.key_id();
         if arn.starts_with("arn:") && cfg.key_id != arn {
@@ -988,6 +1626,7 @@ struct MountPlan {
     shared: bool,
     key_file: Option<PathBuf>,
     kms_key: Option<String>,
+    nonempty: bool,
 }
 
 fn parse_options(m: &MountArgs) -> Result<MountPlan, Failure> {
@@ -1000,6 +1639,7 @@ fn parse_options(m: &MountArgs) -> Result<MountPlan, Failure> {
     let mut kms_key = m.kms_key.clone();
     let mut shared = m.shared;
     let mut acl = fuser::SessionACL::Owner;
+    let mut nonempty = false;
     for o in m.options.iter().filter(|o| !o.is_empty()) {
         match o.as_str() {
             "ro" => {
@@ -1020,6 +1660,15 @@ fn parse_options(m: &MountArgs) -> Result<MountPlan, Failure> {
             "exec" => opts.push(O::Exec),
             "no_writeback" => writeback = false,
             "shared" => shared = true,
+            "nonempty" => nonempty = true,
+            "sync" => opts.push(O::Sync),
+            "dirsync" => opts.push(O::DirSync),
+            "atime" => opts.push(O::Atime),
+            // Usual fstab options with nothing to do for kmsfs: the kernel
+            // default (relatime, async) already applies, and FUSE keeps no
+            // atime of its own to tune.
+            "async" | "relatime" | "norelatime" | "strictatime" | "nostrictatime" | "lazytime" | "nolazytime"
+            | "diratime" | "nodiratime" | "iversion" | "noiversion" | "silent" | "loud" => {}
             // For mount(8) and fstab, not for the kernel.
             "nofail" | "_netdev" | "auto" | "noauto" | "user" | "users" | "defaults" => {}
             s if s.starts_with("key_file=") => key_file = Some(PathBuf::from(&s["key_file=".len()..])),
@@ -1029,12 +1678,53 @@ fn parse_options(m: &MountArgs) -> Result<MountPlan, Failure> {
             s => return Err(Failure(exit::USAGE, format!("unknown mount option {s:?}"))),
         }
     }
+    // systemd credentials (LoadCredential=kmsfs.key:/etc/kmsfs/NAME.key):
+    // the key file systemd hands the service, readable by it alone.
+    if key_file.is_none()
+        && let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY")
+    {
+        let k = Path::new(&dir).join("kmsfs.key");
+        if k.exists() {
+            key_file = Some(k);
+        }
+    }
     let mut fuse = fuser::Config::default();
     fuse.mount_options = opts;
     fuse.acl = acl;
     fuse.n_threads = Some(m.threads.max(1));
     fuse.clone_fd = true;
-    Ok(MountPlan { fuse, read_only, writeback, shared, key_file, kms_key })
+    Ok(MountPlan { fuse, read_only, writeback, shared, key_file, kms_key, nonempty })
+}
+
+/// Mounts with the fs type `fuse.kmsfs` (see `daemon::mount_typed`), or
+/// through fuser's own mount (fusermount3) without privilege or when
+/// `auto_unmount` needs fusermount3 anyway.
+fn spawn_session(adapter: KmsFuse, mnt: &Path, plan: &MountPlan) -> std::io::Result<fuser::BackgroundSession> {
+    use fuser::MountOption as O;
+    let opts = &plan.fuse.mount_options;
+    if !opts.contains(&O::AutoUnmount) {
+        let source = opts
+            .iter()
+            .find_map(|o| if let O::FSName(n) = o { Some(n.clone()) } else { None })
+            .unwrap_or_else(|| "kmsfs".into());
+        let allow_other = !matches!(plan.fuse.acl, fuser::SessionACL::Owner);
+        if let Some(fd) = daemon::mount_typed(mnt, &source, opts, allow_other)? {
+            let mut config = fuser::Config::default();
+            config.acl = plan.fuse.acl;
+            config.n_threads = plan.fuse.n_threads;
+            config.clone_fd = plan.fuse.clone_fd;
+            let acl = plan.fuse.acl;
+            return match fuser::Session::from_fd(adapter, fd, acl, config) {
+                Ok(s) => s.spawn(),
+                Err(e) => {
+                    // Not serving: take the mount away again.
+                    let _ = daemon::unmount(mnt, true);
+                    Err(e)
+                }
+            };
+        }
+    }
+    fuser::spawn_mount(adapter, mnt, &plan.fuse)
 }
 
 fn mount(m: MountArgs) -> Result<u8, Failure> {
@@ -1042,8 +1732,9 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
     let in_child = std::env::var_os(daemon::READY_FD_ENV).is_some();
     if !m.foreground && !in_child {
         // Daemon mode: re-run ourselves in the foreground, detached, and
-        // return once the child says the mount serves.
-        init_logging(m.log_file.as_deref(), false);
+        // return once the child says the mount serves. An unwritable log
+        // file fails here, before anything starts.
+        init_logging(m.log_file.as_deref(), false)?;
         // Fail early in the parent for the errors a user is most likely to
         // hit, without a KMS call (the daemon makes the full check).
         key_outside(&m.cipherdir, plan.key_file.as_deref())?;
@@ -1052,9 +1743,7 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
             cfg.provider_unchecked(&KeyArgs { key_file: plan.key_file.clone(), kms_key: None })
                 .map_err(volume_failure)?;
         }
-        if is_mounted(&m.mountpoint) {
-            return Err(Failure(exit::MOUNT, format!("{} is already mounted", m.mountpoint.display())));
-        }
+        check_mountpoint(&m, plan.nonempty)?;
         let (r, w) = daemon::pipe().map_err(|e| Failure(exit::ERROR, e.to_string()))?;
         let exe = std::env::current_exe().map_err(|e| Failure(exit::ERROR, e.to_string()))?;
         use std::os::fd::AsRawFd;
@@ -1080,17 +1769,20 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
             }
         };
     }
-    if in_child {
+    let log = if in_child {
         daemon::detach();
-        init_logging(m.log_file.as_deref(), m.log_file.is_none());
+        init_logging(m.log_file.as_deref(), m.log_file.is_none())?
     } else {
-        init_logging(m.log_file.as_deref(), false);
-    }
+        init_logging(m.log_file.as_deref(), false)?
+    };
     daemon::harden_memory();
     daemon::raise_nofile();
     // SAFETY: umask never fails; backing files get exactly the modes asked for.
     unsafe { libc::umask(0) };
     key_outside(&m.cipherdir, plan.key_file.as_deref())?;
+    if !in_child {
+        check_mountpoint(&m, plan.nonempty)?;
+    }
     let OpenVolume { config: cfg, provider, legacy } =
         open_volume(&m.cipherdir, plan.key_file.clone(), plan.kms_key.clone())?;
     if legacy && !plan.read_only {
@@ -1104,7 +1796,7 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
     let max_age = Duration::from_secs(m.cache_max_age.max(1));
     // Branch mode re-checks its branch key with KMS once per max age.
     provider.set_max_age(max_age);
-    provider.check().map_err(|e| Failure(exit::KEY, e.to_string()))?;
+    provider.check().map_err(fail)?;
     let stats = Arc::new(KeyStats::default());
     let cache = Arc::new(KeyCache::new(provider.clone(), m.cache_size, max_age, stats.clone()));
     // Look-ahead only pays for a remote provider; local generation is ~1 us.
@@ -1112,7 +1804,7 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
     // Branch mode wraps locally too, so it gets no pool either.
     let (target, workers) = if provider.name() == kmsfs::keys::aws_kms::PROVIDER_NAME { (64, 16) } else { (0, 0) };
     let pool = KeyPool::start(provider.clone(), cfg.volume_id(), target, workers, max_age, stats);
-    let names = Arc::new(cfg.names(provider.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?);
+    let names = Arc::new(cfg.names(provider.as_ref()).map_err(fail)?);
     let fs = Arc::new(
         EncFs::new(
             &m.cipherdir,
@@ -1130,7 +1822,8 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
         fs.clone(),
         FuseOptions { writeback_cache: plan.writeback && !plan.read_only && !plan.shared, shared: plan.shared },
     );
-    let session = fuser::spawn_mount(adapter, &m.mountpoint, &plan.fuse)
+    fs.integrity_log.set_mountpoint(&resolve_mountpoint(&m.mountpoint));
+    let session = spawn_session(adapter, &m.mountpoint, &plan)
         .map_err(|e| Failure(exit::MOUNT, format!("cannot mount {}: {e}", m.mountpoint.display())))?;
     // The mount serves once a stat through it answers.
     let dev = std::fs::metadata(&m.mountpoint)
@@ -1182,6 +1875,13 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
                 break;
             }
             Some(Sig::Stats) => tracing::info!("stats: {}", fs.stats_json()),
+            Some(Sig::Reopen) => match &log {
+                Some(l) => match l.reopen() {
+                    Ok(()) => tracing::info!("SIGHUP: log file {} reopened", l.path().display()),
+                    Err(e) => tracing::error!("SIGHUP: cannot reopen the log file {}: {e}", l.path().display()),
+                },
+                None => tracing::info!("SIGHUP: no log file to reopen"),
+            },
             None if session.guard.is_finished() => {
                 tracing::info!("unmounted externally");
                 fs.shutdown();
@@ -1304,7 +2004,6 @@ fn rewrap_branch(
             source.as_ref(),
             source.as_ref(),
             &names,
-            dry_run,
             progress("rewrap"),
         )
         .map_err(|e| Failure(exit::ERROR, e.to_string()))?;

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::file::{EncryptedFile, FileError, VerifyReport};
@@ -449,9 +449,153 @@ pub struct FsckReport {
     pub dirs: DirProblems,
 }
 
-/// Verifies every header and every block of every file. With `repair`,
-/// also cuts torn tails back to the last authentic block and re-seals stale
-/// last blocks (`EncryptedFile::repair`), and reports what it changed.
+/// How many files the offline tools (fsck, rewrap) work on at once. Each
+/// holds at most one key-provider call in flight, so this is also the bound
+/// on concurrent KMS calls: with ~10-50 ms per call, one call at a time
+/// made 2,000 aws-kms files take 92 s to check.
+pub const PARALLEL_FILES: usize = 16;
+
+/// Progress of an offline pass over a volume.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    /// Files done.
+    pub files: u64,
+    /// Files in all.
+    pub files_total: u64,
+    /// Backing bytes of the files done.
+    pub bytes: u64,
+    /// Backing bytes in all.
+    pub bytes_total: u64,
+}
+
+/// Runs `work` on every item, `PARALLEL_FILES` at a time on scoped threads
+/// (providers are blocking and `Sync`), and returns the results in the
+/// items' order, so reports do not depend on timing. `done` runs on the
+/// calling thread as each item finishes, with the item's index.
+fn par_map<T: Sync, R: Send>(items: &[T], work: impl Fn(&T) -> R + Sync, mut done: impl FnMut(usize, &R)) -> Vec<R> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let mut out: Vec<Option<R>> = std::iter::repeat_with(|| None).take(items.len()).collect();
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut workers = 0;
+        for n in 0..PARALLEL_FILES.min(items.len()) {
+            let (tx, next, work) = (tx.clone(), &next, &work);
+            let spawned = std::thread::Builder::new().name(format!("kmsfs-ops-{n}")).spawn_scoped(s, move || {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    if tx.send((i, work(item))).is_err() {
+                        break;
+                    }
+                }
+            });
+            if spawned.is_ok() {
+                workers += 1;
+            }
+        }
+        drop(tx);
+        for (i, r) in rx {
+            done(i, &r);
+            out[i] = Some(r);
+        }
+        // No thread could start: do the work here, one file at a time.
+        if workers == 0 {
+            for (i, item) in items.iter().enumerate() {
+                let r = work(item);
+                done(i, &r);
+                out[i] = Some(r);
+            }
+        }
+    });
+    out.into_iter().flatten().collect()
+}
+
+/// The backing sizes of `files` (0 where a stat fails), for progress.
+fn sizes(files: &[Entry]) -> Vec<u64> {
+    files.iter().map(|e| std::fs::symlink_metadata(&e.backing).map_or(0, |m| m.len())).collect()
+}
+
+/// What fsck found in one file.
+#[derive(Default)]
+struct FileCheck {
+    blocks: u64,
+    damage: Option<(String, Vec<u64>)>,
+    zeroed: Vec<u64>,
+    stale: Vec<u64>,
+    foreign: Option<String>,
+    repaired: Option<Repaired>,
+}
+
+/// Verifies one file's header and blocks; with `repair`, also cuts a torn
+/// tail back to the last authentic block and re-seals stale last blocks
+/// (`EncryptedFile::repair`).
+fn check_file(
+    cipherdir: &Path,
+    e: &Entry,
+    layout: Layout,
+    volume_id: Id,
+    provider: &dyn KeyProvider,
+    repair: bool,
+) -> FileCheck {
+    let mut c = FileCheck::default();
+    let damage = |error: String, bad: Vec<u64>| FileCheck { damage: Some((error, bad)), ..Default::default() };
+    // Through the walked directory, never following a link that was
+    // swapped in since the walk.
+    let f = match open_backing(cipherdir, e, repair) {
+        Ok(f) => f,
+        Err(e) => return damage(e.to_string(), vec![]),
+    };
+    let mut enc = match EncryptedFile::open(f, layout, volume_id) {
+        Ok(e) => e,
+        Err(e) => return damage(e.to_string(), vec![]),
+    };
+    let Some(h) = enc.header() else { return c };
+    let ctx = KeyContext::file(h.volume_id, h.file_id);
+    let key = match provider.unwrap(&h.wrapped, &ctx) {
+        Ok(k) => k,
+        Err(KeyError::Untrusted { found }) => return FileCheck { foreign: Some(found), ..Default::default() },
+        Err(e) => return damage(format!("header: {e}"), vec![]),
+    };
+    let mut v = match enc.verify(&key) {
+        Ok(v) => v,
+        Err(FileError::Header(e)) => return damage(format!("header: {e}"), vec![]),
+        Err(e) => return damage(e.to_string(), vec![]),
+    };
+    let mut not_repaired = None;
+    let tail_bad = v.bad_blocks.last().is_some_and(|&b| b + 1 == layout.block_count(enc.size()));
+    if repair && (v.bad_size || tail_bad || !v.stale_blocks.is_empty()) {
+        match enc.repair(&key, &v) {
+            Ok(done) => {
+                c.repaired = Some(Repaired {
+                    path: e.plain.clone(),
+                    cut_bytes: done.cut_bytes,
+                    cut_blocks: done.cut_blocks,
+                    resealed: done.resealed,
+                });
+                v = match enc.verify(&key) {
+                    Ok(v) => v,
+                    Err(err) => return FileCheck { damage: Some((err.to_string(), vec![])), ..c },
+                };
+            }
+            Err(err) => not_repaired = Some(err.to_string()),
+        }
+    }
+    c.blocks = layout.block_count(enc.size());
+    if let Some(what) = damage_of(&v, c.blocks) {
+        let what = match not_repaired {
+            Some(why) => format!("{what}; not repaired: {why}"),
+            None => what,
+        };
+        c.damage = Some((what, v.bad_blocks));
+    }
+    c.zeroed = v.zero_blocks;
+    c.stale = v.stale_blocks;
+    c
+}
+
+/// Verifies every header and every block of every file, `PARALLEL_FILES`
+/// files at a time.
 pub fn fsck(
     cipherdir: &Path,
     layout: Layout,
@@ -459,96 +603,42 @@ pub fn fsck(
     provider: &dyn KeyProvider,
     names: &Names,
     repair: bool,
-    mut progress: impl FnMut(u64, u64),
+    mut progress: impl FnMut(Progress),
 ) -> Result<FsckReport, OpError> {
     let (files, dirs) = walk(cipherdir, names, repair)?;
     let mut r = FsckReport { dirs, ..Default::default() };
-    let total = files.len() as u64;
-    for (i, e) in files.iter().enumerate() {
-        progress(i as u64, total);
-        let rel = e.plain.clone();
+    let sizes = sizes(&files);
+    let mut pr = Progress { files_total: files.len() as u64, bytes_total: sizes.iter().sum(), ..Default::default() };
+    progress(pr);
+    let checks = par_map(
+        &files,
+        |e| check_file(cipherdir, e, layout, volume_id, provider, repair),
+        |i, _| {
+            pr.files += 1;
+            pr.bytes += sizes[i];
+            progress(pr);
+        },
+    );
+    for (e, c) in files.into_iter().zip(checks) {
         r.files += 1;
-        let mut damage =
-            |error: String, bad: Vec<u64>| r.damaged.push(Damage { path: rel.clone(), error, bad_blocks: bad });
-        // Through the walked directory, never following a link that was
-        // swapped in since the walk.
-        let f = match open_backing(cipherdir, e, repair) {
-            Ok(f) => f,
-            Err(e) => {
-                damage(e.to_string(), vec![]);
-                continue;
-            }
-        };
-        let mut enc = match EncryptedFile::open(f, layout, volume_id) {
-            Ok(e) => e,
-            Err(e) => {
-                damage(e.to_string(), vec![]);
-                continue;
-            }
-        };
-        let Some(h) = enc.header() else { continue };
-        let ctx = KeyContext::file(h.volume_id, h.file_id);
-        let key = match provider.unwrap(&h.wrapped, &ctx) {
-            Ok(k) => k,
-            Err(KeyError::Untrusted { found }) => {
-                r.foreign.push((rel, found));
-                continue;
-            }
-            Err(e) => {
-                damage(format!("header: {e}"), vec![]);
-                continue;
-            }
-        };
-        let mut v = match enc.verify(&key) {
-            Ok(v) => v,
-            Err(FileError::Header(e)) => {
-                damage(format!("header: {e}"), vec![]);
-                continue;
-            }
-            Err(e) => {
-                damage(e.to_string(), vec![]);
-                continue;
-            }
-        };
-        let mut not_repaired = None;
-        let tail_bad = v.bad_blocks.last().is_some_and(|&b| b + 1 == layout.block_count(enc.size()));
-        if repair && (v.bad_size || tail_bad || !v.stale_blocks.is_empty()) {
-            match enc.repair(&key, &v) {
-                Ok(done) => {
-                    r.repaired.push(Repaired {
-                        path: rel.clone(),
-                        cut_bytes: done.cut_bytes,
-                        cut_blocks: done.cut_blocks,
-                        resealed: done.resealed,
-                    });
-                    v = match enc.verify(&key) {
-                        Ok(v) => v,
-                        Err(e) => {
-                            r.damaged.push(Damage { path: rel.clone(), error: e.to_string(), bad_blocks: vec![] });
-                            continue;
-                        }
-                    };
-                }
-                Err(e) => not_repaired = Some(e.to_string()),
-            }
+        r.blocks += c.blocks;
+        if let Some(found) = c.foreign {
+            r.foreign.push((e.plain, found));
+            continue;
         }
-        let blocks = layout.block_count(enc.size());
-        r.blocks += blocks;
-        if let Some(what) = damage_of(&v, blocks) {
-            let what = match not_repaired {
-                Some(why) => format!("{what}; not repaired: {why}"),
-                None => what,
-            };
-            r.damaged.push(Damage { path: rel.clone(), error: what, bad_blocks: v.bad_blocks });
+        if let Some(x) = c.repaired {
+            r.repaired.push(x);
         }
-        if !v.zero_blocks.is_empty() {
-            r.zeroed.push((rel.clone(), v.zero_blocks));
+        if !c.stale.is_empty() {
+            r.stale.push((e.plain.clone(), c.stale));
         }
-        if !v.stale_blocks.is_empty() {
-            r.stale.push((rel.clone(), v.stale_blocks));
+        if let Some((error, bad_blocks)) = c.damage {
+            r.damaged.push(Damage { path: e.plain.clone(), error, bad_blocks });
+        }
+        if !c.zeroed.is_empty() {
+            r.zeroed.push((e.plain, c.zeroed));
         }
     }
-    progress(total, total);
     Ok(r)
 }
 
@@ -565,74 +655,126 @@ pub struct RewrapReport {
     pub failed: Vec<(String, String)>,
 }
 
-/// Re-wraps every header's DEK under `dest`'s key. Data blocks are not
-/// touched. Each header update is one pwrite inside the first 512-byte sector
-/// (header slots are at most 512 bytes), followed by fsync.
+/// What rewrap did with one file.
+enum Rewrapped {
+    Empty,
+    Already,
+    Done,
+}
+
+/// Re-wraps every header's DEK under `dest`'s key, `PARALLEL_FILES` files
+/// at a time. Data blocks are not touched. Each header update is one pwrite
+/// inside the first 512-byte sector (header slots are at most 512 bytes),
+/// followed by fsync. A dry run is `rewrap_plan`, which calls no provider.
 pub fn rewrap(
     cipherdir: &Path,
     layout: Layout,
     source: &dyn KeyProvider,
     dest: &dyn KeyProvider,
     names: &Names,
-    dry_run: bool,
-    mut progress: impl FnMut(u64, u64),
+    mut progress: impl FnMut(Progress),
 ) -> Result<RewrapReport, OpError> {
     let files = walk(cipherdir, names, false)?.0;
     let dest_key = dest.key_id();
+    let sizes = sizes(&files);
+    let mut pr = Progress { files_total: files.len() as u64, bytes_total: sizes.iter().sum(), ..Default::default() };
+    progress(pr);
+    let one = |e: &Entry| -> Result<Rewrapped, OpError> {
+        let (p, rel) = (&e.backing, &e.plain);
+        // Beneath the cipher dir: never through a link swapped in since the walk.
+        let f = open_backing(cipherdir, e, true).map_err(io_err(p))?;
+        if f.metadata().map_err(io_err(p))?.len() == 0 {
+            return Ok(Rewrapped::Empty);
+        }
+        let mut buf = vec![0u8; layout.header_size() as usize];
+        f.read_exact_at(&mut buf, 0).map_err(io_err(p))?;
+        let mut h = FileHeader::parse(&buf, buf.len())
+            .map_err(|e| OpError::Corrupt { path: rel.clone(), detail: e.to_string() })?;
+        if h.wrapped.key_id == dest_key && h.wrapped.provider == dest.name() {
+            return Ok(Rewrapped::Already);
+        }
+        let ctx = KeyContext::file(h.volume_id, h.file_id);
+        let new = if source.name() == dest.name() && dest.name() != crate::keys::local::NAME {
+            dest.rewrap(&h.wrapped, &ctx)?
+        } else {
+            let key = source.unwrap(&h.wrapped, &ctx)?;
+            h.verify(&key).map_err(|e| OpError::Corrupt { path: rel.clone(), detail: e.to_string() })?;
+            dest.wrap(&key, &ctx)?
+        };
+        h.wrapped = new;
+        let section =
+            h.key_section_bytes().map_err(|e| OpError::Corrupt { path: rel.clone(), detail: e.to_string() })?;
+        // The KMS call took time: under a per-file lock, check that the
+        // header is still the one we re-wrapped before overwriting it.
+        f.lock().map_err(io_err(p))?;
+        let mut now = vec![0u8; buf.len()];
+        f.read_exact_at(&mut now, 0).map_err(io_err(p))?;
+        if now[..KEY_SECTION] != buf[..KEY_SECTION] {
+            return Err(OpError::Corrupt {
+                path: rel.clone(),
+                detail: "the file changed during rewrap (new file ID); run rewrap again".into(),
+            });
+        }
+        f.write_all_at(&section, KEY_SECTION as u64).map_err(io_err(p))?;
+        f.sync_data().map_err(io_err(p))?;
+        Ok(Rewrapped::Done)
+    };
+    let results = par_map(&files, one, |i, _| {
+        pr.files += 1;
+        pr.bytes += sizes[i];
+        progress(pr);
+    });
     let mut r = RewrapReport::default();
-    let total = files.len() as u64;
-    for (i, e) in files.iter().enumerate() {
-        progress(i as u64, total);
-        let (p, rel) = (&e.backing, e.plain.clone());
-        let res = (|| -> Result<bool, OpError> {
-            let f = open_backing(cipherdir, e, !dry_run).map_err(io_err(p))?;
-            if f.metadata().map_err(io_err(p))?.len() == 0 {
-                return Ok(false);
-            }
-            let mut buf = vec![0u8; layout.header_size() as usize];
-            f.read_exact_at(&mut buf, 0).map_err(io_err(p))?;
-            let mut h = FileHeader::parse(&buf, buf.len())
-                .map_err(|e| OpError::Corrupt { path: rel.clone(), detail: e.to_string() })?;
-            if h.wrapped.key_id == dest_key && h.wrapped.provider == dest.name() {
-                r.already += 1;
-                return Ok(true);
-            }
-            let ctx = KeyContext::file(h.volume_id, h.file_id);
-            let new = if source.name() == dest.name() && dest.name() != crate::keys::local::NAME {
-                dest.rewrap(&h.wrapped, &ctx)?
-            } else {
-                let key = source.unwrap(&h.wrapped, &ctx)?;
-                h.verify(&key).map_err(|e| OpError::Corrupt { path: rel.clone(), detail: e.to_string() })?;
-                dest.wrap(&key, &ctx)?
-            };
-            h.wrapped = new;
-            let section =
-                h.key_section_bytes().map_err(|e| OpError::Corrupt { path: rel.clone(), detail: e.to_string() })?;
-            if !dry_run {
-                // The KMS call took time: under a per-file lock, check that the
-                // header is still the one we re-wrapped before overwriting it.
-                f.lock().map_err(io_err(p))?;
-                let mut now = vec![0u8; buf.len()];
-                f.read_exact_at(&mut now, 0).map_err(io_err(p))?;
-                if now[..KEY_SECTION] != buf[..KEY_SECTION] {
-                    return Err(OpError::Corrupt {
-                        path: rel.clone(),
-                        detail: "the file changed during rewrap (new file ID); run rewrap again".into(),
-                    });
-                }
-                f.write_all_at(&section, KEY_SECTION as u64).map_err(io_err(p))?;
-                f.sync_data().map_err(io_err(p))?;
-            }
-            r.rewrapped += 1;
-            Ok(true)
-        })();
+    for (e, res) in files.into_iter().zip(results) {
         match res {
-            Ok(true) => {}
-            Ok(false) => r.empty += 1,
-            Err(e) => r.failed.push((rel, e.to_string())),
+            Ok(Rewrapped::Done) => r.rewrapped += 1,
+            Ok(Rewrapped::Already) => r.already += 1,
+            Ok(Rewrapped::Empty) => r.empty += 1,
+            Err(err) => r.failed.push((e.plain, err.to_string())),
         }
     }
-    progress(total, total);
+    Ok(r)
+}
+
+/// `rewrap --dry-run`: reads the headers only and makes no key-provider
+/// call, so it works without the key and changes nothing. Names are not
+/// decrypted (that needs the name key), so it counts backing files: those
+/// whose header names `dest_key` (if known) are already done, the other
+/// kmsfs files would be re-wrapped, and the rest (empty files, kmsfs's own
+/// name and directory-ID files) are counted as `empty`.
+pub fn rewrap_plan(cipherdir: &Path, layout: Layout, dest_key: Option<&str>) -> Result<RewrapReport, OpError> {
+    let mut r = RewrapReport::default();
+    let mut stack = vec![cipherdir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let e = e.map_err(io_err(&dir))?;
+            let p = e.path();
+            let ft = e.file_type().map_err(io_err(&p))?;
+            if dir == cipherdir && e.file_name().as_encoded_bytes().starts_with(b".kmsfs") {
+                continue;
+            }
+            if ft.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            if !ft.is_file() {
+                continue;
+            }
+            let mut buf = vec![0u8; layout.header_size() as usize];
+            let header = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(&p)
+                .and_then(|f| f.read_exact_at(&mut buf, 0))
+                .ok()
+                .and_then(|()| FileHeader::parse(&buf, buf.len()).ok());
+            match header {
+                None => r.empty += 1,
+                Some(h) if dest_key.is_some_and(|k| k == h.wrapped.key_id) => r.already += 1,
+                Some(_) => r.rewrapped += 1,
+            }
+        }
+    }
     Ok(r)
 }
 
@@ -834,4 +976,84 @@ fn upgrade_one(dir: &OwnedFd, legacy: &DirKey, parent: &crate::format::Id, names
     crate::sys::fsync_dir(dir)?;
     crate::fs::store_dir_id(dir, &names.dir_record(&bound.id, &[parent]))?;
     Ok(renamed)
+}
+
+#[cfg(test)]
+mod par_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::keys::local::LocalProvider;
+    use crate::keys::{DataKey, WrappedKey};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Delegates to a local provider, counting the unwraps in flight.
+    struct Slow {
+        inner: LocalProvider,
+        now: AtomicUsize,
+        max: AtomicUsize,
+    }
+
+    impl KeyProvider for Slow {
+        fn name(&self) -> &'static str {
+            self.inner.name()
+        }
+        fn key_id(&self) -> String {
+            self.inner.key_id()
+        }
+        fn generate(&self, ctx: &KeyContext) -> Result<(DataKey, WrappedKey), KeyError> {
+            self.inner.generate(ctx)
+        }
+        fn wrap(&self, key: &DataKey, ctx: &KeyContext) -> Result<WrappedKey, KeyError> {
+            self.inner.wrap(key, ctx)
+        }
+        fn unwrap(&self, wrapped: &WrappedKey, ctx: &KeyContext) -> Result<DataKey, KeyError> {
+            let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max.fetch_max(n, Ordering::SeqCst);
+            // Long enough that the workers overlap, as KMS calls do.
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            self.inner.unwrap(wrapped, ctx)
+        }
+        fn rewrap(&self, wrapped: &WrappedKey, ctx: &KeyContext) -> Result<WrappedKey, KeyError> {
+            self.inner.rewrap(wrapped, ctx)
+        }
+        fn check(&self) -> Result<(), KeyError> {
+            self.inner.check()
+        }
+    }
+
+    #[test]
+    fn fsck_keeps_parallel_files_unwraps_in_flight_and_reports_in_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cipher = tmp.path().join("c");
+        std::fs::create_dir(&cipher).unwrap();
+        let p = Slow {
+            inner: LocalProvider::create_key_file(&tmp.path().join("k")).unwrap(),
+            now: AtomicUsize::new(0),
+            max: AtomicUsize::new(0),
+        };
+        let layout = Layout::new(crate::volume::LOCAL_HEADER_SIZE, 12).unwrap();
+        let vid = crate::format::random_id().unwrap();
+        let n = 3 * PARALLEL_FILES;
+        for i in 0..n {
+            let mut out = File::create(cipher.join(format!("f{i:03}"))).unwrap();
+            encrypt_stream(&mut &vec![i as u8; 5000 + i][..], &mut out, layout, vid, &p.inner).unwrap();
+        }
+        // Damage one file in the middle: the report names it, in order.
+        let victim = cipher.join("f020");
+        let mut b = std::fs::read(&victim).unwrap();
+        let last = b.len() - 1;
+        b[last] ^= 1;
+        std::fs::write(&victim, b).unwrap();
+        let mut seen = Vec::new();
+        let r = fsck(&cipher, layout, vid, &p, &crate::names::Names::plaintext(), false, |pr| seen.push(pr)).unwrap();
+        assert_eq!(r.files, n as u64);
+        assert_eq!(r.damaged.len(), 1);
+        assert_eq!(r.damaged[0].path, "/f020");
+        assert_eq!(p.max.load(Ordering::SeqCst), PARALLEL_FILES, "unwraps in flight");
+        let end = seen.last().unwrap();
+        assert_eq!((end.files, end.files_total), (n as u64, n as u64));
+        assert_eq!(end.bytes, end.bytes_total);
+        assert!(end.bytes_total > (n * 5000) as u64);
+    }
 }

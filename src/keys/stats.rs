@@ -111,6 +111,9 @@ impl KeyStats {
                         "p50_le": pct(0.5),
                         "p99_le": pct(0.99),
                         "max": self.lat_max_us[i].load(Relaxed),
+                        "sum": sum,
+                        // Per-bucket counts (not cumulative), by upper bound; the last is open.
+                        "buckets": BUCKETS_US.iter().zip(&counts).map(|(le, c)| serde_json::json!([le, c])).collect::<Vec<_>>(),
                     }
                 }),
             );
