@@ -34,6 +34,7 @@
 #   BENCH_FSX=1          afterwards, a long fsx soak on the kmsfs mount
 #                        (scripts/run-fsx.sh; BENCH_FSX_OPS ops per profile,
 #                        default 1000000, 20000 with BENCH_QUICK)
+#   BENCH_SHARED=1       shared mode (-o shared) against the default mode (scripts/bench/shared.sh)
 #   BENCH_KMS=1          KMS section: DEK pre-generation under +10 ms KMS latency (scripts/bench/kms.sh),
 #                        and branch key mode against a local key (scripts/bench/branch.sh)
 set -euo pipefail
@@ -46,7 +47,7 @@ export LC_ALL=C
 log() { echo "bench: $*" >&2; }
 die() { echo "bench: error: $*" >&2; exit 1; }
 
-usage() { sed -n '3,38p' "$0"; exit "${1:-0}"; }
+usage() { sed -n '3,39p' "$0"; exit "${1:-0}"; }
 case "${1:-}" in
     -h|--help) usage 0 ;;
     "") ;;
@@ -481,6 +482,14 @@ if [ "${BENCH_KMS:-0}" = 1 ]; then
     branch_out=$(KMSFS_BIN=$BIN scripts/bench/branch.sh 2000 10 3) || branch_out="branch.sh failed"
     echo "$branch_out"
     printf '\n## Branch key mode against a local key\n\n%s\n' "$branch_out" >>"$MD"
+fi
+
+if [ "${BENCH_SHARED:-0}" = 1 ]; then
+    echo
+    echo "== shared mode (-o shared) against the default mode (scripts/bench/shared.sh)"
+    shared_out=$(KMSFS_BIN=$BIN scripts/bench/shared.sh 512 3) || shared_out="shared.sh failed"
+    echo "$shared_out"
+    printf '\n## Shared mode against the default mode\n\n%s\n' "$shared_out" >>"$MD"
 fi
 
 if [ "${BENCH_FSX:-0}" = 1 ]; then

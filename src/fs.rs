@@ -319,6 +319,9 @@ pub struct EncFs {
     shared: bool,
     /// Integrity log lines: rate-limited, with absolute paths.
     pub integrity_log: crate::error::IntegrityLog,
+    /// Plaintext bytes served by read and accepted by write, for metrics.
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
 }
 
 impl EncFs {
@@ -365,6 +368,8 @@ impl EncFs {
             euid_root,
             shared: false,
             integrity_log: Default::default(),
+            bytes_read: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
         })
     }
 
@@ -1524,7 +1529,10 @@ impl EncFs {
     pub fn read_with<R>(&self, fh: u64, off: u64, size: u32, done: impl FnOnce(Result<&[u8], FsError>) -> R) -> R {
         let mut buf = Scratch::take();
         match self.read_into(fh, off, size, buf.vec()) {
-            Ok(n) => done(Ok(&buf.vec()[..n])),
+            Ok(n) => {
+                self.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+                done(Ok(&buf.vec()[..n]))
+            }
             Err(e) => done(Err(e)),
         }
     }
@@ -1680,6 +1688,7 @@ impl EncFs {
             Some(k) => enc.write_at(k, off, data),
             None => Err(FileError::NeedKey),
         })?;
+        self.bytes_written.fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(data.len() as u32)
     }
 
@@ -2080,6 +2089,8 @@ impl EncFs {
         v["inodes"] = rlock(&self.nodes).len().into();
         v["handles"] = rlock(&self.handles).len().into();
         v["integrity_errors"] = self.integrity_log.total().into();
+        v["bytes_read"] = self.bytes_read.load(Ordering::Relaxed).into();
+        v["bytes_written"] = self.bytes_written.load(Ordering::Relaxed).into();
         v
     }
 }

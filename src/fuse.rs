@@ -86,19 +86,6 @@ fn attr(a: &Attr) -> FileAttr {
     }
 }
 
-fn errno(op: &str, e: &FsError) -> Errno {
-    let n = e.errno();
-    if e.is_notable() {
-        // Integrity errors were already logged with path and block.
-        if !matches!(e, FsError::Integrity { .. }) {
-            warn!(op, errno = n, "{e}");
-        }
-    } else {
-        debug!(op, errno = n, "{e}");
-    }
-    Errno::from_i32(n)
-}
-
 fn time(t: Option<TimeOrNow>) -> Option<SetTime> {
     t.map(|t| match t {
         TimeOrNow::Now => SetTime::Now,
@@ -108,6 +95,22 @@ fn time(t: Option<TimeOrNow>) -> Option<SetTime> {
 
 fn caller(req: &Request) -> Caller {
     Caller { uid: req.uid(), gid: req.gid() }
+}
+
+/// The errno for a failed operation on inode `ino` (for name operations,
+/// the parent directory), logged with the path it concerns when it is worth
+/// a line (a key provider's refusal or outage, say).
+fn errno(fs: &EncFs, op: &str, ino: u64, e: &FsError) -> Errno {
+    let n = e.errno();
+    if e.is_notable() {
+        // Integrity errors were already logged with path and block.
+        if !matches!(e, FsError::Integrity { .. }) {
+            warn!(op, errno = n, path = %fs.path_of(ino), "{e}");
+        }
+    } else {
+        debug!(op, errno = n, "{e}");
+    }
+    Errno::from_i32(n)
 }
 
 impl Filesystem for KmsFuse {
@@ -142,7 +145,7 @@ impl Filesystem for KmsFuse {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.fs.lookup(parent.0, name) {
             Ok(a) => reply.entry(self.ttl(), &attr(&a), Generation(0)),
-            Err(e) => reply.error(errno("lookup", &e)),
+            Err(e) => reply.error(errno(&self.fs, "lookup", parent.0, &e)),
         }
     }
 
@@ -153,7 +156,7 @@ impl Filesystem for KmsFuse {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(self.ttl(), &attr(&a)),
-            Err(e) => reply.error(errno("getattr", &e)),
+            Err(e) => reply.error(errno(&self.fs, "getattr", ino.0, &e)),
         }
     }
 
@@ -196,14 +199,14 @@ impl Filesystem for KmsFuse {
         };
         match r {
             Ok(a) => reply.attr(self.ttl(), &attr(&a)),
-            Err(e) => reply.error(errno("setattr", &e)),
+            Err(e) => reply.error(errno(&self.fs, "setattr", ino.0, &e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.fs.readlink(ino.0) {
             Ok(t) => reply.data(&t),
-            Err(e) => reply.error(errno("readlink", &e)),
+            Err(e) => reply.error(errno(&self.fs, "readlink", ino.0, &e)),
         }
     }
 
@@ -219,35 +222,35 @@ impl Filesystem for KmsFuse {
     ) {
         match self.fs.mknod(parent.0, name, mode, rdev, caller(req)) {
             Ok(a) => reply.entry(self.ttl(), &attr(&a), Generation(0)),
-            Err(e) => reply.error(errno("mknod", &e)),
+            Err(e) => reply.error(errno(&self.fs, "mknod", parent.0, &e)),
         }
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
         match self.fs.mkdir(parent.0, name, mode, caller(req)) {
             Ok(a) => reply.entry(self.ttl(), &attr(&a), Generation(0)),
-            Err(e) => reply.error(errno("mkdir", &e)),
+            Err(e) => reply.error(errno(&self.fs, "mkdir", parent.0, &e)),
         }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         match self.fs.unlink(parent.0, name) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("unlink", &e)),
+            Err(e) => reply.error(errno(&self.fs, "unlink", parent.0, &e)),
         }
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         match self.fs.rmdir(parent.0, name) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("rmdir", &e)),
+            Err(e) => reply.error(errno(&self.fs, "rmdir", parent.0, &e)),
         }
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         match self.fs.symlink(parent.0, link_name, target.as_os_str(), caller(req)) {
             Ok(a) => reply.entry(self.ttl(), &attr(&a), Generation(0)),
-            Err(e) => reply.error(errno("symlink", &e)),
+            Err(e) => reply.error(errno(&self.fs, "symlink", parent.0, &e)),
         }
     }
 
@@ -263,21 +266,21 @@ impl Filesystem for KmsFuse {
     ) {
         match self.fs.rename(parent.0, name, newparent.0, newname, flags.bits()) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("rename", &e)),
+            Err(e) => reply.error(errno(&self.fs, "rename", parent.0, &e)),
         }
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         match self.fs.link(ino.0, newparent.0, newname) {
             Ok(a) => reply.entry(self.ttl(), &attr(&a), Generation(0)),
-            Err(e) => reply.error(errno("link", &e)),
+            Err(e) => reply.error(errno(&self.fs, "link", ino.0, &e)),
         }
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open(ino.0, flags.0, caller(req)) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno("open", &e)),
+            Err(e) => reply.error(errno(&self.fs, "open", ino.0, &e)),
         }
     }
 
@@ -294,7 +297,7 @@ impl Filesystem for KmsFuse {
     ) {
         self.fs.read_with(fh.0, offset, size, |r| match r {
             Ok(d) => reply.data(d),
-            Err(e) => reply.error(errno("read", &e)),
+            Err(e) => reply.error(errno(&self.fs, "read", _ino.0, &e)),
         });
     }
 
@@ -315,7 +318,7 @@ impl Filesystem for KmsFuse {
         let kill_suid = wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         match self.fs.write(fh.0, offset, data, kill_suid) {
             Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno("write", &e)),
+            Err(e) => reply.error(errno(&self.fs, "write", _ino.0, &e)),
         }
     }
 
@@ -349,21 +352,21 @@ impl Filesystem for KmsFuse {
         }
         match self.fs.release(fh.0) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("release", &e)),
+            Err(e) => reply.error(errno(&self.fs, "release", ino.0, &e)),
         }
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         match self.fs.fsync(fh.0, datasync) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("fsync", &e)),
+            Err(e) => reply.error(errno(&self.fs, "fsync", _ino.0, &e)),
         }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno("opendir", &e)),
+            Err(e) => reply.error(errno(&self.fs, "opendir", ino.0, &e)),
         }
     }
 
@@ -377,21 +380,21 @@ impl Filesystem for KmsFuse {
                 }
                 reply.ok();
             }
-            Err(e) => reply.error(errno("readdir", &e)),
+            Err(e) => reply.error(errno(&self.fs, "readdir", _ino.0, &e)),
         }
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
         match self.fs.release(fh.0) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("releasedir", &e)),
+            Err(e) => reply.error(errno(&self.fs, "releasedir", _ino.0, &e)),
         }
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         match self.fs.fsyncdir(ino.0) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("fsyncdir", &e)),
+            Err(e) => reply.error(errno(&self.fs, "fsyncdir", ino.0, &e)),
         }
     }
 
@@ -407,7 +410,7 @@ impl Filesystem for KmsFuse {
                 255,
                 s.f_frsize as u32,
             ),
-            Err(e) => reply.error(errno("statfs", &e)),
+            Err(e) => reply.error(errno(&self.fs, "statfs", _ino.0, &e)),
         }
     }
 
@@ -423,7 +426,7 @@ impl Filesystem for KmsFuse {
     ) {
         match self.fs.setxattr(ino.0, name, value, flags) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("setxattr", &e)),
+            Err(e) => reply.error(errno(&self.fs, "setxattr", ino.0, &e)),
         }
     }
 
@@ -431,7 +434,7 @@ impl Filesystem for KmsFuse {
         match self.fs.getxattr(ino.0, name, size) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) => reply.data(&v),
-            Err(e) => reply.error(errno("getxattr", &e)),
+            Err(e) => reply.error(errno(&self.fs, "getxattr", ino.0, &e)),
         }
     }
 
@@ -440,14 +443,14 @@ impl Filesystem for KmsFuse {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
             Ok(v) => reply.data(&v),
-            Err(e) => reply.error(errno("listxattr", &e)),
+            Err(e) => reply.error(errno(&self.fs, "listxattr", ino.0, &e)),
         }
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         match self.fs.removexattr(ino.0, name) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("removexattr", &e)),
+            Err(e) => reply.error(errno(&self.fs, "removexattr", ino.0, &e)),
         }
     }
 
@@ -456,7 +459,7 @@ impl Filesystem for KmsFuse {
         // confirms the inode exists.
         match self.fs.getattr(ino.0) {
             Ok(_) => reply.ok(),
-            Err(e) => reply.error(errno("access", &e)),
+            Err(e) => reply.error(errno(&self.fs, "access", ino.0, &e)),
         }
     }
 
@@ -472,7 +475,7 @@ impl Filesystem for KmsFuse {
     ) {
         match self.fs.create(parent.0, name, mode, flags, caller(req)) {
             Ok((a, fh)) => reply.created(self.ttl(), &attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno("create", &e)),
+            Err(e) => reply.error(errno(&self.fs, "create", parent.0, &e)),
         }
     }
 
@@ -488,7 +491,7 @@ impl Filesystem for KmsFuse {
     ) {
         match self.fs.fallocate(fh.0, offset, length, mode, caller(req)) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("fallocate", &e)),
+            Err(e) => reply.error(errno(&self.fs, "fallocate", _ino.0, &e)),
         }
     }
 
@@ -507,7 +510,7 @@ impl Filesystem for KmsFuse {
     ) {
         match self.fs.copy_range(fh_in.0, offset_in, fh_out.0, offset_out, len, caller(req)) {
             Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno("copy_file_range", &e)),
+            Err(e) => reply.error(errno(&self.fs, "copy_file_range", _ino_in.0, &e)),
         }
     }
 
@@ -558,7 +561,7 @@ impl Filesystem for KmsFuse {
         // another host, so no pid is reported.
         match self.fs.getlk(fh.0, lock_owner.0, start, end, typ) {
             Ok((s, e, t)) => reply.locked(s, e, t, 0),
-            Err(e) => reply.error(errno("getlk", &e)),
+            Err(e) => reply.error(errno(&self.fs, "getlk", _ino.0, &e)),
         }
     }
 
@@ -578,7 +581,7 @@ impl Filesystem for KmsFuse {
         if !sleep {
             match self.fs.setlk(fh.0, lock_owner.0, start, end, typ, false) {
                 Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno("setlk", &e)),
+                Err(e) => reply.error(errno(&self.fs, "setlk", _ino.0, &e)),
             }
             return;
         }
@@ -589,7 +592,7 @@ impl Filesystem for KmsFuse {
         let spawned = std::thread::Builder::new().name("kmsfs-lockw".into()).spawn(move || {
             match fs.setlk(fh.0, lock_owner.0, start, end, typ, true) {
                 Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno("setlk", &e)),
+                Err(e) => reply.error(errno(&fs, "setlk", _ino.0, &e)),
             }
         });
         if let Err(e) = spawned {
@@ -604,7 +607,7 @@ impl Filesystem for KmsFuse {
         };
         match self.fs.lseek(fh.0, off, whence) {
             Ok(o) => reply.offset(o as i64),
-            Err(e) => reply.error(errno("lseek", &e)),
+            Err(e) => reply.error(errno(&self.fs, "lseek", _ino.0, &e)),
         }
     }
 }

@@ -664,6 +664,7 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
             Ok(0)
         }
         Cmd::Encrypt { volume, kms_key, key_file, input, output } => {
+            stdin_once(&input, key_file.as_deref())?;
             let (provider, layout, vid): (Arc<dyn KeyProvider>, Layout, _) = if let Some(v) = &volume {
                 key_outside(v, key_file.as_deref())?;
                 let ov = open_volume(v, key_file, None)?;
@@ -686,6 +687,7 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
             Ok(0)
         }
         Cmd::Decrypt { volume, key_file, kms_key, trust_header_key, input, output } => {
+            stdin_once(&input, key_file.as_deref())?;
             let mut i = byte_progress("decrypt", &input, open_in(&input)?);
             let provider: Arc<dyn KeyProvider> = if let Some(v) = &volume {
                 key_outside(v, key_file.as_deref())?;
@@ -1039,6 +1041,18 @@ fn prometheus(v: &serde_json::Value, mnt: &Path) -> String {
         "counter",
         "Reads that failed authentication (EIO), logged or not.",
         vec![(String::new(), v["integrity_errors"].clone())],
+    );
+    metric(
+        "read_bytes_total",
+        "counter",
+        "Plaintext bytes served by read.",
+        vec![(String::new(), v["bytes_read"].clone())],
+    );
+    metric(
+        "written_bytes_total",
+        "counter",
+        "Plaintext bytes accepted by write.",
+        vec![(String::new(), v["bytes_written"].clone())],
     );
     metric("inodes", "gauge", "Inodes the mount knows.", vec![(String::new(), v["inodes"].clone())]);
     metric("handles", "gauge", "Open file handles.", vec![(String::new(), v["handles"].clone())]);
@@ -1727,6 +1741,53 @@ fn spawn_session(adapter: KmsFuse, mnt: &Path, plan: &MountPlan) -> std::io::Res
     fuser::spawn_mount(adapter, mnt, &plan.fuse)
 }
 
+/// Standard input can carry the key (`--key-file -`) or the data, not both.
+fn stdin_once(input: &Path, key_file: Option<&Path>) -> Result<(), Failure> {
+    if input == Path::new("-") && key_file == Some(Path::new("-")) {
+        return Err(Failure(exit::USAGE, "standard input cannot carry both the key and the data".into()));
+    }
+    Ok(())
+}
+
+/// Environment variable naming the pipe that carries a `--key-file -` key
+/// from the mount command to its daemon child.
+const KEY_FD_ENV: &str = "KMSFS_KEY_FD";
+
+/// A pipe holding `text`, whose read end (returned) a child inherits; the
+/// write end is closed here, so the child reads the key and then EOF.
+fn key_pipe(text: &[u8]) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let (r, w) = daemon::pipe()?;
+    // SAFETY: fcntl on descriptors this function owns, with valid flags.
+    unsafe {
+        if libc::fcntl(r.as_raw_fd(), libc::F_SETFD, 0) != 0
+            || libc::fcntl(w.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    // A key is far below the pipe's capacity: this never blocks.
+    std::fs::File::from(w).write_all(text)?;
+    Ok(r)
+}
+
+/// In the daemon child: takes the key its parent passed through the pipe.
+fn take_piped_key() -> Result<(), Failure> {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    let Some(fd) = std::env::var(KEY_FD_ENV).ok().and_then(|v| v.parse::<i32>().ok()) else { return Ok(()) };
+    // SAFETY: the parent passed this descriptor for us alone; unset so it
+    // is taken once.
+    let f = unsafe {
+        std::env::remove_var(KEY_FD_ENV);
+        std::fs::File::from_raw_fd(fd)
+    };
+    let mut text = zeroize::Zeroizing::new(Vec::with_capacity(80));
+    f.take(256).read_to_end(&mut text).map_err(|e| Failure(exit::ERROR, format!("key pipe: {e}")))?;
+    LocalProvider::set_stdin_key(text);
+    Ok(())
+}
+
 fn mount(m: MountArgs) -> Result<u8, Failure> {
     let mut plan = parse_options(&m)?;
     let in_child = std::env::var_os(daemon::READY_FD_ENV).is_some();
@@ -1750,6 +1811,15 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
         let mut args: Vec<std::ffi::OsString> = vec!["mount".into(), "--foreground".into()];
         args.extend(std::env::args_os().skip(1).filter(|a| a != "mount"));
         let mut cmd = std::process::Command::new(exe);
+        // `--key-file -`: the key this parent read from standard input goes
+        // to the daemon through a pipe, never through a file or argument.
+        let key_fd = match LocalProvider::stdin_key_text() {
+            Some(text) => Some(key_pipe(&text).map_err(|e| Failure(exit::ERROR, e.to_string()))?),
+            None => None,
+        };
+        if let Some(fd) = &key_fd {
+            cmd.env(KEY_FD_ENV, fd.as_raw_fd().to_string());
+        }
         cmd.args(args)
             .env(daemon::READY_FD_ENV, w.as_raw_fd().to_string())
             .stdin(std::process::Stdio::null())
@@ -1757,6 +1827,7 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
             .stderr(std::process::Stdio::null());
         let child = cmd.spawn().map_err(|e| Failure(exit::MOUNT, format!("cannot start the daemon: {e}")))?;
         drop(w);
+        drop(key_fd);
         return match daemon::wait_ready(r) {
             Ok(()) => Ok(0),
             Err(msg) => {
@@ -1770,6 +1841,7 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
         };
     }
     let log = if in_child {
+        take_piped_key()?;
         daemon::detach();
         init_logging(m.log_file.as_deref(), m.log_file.is_none())?
     } else {

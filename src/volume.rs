@@ -235,6 +235,9 @@ pub struct OpenVolume {
 /// Whether `path` lies inside `cipherdir` (after resolving both). Key files
 /// there would be readable by whoever holds the cipher dir.
 pub fn inside(cipherdir: &Path, path: &Path) -> bool {
+    if path == Path::new("-") {
+        return false; // standard input
+    }
     let Ok(cd) = std::fs::canonicalize(cipherdir) else { return false };
     let Ok(abs) = std::path::absolute(path) else { return false };
     // The final component is never followed when the key is opened; resolve

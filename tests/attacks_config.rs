@@ -250,3 +250,50 @@ fn another_volumes_config_under_another_key_is_refused() {
     let (code, out) = run(&["fsck", p(&v.cipher)]);
     assert!(matches!(code, 3 | 4), "{out}");
 }
+
+/// Runs kmsfs with `stdin` piped in: (exit code, output).
+fn run_stdin(args: &[&str], stdin: &[u8]) -> (i32, String) {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+    s.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), s)
+}
+
+#[test]
+fn key_on_standard_input() {
+    if !fuse_available("key_on_standard_input") {
+        return;
+    }
+    let v = Volume::new();
+    let key = std::fs::read(&v.key).unwrap();
+    // The recorded key file is gone: only standard input has the key.
+    let moved = v.tmp.path().join("elsewhere.key");
+    std::fs::rename(&v.key, &moved).unwrap();
+    let (code, out) = run(&["fsck", p(&v.cipher)]);
+    assert_eq!(code, 4, "{out}");
+    let (code, out) = run_stdin(&["fsck", p(&v.cipher), "--key-file", "-"], &key);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = run_stdin(&["fsck", p(&v.cipher), "--key-file", "-"], b"not a key\n");
+    assert_eq!(code, 4, "{out}");
+    // A background mount hands the key to its daemon through a pipe.
+    let mnt = v.tmp.path().join("m");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let (code, out) = run_stdin(&["mount", p(&v.cipher), p(&mnt), "--key-file", "-"], &key);
+    assert_eq!(code, 0, "{out}");
+    std::fs::write(mnt.join("f"), b"through stdin").unwrap();
+    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"through stdin");
+    let (code, out) = run(&["unmount", p(&mnt)]);
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = run_stdin(&["decrypt", "--volume", p(&v.cipher), "--key-file", "-", "-", "-"], &key);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("both the key and the data"), "{out}");
+}

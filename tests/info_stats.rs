@@ -50,10 +50,20 @@ fn stats_in_prometheus_format() {
     }
     let v = Volume::new();
     let m = v.mount("m", &[]);
-    std::fs::write(m.path("a"), b"x").unwrap();
+    std::fs::write(m.path("a"), vec![7u8; 10_000]).unwrap();
+    // Through the page cache the kernel writes back at close; a read with
+    // the cache dropped reaches the daemon.
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    assert_eq!(std::fs::read(m.path("a")).unwrap().len(), 10_000);
     let out = Command::new(BIN).args(["stats", "--format", "prometheus"]).arg(&m.mnt).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let value = |name: &str| -> u64 {
+        let l = text.lines().find(|l| l.starts_with(&format!("{name}{{"))).unwrap_or_else(|| panic!("{name}: {text}"));
+        l.rsplit_once(' ').unwrap().1.parse().unwrap()
+    };
+    assert!((10_000..20_000).contains(&value("kmsfs_written_bytes_total")), "{text}");
+    assert!(value("kmsfs_read_bytes_total") >= 10_000, "{text}");
     for name in [
         "kmsfs_kms_calls_total",
         "kmsfs_kms_errors_total",

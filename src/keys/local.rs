@@ -22,6 +22,35 @@ const WRAP_LABEL: &[u8] = b"kmsfs-local-wrap-v1";
 /// Read limit for a key file.
 const KEY_FILE_MAX: u64 = 256;
 
+/// The key read from standard input (`--key-file -`), once per process.
+static STDIN_KEY: std::sync::Mutex<Option<Zeroizing<Vec<u8>>>> = std::sync::Mutex::new(None);
+
+/// Reads a key file's text, refusing anything much larger than a key.
+fn read_key_text(r: &mut dyn std::io::Read, path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    use std::io::Read;
+    // 64 hex digits and a newline; anything much larger is not a key file.
+    let mut text = Zeroizing::new(Vec::with_capacity(80));
+    r.take(KEY_FILE_MAX).read_to_end(&mut text).map_err(|e| kf_err(path, format!("cannot read: {e}")))?;
+    if text.len() as u64 >= KEY_FILE_MAX {
+        return Err(kf_err(path, "not a kmsfs key file (too large)"));
+    }
+    Ok(text)
+}
+
+/// The key text on standard input, read on first use.
+fn stdin_key(path: &Path) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    let mut slot = STDIN_KEY.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = slot.as_ref() {
+        return Ok(t.clone());
+    }
+    let text = read_key_text(&mut std::io::stdin().lock(), path)?;
+    if text.is_empty() {
+        return Err(kf_err(path, "no key on standard input"));
+    }
+    *slot = Some(text.clone());
+    Ok(text)
+}
+
 /// The local key-file provider.
 pub struct LocalProvider {
     kek: LessSafeKey,
@@ -72,8 +101,14 @@ impl LocalProvider {
     /// read, so a swap between the check and the read changes nothing. The
     /// file must be a small regular file owned by us or root with no group
     /// or other bits.
+    ///
+    /// The path `-` means standard input (`--key-file -`): read once, at
+    /// most 256 bytes, and kept (zeroized on exit) for the process's other
+    /// uses of the same key.
     pub fn open(path: &Path) -> Result<Self, KeyError> {
-        use std::io::Read;
+        if path == Path::new("-") {
+            return Self::from_text(path, &stdin_key(path)?);
+        }
         // O_PATH first: the path may come from the (unauthenticated)
         // config's `key_file`, so it is never opened for reading unless it
         // is a regular file (opening a FIFO or a device can act).
@@ -106,13 +141,12 @@ impl LocalProvider {
                 format!("permissions {mode:04o} are too open; run: chmod 600 {}", path.display()),
             ));
         }
-        // 64 hex digits and a newline; anything much larger is not a key file.
-        let mut text = Zeroizing::new(Vec::with_capacity(80));
-        (&f).take(KEY_FILE_MAX).read_to_end(&mut text).map_err(|e| kf_err(path, format!("cannot read: {e}")))?;
-        if text.len() as u64 >= KEY_FILE_MAX {
-            return Err(kf_err(path, "not a kmsfs key file (too large)"));
-        }
-        let trimmed = text.strip_suffix(b"\n").unwrap_or(&text);
+        Self::from_text(path, &read_key_text(&mut &f, path)?)
+    }
+
+    /// Parses key-file text (64 hex digits and a newline).
+    fn from_text(path: &Path, text: &[u8]) -> Result<Self, KeyError> {
+        let trimmed = text.strip_suffix(b"\n").unwrap_or(text);
         let s = std::str::from_utf8(trimmed).map_err(|_| kf_err(path, "not a kmsfs key file"))?;
         let mut raw = Zeroizing::new(
             crate::format::unhex::<DEK_LEN>(s)
@@ -121,6 +155,17 @@ impl LocalProvider {
         let p = Self::from_raw(&raw);
         raw.zeroize();
         p
+    }
+
+    /// Hands the daemon child the key its parent read from standard input
+    /// (through a pipe, see `kmsfs mount --key-file -`).
+    pub fn set_stdin_key(text: Zeroizing<Vec<u8>>) {
+        *STDIN_KEY.lock().unwrap_or_else(|e| e.into_inner()) = Some(text);
+    }
+
+    /// The key text read from standard input, if any (for the daemon child).
+    pub fn stdin_key_text() -> Option<Zeroizing<Vec<u8>>> {
+        STDIN_KEY.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn from_raw(raw: &[u8; DEK_LEN]) -> Result<Self, KeyError> {
