@@ -242,3 +242,40 @@ fn disabling_the_key_stops_listings_within_one_max_age() {
     let log = std::fs::read_to_string(tmp.path().join("m2.log")).unwrap();
     assert!(log.contains("name key is refused") && log.contains("names are back"), "{log}");
 }
+
+#[test]
+fn credentials_and_keys_never_reach_the_log_even_at_trace() {
+    need_harness!("credentials_and_keys_never_reach_the_log_even_at_trace");
+    if !fuse_available("credentials_and_keys_never_reach_the_log_even_at_trace") {
+        return;
+    }
+    let key = create_key("log-hygiene");
+    let (tmp, cipher) = kms_volume(&key.id);
+    let mnt = tmp.path().join("m");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let log = tmp.path().join("trace.log");
+    // moto accepts any secret: a distinctive one shows whether it leaks.
+    const SECRET: &str = "kmsfsTestSecretThatMustNeverBeLogged0123";
+    let mut child = Command::new(BIN)
+        .args(["mount", p(&cipher), p(&mnt), "-f", "--log-file", p(&log)])
+        .env("KMSFS_LOG", "trace")
+        .env("AWS_SECRET_ACCESS_KEY", SECRET)
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !mounted(&mnt) {
+        assert!(t.elapsed().as_secs() < 20, "mount did not come up");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::fs::write(mnt.join("f"), b"data").unwrap();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"data");
+    let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("TRACE") || text.contains("DEBUG"), "trace logging was on: {text}");
+    assert!(!text.contains(SECRET), "the secret key reached the log");
+    for field in ["Plaintext", "CiphertextBlob", "Authorization", "x-amz-security-token"] {
+        assert!(!text.contains(field), "{field} reached the log");
+    }
+}

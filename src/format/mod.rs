@@ -42,6 +42,11 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// Parses lower- or upper-case hex of exactly `N` bytes.
+///
+/// Kept by hand rather than taken from the `hex` crate: it decodes into a
+/// fixed-size array the caller owns (a key file's bytes go straight into a
+/// `Zeroizing` buffer, never into a heap copy that outlives it), and it is a
+/// dozen lines with no error type to carry.
 pub fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
     let s = s.as_bytes();
     if s.len() != N * 2 {
