@@ -706,7 +706,7 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                 if prefix[..4] != kmsfs::format::MAGIC {
                     return Err(Failure(exit::VOLUME, "input: not a kmsfs file (bad magic)".into()));
                 }
-                let hs = usize::from(u16::from_be_bytes([prefix[6], prefix[7]]));
+                let hs = kmsfs::format::header::declared_size(&prefix).unwrap_or(0);
                 prefix.resize(hs.max(8), 0);
                 i.read_exact(&mut prefix[8..]).map_err(|e| Failure(exit::DAMAGED, format!("input: {e}")))?;
                 let h = kmsfs::ops::peek_header(&prefix).map_err(|e| Failure(exit::DAMAGED, format!("input: {e}")))?;
