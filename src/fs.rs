@@ -353,8 +353,7 @@ impl EncFs {
         });
         let mut nodes = HashMap::new();
         nodes.insert(ROOT_INO, root);
-        // SAFETY: geteuid cannot fail.
-        let euid_root = unsafe { libc::geteuid() } == 0;
+        let euid_root = sys::euid() == 0;
         Ok(Self {
             root_path: cipherdir.to_path_buf(),
             root_st_ino: st.st_ino,
