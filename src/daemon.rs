@@ -1,6 +1,5 @@
 //! Process plumbing for the mount daemon: readiness pipe, sd_notify, signal
 //! waiting, syslog logging and key-memory hygiene.
-#![allow(unsafe_code)]
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -14,13 +13,13 @@ pub const READY_FD_ENV: &str = "KMSFS_READY_FD";
 /// A pipe: (read end, write end). The read end is close-on-exec.
 pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
-    // SAFETY: valid out-array of two fds.
+    // SAFETY: pipe writes exactly two ints into `fds`, a local [c_int; 2].
     if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: fresh descriptors we own.
+    // SAFETY: pipe succeeded, so both are new descriptors no other owner holds.
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: plain fcntl on an owned fd.
+    // SAFETY: fcntl(F_SETFD) takes integers only; `r` keeps fds[0] open.
     unsafe { libc::fcntl(fds[0], libc::F_SETFD, libc::FD_CLOEXEC) };
     Ok((r, w))
 }
@@ -43,10 +42,15 @@ pub fn wait_ready(read_end: OwnedFd) -> Result<(), String> {
 /// Tells the parent (daemon mode) how the mount went, then closes the pipe.
 pub fn report_ready(msg: &str) {
     if let Some(fd) = std::env::var(READY_FD_ENV).ok().and_then(|v| v.parse::<RawFd>().ok()) {
-        // SAFETY: the parent passed us this fd; we take ownership once.
+        // SAFETY: the parent opened this descriptor for this process alone and
+        // nothing else here uses its number; the variable is removed below, so
+        // the File is its only owner.
         let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
         let _ = f.write_all(msg.as_bytes());
-        // SAFETY: plain call; unset so a second report cannot reuse the fd.
+        // SAFETY: std serializes its own environment access under a lock, so the
+        // remaining hazard is C code calling getenv in another thread at this
+        // moment; kmsfs's threads (FUSE workers, key pool) do not. Unset so a
+        // second report cannot reuse the fd.
         unsafe { std::env::remove_var(READY_FD_ENV) };
     }
 }
@@ -82,7 +86,8 @@ pub enum Sig {
 }
 
 fn sigset() -> libc::sigset_t {
-    // SAFETY: sigset operations on a local set.
+    // SAFETY: all-zero is a valid sigset_t (plain data), and the sigset calls
+    // only read and write `set`, a local we own exclusively.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -97,7 +102,8 @@ fn sigset() -> libc::sigset_t {
 /// so only `wait_signal` sees them. Call first thing in `main`.
 pub fn block_signals() {
     let set = sigset();
-    // SAFETY: valid set pointer.
+    // SAFETY: pthread_sigmask reads `set`, a live local; the old-mask pointer is
+    // null, so nothing is written.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 }
 
@@ -105,7 +111,8 @@ pub fn block_signals() {
 pub fn wait_signal(timeout: Duration) -> Option<Sig> {
     let set = sigset();
     let ts = libc::timespec { tv_sec: timeout.as_secs() as i64, tv_nsec: timeout.subsec_nanos() as i64 };
-    // SAFETY: valid pointers; info may be null.
+    // SAFETY: sigtimedwait reads `set` and `ts`, live locals; the info pointer is
+    // null (allowed), so nothing is written.
     let s = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
     match s {
         libc::SIGUSR1 => Some(Sig::Stats),
@@ -172,7 +179,7 @@ pub fn flush_mount(root: &std::fs::File, open: Vec<std::path::PathBuf>, deadline
 pub fn unmount(mnt: &Path, lazy: bool) -> std::io::Result<()> {
     let c = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
     let flags = if lazy { libc::MNT_DETACH } else { 0 };
-    // SAFETY: valid C string.
+    // SAFETY: `c` is a CString alive for the call; umount2 writes no memory.
     if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
         return Ok(());
     }
@@ -193,7 +200,9 @@ pub fn unmount(mnt: &Path, lazy: bool) -> std::io::Result<()> {
 
 /// Detaches from the terminal: new session, stdio to /dev/null.
 pub fn detach() {
-    // SAFETY: plain syscalls; failures are harmless here.
+    // SAFETY: these calls take integers and the static C string "/dev/null";
+    // none touches Rust-owned memory, and dup2 onto 0..2 only replaces the
+    // stdio descriptors, which Rust's stdio uses by number.
     unsafe {
         libc::setsid();
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
@@ -210,18 +219,18 @@ pub fn detach() {
 
 /// Keeps key material out of core dumps and swap where the system allows.
 pub fn harden_memory() {
-    // SAFETY: plain prctl.
+    // SAFETY: prctl(PR_SET_DUMPABLE) takes integers only and touches no memory.
     if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
         tracing::warn!("cannot disable core dumps: {}", std::io::Error::last_os_error());
     }
-    // SAFETY: valid out-pointer.
+    // SAFETY: libc::rlimit is plain integers; all-zero bits are valid.
     let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer.
+    // SAFETY: getrlimit writes one rlimit into `lim`, a local we own exclusively.
     unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
     if lim.rlim_cur == libc::RLIM_INFINITY {
         // Only with an unlimited MEMLOCK: MCL_FUTURE under a finite limit
         // would make later allocations fail.
-        // SAFETY: plain call.
+        // SAFETY: mlockall takes flags only and touches no memory.
         if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) } != 0 {
             tracing::warn!("cannot lock memory, keys may be swapped: {}", std::io::Error::last_os_error());
         }
@@ -236,9 +245,9 @@ pub fn harden_memory() {
 /// Raises the open-file limit to its hard maximum: each known inode holds
 /// one O_PATH descriptor.
 pub fn raise_nofile() {
-    // SAFETY: valid out-pointer.
+    // SAFETY: libc::rlimit is plain integers; all-zero bits are valid.
     let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointers.
+    // SAFETY: getrlimit/setrlimit read and write `lim` only, a local we own.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
@@ -316,9 +325,10 @@ impl LogFile {
 pub fn stderr_is_journal() -> bool {
     let Some(v) = std::env::var_os("JOURNAL_STREAM") else { return false };
     let Some((dev, ino)) = v.to_str().and_then(|v| v.split_once(':')) else { return false };
-    // SAFETY: valid out-pointer; fd 2 may be closed, then fstat fails.
+    // SAFETY: libc::stat is plain integers; all-zero bits are valid.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
+    // SAFETY: fstat writes one stat into `st`, a local we own exclusively; if fd 2
+    // is closed it fails and writes nothing.
     if unsafe { libc::fstat(2, &mut st) } != 0 {
         return false;
     }
@@ -332,7 +342,8 @@ pub struct Syslog;
 impl Syslog {
     /// Opens the syslog connection.
     pub fn open() -> Self {
-        // SAFETY: static ident string.
+        // SAFETY: openlog keeps the ident pointer; it is a static C string, alive for
+        // the whole process.
         unsafe { libc::openlog(c"kmsfs".as_ptr(), libc::LOG_PID, libc::LOG_DAEMON) };
         Syslog
     }
@@ -350,7 +361,8 @@ impl Write for Syslog {
                 libc::LOG_INFO
             };
             if let Ok(c) = std::ffi::CString::new(line.replace('\0', "")) {
-                // SAFETY: "%s" with a valid C string.
+                // SAFETY: the format is the static "%s" with exactly one argument, `c`, a
+                // CString alive for the call: no user text is read as a format.
                 unsafe { libc::syslog(pri, c"%s".as_ptr(), c.as_ptr()) };
             }
         }
@@ -458,7 +470,7 @@ pub fn mount_typed(
     use std::os::unix::fs::MetadataExt;
     let dev = std::fs::OpenOptions::new().read(true).write(true).custom_flags_cloexec().open("/dev/fuse")?;
     let mode = std::fs::metadata(mnt)?.mode() & libc::S_IFMT;
-    // SAFETY: getuid/getgid cannot fail.
+    // SAFETY: getuid/getgid take no arguments, touch no memory and cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let mut data = format!("fd={},rootmode={mode:o},user_id={uid},group_id={gid}", dev.as_raw_fd());
     let mut flags: libc::c_ulong = 0;
@@ -489,7 +501,8 @@ pub fn mount_typed(
     }
     let c = |s: &[u8]| std::ffi::CString::new(s).map_err(std::io::Error::other);
     let (src, target, data) = (c(source.as_bytes())?, c(mnt.as_os_str().as_encoded_bytes())?, c(data.as_bytes())?);
-    // SAFETY: valid C strings; data is the FUSE option string.
+    // SAFETY: `src`, `target` and `data` are CStrings alive for the call and the fs
+    // type a static C string; mount reads them and writes no memory.
     let r = unsafe { libc::mount(src.as_ptr(), target.as_ptr(), c"fuse.kmsfs".as_ptr(), flags, data.as_ptr().cast()) };
     if r != 0 {
         let e = std::io::Error::last_os_error();

@@ -15,6 +15,7 @@ use crate::format::header::{FileHeader, HeaderError};
 use crate::format::layout::Layout;
 use crate::format::{BLOCK_OVERHEAD, Id, NONCE_LEN, TAG_LEN, random_fill};
 use crate::keys::{DataKey, FreshKey, KeyContext};
+pub use crate::sys::ofd_lock;
 
 /// What went wrong in one file. Carries block indexes, never plaintext.
 #[derive(Debug, thiserror::Error)]
@@ -1008,29 +1009,6 @@ impl UpdateLock {
 impl Drop for UpdateLock {
     fn drop(&mut self) {
         let _ = ofd_lock(self.0, libc::F_OFD_SETLK, libc::F_UNLCK as i16, APP_LOCK_END, 1);
-    }
-}
-
-/// One fcntl open-file-description lock call on `start..start+len`
-/// (`len` 0: to the end), retried on EINTR; returns the `flock` as the
-/// kernel left it (F_OFD_GETLK fills in the conflicting lock).
-pub fn ofd_lock(fd: std::os::fd::RawFd, cmd: i32, ty: i16, start: u64, len: u64) -> std::io::Result<libc::flock> {
-    // SAFETY: flock is plain data; all-zero is a valid value (l_pid must be 0 for OFD locks).
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = ty;
-    fl.l_whence = libc::SEEK_SET as i16;
-    fl.l_start = i64::try_from(start).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    fl.l_len = i64::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    loop {
-        // SAFETY: fd is a descriptor the caller owns; fl is a valid flock for these commands.
-        let r = unsafe { libc::fcntl(fd, cmd, &mut fl as *mut libc::flock) };
-        if r == 0 {
-            return Ok(fl);
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(e);
-        }
     }
 }
 

@@ -706,7 +706,7 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                 if prefix[..4] != kmsfs::format::MAGIC {
                     return Err(Failure(exit::VOLUME, "input: not a kmsfs file (bad magic)".into()));
                 }
-                let hs = usize::from(u16::from_be_bytes([prefix[6], prefix[7]]));
+                let hs = kmsfs::format::header::declared_size(&prefix).unwrap_or(0);
                 prefix.resize(hs.max(8), 0);
                 i.read_exact(&mut prefix[8..]).map_err(|e| Failure(exit::DAMAGED, format!("input: {e}")))?;
                 let h = kmsfs::ops::peek_header(&prefix).map_err(|e| Failure(exit::DAMAGED, format!("input: {e}")))?;
@@ -1183,7 +1183,8 @@ fn manpage(w: &mut dyn Write) -> std::io::Result<()> {
 fn read_stats(mnt: &Path) -> std::io::Result<serde_json::Value> {
     let c = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
     let mut buf = vec![0u8; 64 * 1024];
-    // SAFETY: valid C strings and buffer.
+    // SAFETY: `c` is a CString alive for the call, the name a static C string, and
+    // getxattr writes at most `buf.len()` bytes into `buf`, which we own.
     let n = unsafe { libc::getxattr(c.as_ptr(), c"user.kmsfs.stats".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
         let e = std::io::Error::last_os_error();
@@ -1294,9 +1295,10 @@ fn is_mounted(mnt: &Path) -> bool {
 /// the kernel's attribute cache), so it tells a dead mount apart.
 fn is_dead_mount(mnt: &Path) -> bool {
     let Ok(c) = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()) else { return false };
-    // SAFETY: valid C string and out-pointer.
+    // SAFETY: libc::statfs is plain integers; all-zero bits are valid.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
+    // SAFETY: `c` is a CString alive for the call; statfs writes one struct into
+    // `st`, a local we own exclusively.
     let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
     r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
 }
@@ -1376,7 +1378,8 @@ fn unmount(mnt: &Path) -> Result<u8, Failure> {
     let Some(pid) = read_stats(mnt).ok().and_then(|v| v["pid"].as_u64()).and_then(|p| i32::try_from(p).ok()) else {
         return Err(Failure(exit::MOUNT, format!("cannot unmount {}: {err}", mnt.display())));
     };
-    // SAFETY: plain kill(2); the pid comes from the mount's own daemon.
+    // SAFETY: kill takes integers only and touches no memory (the pid is the
+    // mount's own daemon).
     if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
         let e = std::io::Error::last_os_error();
         return Err(Failure(exit::MOUNT, format!("cannot unmount {} ({err}) nor stop its daemon: {e}", mnt.display())));
@@ -1758,7 +1761,8 @@ const KEY_FD_ENV: &str = "KMSFS_KEY_FD";
 fn key_pipe(text: &[u8]) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::AsRawFd;
     let (r, w) = daemon::pipe()?;
-    // SAFETY: fcntl on descriptors this function owns, with valid flags.
+    // SAFETY: fcntl(F_SETFD) takes integers only; `r` and `w` keep both
+    // descriptors open across the calls.
     unsafe {
         if libc::fcntl(r.as_raw_fd(), libc::F_SETFD, 0) != 0
             || libc::fcntl(w.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) != 0
@@ -1776,8 +1780,10 @@ fn take_piped_key() -> Result<(), Failure> {
     use std::io::Read;
     use std::os::fd::FromRawFd;
     let Some(fd) = std::env::var(KEY_FD_ENV).ok().and_then(|v| v.parse::<i32>().ok()) else { return Ok(()) };
-    // SAFETY: the parent passed this descriptor for us alone; unset so it
-    // is taken once.
+    // SAFETY: this runs first in the daemon child, before it starts any thread,
+    // so nothing reads the environment concurrently; the parent opened the
+    // descriptor for this process alone and unsetting the variable makes the
+    // File its only owner.
     let f = unsafe {
         std::env::remove_var(KEY_FD_ENV);
         std::fs::File::from_raw_fd(fd)
@@ -1849,7 +1855,8 @@ fn mount(m: MountArgs) -> Result<u8, Failure> {
     };
     daemon::harden_memory();
     daemon::raise_nofile();
-    // SAFETY: umask never fails; backing files get exactly the modes asked for.
+    // SAFETY: umask takes an integer only and touches no memory (so backing
+    // files get exactly the modes asked for).
     unsafe { libc::umask(0) };
     key_outside(&m.cipherdir, plan.key_file.as_deref())?;
     if !in_child {

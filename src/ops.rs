@@ -109,7 +109,7 @@ pub fn peek_header(prefix: &[u8]) -> Result<FileHeader, String> {
     if prefix.len() < 8 {
         return Err("too short for a kmsfs header".into());
     }
-    let hs = usize::from(u16::from_be_bytes([prefix[6], prefix[7]]));
+    let hs = crate::format::header::declared_size(prefix).unwrap_or(0);
     FileHeader::parse(prefix, hs).map_err(|e| e.to_string())
 }
 
@@ -130,7 +130,7 @@ pub fn decrypt_stream(
     if got < 8 {
         return Err(corrupt("too short for a kmsfs header".into()));
     }
-    let hs = usize::from(u16::from_be_bytes([head[6], head[7]]));
+    let hs = crate::format::header::declared_size(&head).unwrap_or(0);
     head.resize(hs.max(8), 0);
     if read_full(input, &mut head[8..]).map_err(io)? != hs.saturating_sub(8) {
         return Err(corrupt("header truncated".into()));
@@ -261,7 +261,7 @@ struct WalkDir {
 
 /// Every regular file of a cipher dir with its plaintext path, skipping
 /// kmsfs's own files. With `repair`, restores a missing directory-ID copy
-/// (only from a copy that authenticates, see `fs::load_dir_id`) and removes
+/// (only from a copy that authenticates, see `names::dirid::load_dir_id`) and removes
 /// what crashes leave behind. Directories are walked through descriptors,
 /// never by path, and no symlink is followed.
 pub fn walk(cipherdir: &Path, names: &Names, repair: bool) -> Result<(Vec<Entry>, DirProblems), OpError> {
@@ -300,7 +300,7 @@ pub fn walk(cipherdir: &Path, names: &Names, repair: bool) -> Result<(Vec<Entry>
                     // Only as much as an unfinished mkdir can hold: anything
                     // else in it (a directory renamed there by whoever owns
                     // this one) is never deleted.
-                    let gone = repair && crate::fs::remove_dir_with_id(d.fd.as_raw_fd(), &raw).is_ok();
+                    let gone = repair && crate::names::dirid::remove_dir_with_id(d.fd.as_raw_fd(), &raw).is_ok();
                     if gone {
                         problems.repaired.push(format!("{where_} (unfinished mkdir removed)"));
                     } else if !repair {
@@ -316,20 +316,13 @@ pub fn walk(cipherdir: &Path, names: &Names, repair: bool) -> Result<(Vec<Entry>
                 continue;
             }
             let plain_name = if names.encrypted() {
-                let encoded = match names.classify(&raw) {
-                    EntryKind::Internal => continue,
-                    EntryKind::Short => Some(nb.to_vec()),
-                    EntryKind::Long => {
-                        let mut side = raw.clone();
-                        side.push(crate::names::LONG_SUFFIX);
-                        crate::sys::read_regular(d.fd.as_raw_fd(), &side, crate::names::SIDE_MAX).ok()
-                    }
-                };
+                let Some(encoded) = names.stored_name(d.fd.as_raw_fd(), &raw) else { continue };
+                let encoded = encoded.ok();
                 match (encoded, d.key) {
                     (Some(enc), Some(k)) => names.decrypt(&k, &enc).ok().map(|n| escape(n.as_bytes())),
                     _ => None,
                 }
-            } else if at_root && nb.starts_with(b".kmsfs") {
+            } else if at_root && crate::names::is_reserved(nb) {
                 continue;
             } else {
                 Some(escape(nb))
@@ -348,7 +341,7 @@ pub fn walk(cipherdir: &Path, names: &Names, repair: bool) -> Result<(Vec<Entry>
                     _ if !names.encrypted() => Some(DirKey::ROOT),
                     // Its record can only be checked under its parent's ID.
                     None => None,
-                    Some(pk) => match crate::fs::load_dir_id(&fd, &pk.id, names, repair) {
+                    Some(pk) => match crate::names::dirid::load_dir_id(&fd, &pk.id, names, repair) {
                         Ok(l) => {
                             if l.repaired.is_some() {
                                 problems.repaired.push(shown.clone());
@@ -750,7 +743,7 @@ pub fn rewrap_plan(cipherdir: &Path, layout: Layout, dest_key: Option<&str>) -> 
             let e = e.map_err(io_err(&dir))?;
             let p = e.path();
             let ft = e.file_type().map_err(io_err(&p))?;
-            if dir == cipherdir && e.file_name().as_encoded_bytes().starts_with(b".kmsfs") {
+            if dir == cipherdir && crate::names::is_reserved(e.file_name().as_encoded_bytes()) {
                 continue;
             }
             if ft.is_dir() {
@@ -783,7 +776,7 @@ fn child_key(fd: &OwnedFd, parent: &DirKey, names: &Names, shown: &Path) -> Resu
     if !names.encrypted() {
         return Ok(DirKey::ROOT);
     }
-    crate::fs::load_dir_id(fd, &parent.id, names, false).map(|l| l.key).map_err(io_err(shown))
+    crate::names::dirid::load_dir_id(fd, &parent.id, names, false).map(|l| l.key).map_err(io_err(shown))
 }
 
 /// Maps a plaintext path (relative to the mount root) to its backing path.
@@ -829,15 +822,11 @@ pub fn backing_to_plain(cipherdir: &Path, backing: &Path, names: &Names) -> Resu
         })
         .collect();
     for (i, raw) in parts.iter().enumerate() {
-        let encoded = match names.classify(raw) {
-            EntryKind::Long => {
-                let mut side = raw.to_os_string();
-                side.push(crate::names::LONG_SUFFIX);
-                crate::sys::read_regular(fd.as_raw_fd(), &side, crate::names::SIDE_MAX)
-                    .map_err(io_err(&cur.join(raw)))?
-            }
-            _ => raw.as_encoded_bytes().to_vec(),
-        };
+        // A reserved name is taken as it is and fails to decrypt below.
+        let encoded = names
+            .stored_name(fd.as_raw_fd(), raw)
+            .unwrap_or_else(|| Ok(raw.as_encoded_bytes().to_vec()))
+            .map_err(io_err(&cur.join(raw)))?;
         let name = names.decrypt(&key, &encoded).map_err(|e| OpError::Corrupt {
             path: crate::names::escape(cur.join(raw).as_os_str().as_bytes()),
             detail: e.to_string(),
@@ -915,7 +904,7 @@ pub fn upgrade_dir_ids(cipherdir: &Path, names: &Names) -> Result<UpgradeReport,
             let fd = crate::sys::open_beneath(d.fd.as_raw_fd(), &raw, libc::O_PATH | libc::O_DIRECTORY, 0)
                 .map_err(io_err(&here.join(&raw)))?;
             let shown = format!("{}/{}", d.plain, escape(plain.as_bytes()));
-            let child = match crate::fs::load_dir_id(&fd, &key.id, names, false) {
+            let child = match crate::names::dirid::load_dir_id(&fd, &key.id, names, false) {
                 Ok(l) => Some(l.key),
                 Err(err) => {
                     r.skipped.push((shown.clone(), err.to_string()));
@@ -930,15 +919,7 @@ pub fn upgrade_dir_ids(cipherdir: &Path, names: &Names) -> Result<UpgradeReport,
 
 /// The plaintext name of entry `raw` of a directory, under `key`.
 fn entry_name(dir: &OwnedFd, raw: &std::ffi::OsStr, key: &DirKey, names: &Names) -> Option<std::ffi::OsString> {
-    let encoded = match names.classify(raw) {
-        EntryKind::Internal => return None,
-        EntryKind::Short => raw.as_bytes().to_vec(),
-        EntryKind::Long => {
-            let mut side = raw.to_os_string();
-            side.push(crate::names::LONG_SUFFIX);
-            crate::sys::read_regular(dir.as_raw_fd(), &side, crate::names::SIDE_MAX).ok()?
-        }
-    };
+    let encoded = names.stored_name(dir.as_raw_fd(), raw)?.ok()?;
     names.decrypt(key, &encoded).ok()
 }
 
@@ -967,14 +948,12 @@ fn upgrade_one(dir: &OwnedFd, legacy: &DirKey, parent: &crate::format::Id, names
         }
         crate::sys::renameat2(fd, &raw, fd, &new.on_disk, libc::RENAME_NOREPLACE)?;
         if names.classify(&raw) == EntryKind::Long {
-            let mut side = raw.clone();
-            side.push(crate::names::LONG_SUFFIX);
-            let _ = crate::sys::unlinkat(fd, &side, 0);
+            let _ = crate::sys::unlinkat(fd, &crate::names::side_file_of(&raw), 0);
         }
         renamed += 1;
     }
     crate::sys::fsync_dir(dir)?;
-    crate::fs::store_dir_id(dir, &names.dir_record(&bound.id, &[parent]))?;
+    crate::names::dirid::store_dir_id(dir, &names.dir_record(&bound.id, &[parent]))?;
     Ok(renamed)
 }
 

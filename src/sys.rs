@@ -15,7 +15,6 @@
 //! that descriptor N pins: the kernel resolves the magic link to that inode
 //! and stops, even when it is a symlink (a planted link is never followed
 //! through them; `tests` below shows it).
-#![allow(unsafe_code)]
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -40,9 +39,11 @@ pub fn proc_path(fd: &OwnedFd) -> PathBuf {
 /// openat(2).
 pub fn openat(dir: RawFd, name: &OsStr, flags: libc::c_int, mode: u32) -> io::Result<OwnedFd> {
     let c = cstr(name)?;
-    // SAFETY: `c` is a valid NUL-terminated string; the fd is checked.
+    // SAFETY: `c` is a CString alive for the call, so openat reads a NUL-terminated
+    // name we own; it writes no memory of ours.
     let fd = check(unsafe { libc::openat(dir, c.as_ptr(), flags | libc::O_CLOEXEC, mode as libc::c_uint) })?;
-    // SAFETY: a fresh descriptor that we own.
+    // SAFETY: `fd` was just returned by openat (checked non-negative) and no other
+    // owner holds it, so the OwnedFd is its only owner.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
@@ -77,13 +78,15 @@ pub fn open_beneath(dir: RawFd, path: &OsStr, flags: libc::c_int, mode: u32) -> 
             mode: if creates { u64::from(mode) } else { 0 },
             resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS,
         };
-        // SAFETY: valid NUL-terminated path and a valid open_how of the size passed.
+        // SAFETY: `c` (a CString) and `how` live across the call and the exact size of
+        // `how` is passed, so openat2 reads only memory we own; it writes none.
         let r = unsafe {
             libc::syscall(libc::SYS_openat2, dir, c.as_ptr(), &how as *const OpenHow, std::mem::size_of::<OpenHow>())
         };
         if r >= 0 {
             OPENAT2.store(1, Ordering::Relaxed);
-            // SAFETY: a fresh descriptor that we own.
+            // SAFETY: r >= 0 is a descriptor openat2 just created for this call,
+            // owned by nothing else.
             return Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) });
         }
         let e = io::Error::last_os_error();
@@ -183,7 +186,8 @@ pub fn replace_file(dir: RawFd, name: &OsStr, data: &[u8], mode: u32) -> io::Res
     let f = open_beneath(dir, &tmp, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, mode)?;
     let done = (|| {
         // The umask may have narrowed `mode`.
-        // SAFETY: plain syscall on an owned descriptor.
+        // SAFETY: fchmod takes integers only and touches no memory; `f` stays open
+        // across the call, so the number names our file.
         check(unsafe { libc::fchmod(f.as_raw_fd(), mode as libc::mode_t) })?;
         let f = std::fs::File::from(f);
         use std::io::Write;
@@ -205,9 +209,10 @@ pub fn fsync_dir(dir: &OwnedFd) -> io::Result<()> {
 
 /// fstatat(fd, "", AT_EMPTY_PATH): stat of an O_PATH descriptor.
 pub fn fstat(fd: RawFd) -> io::Result<libc::stat> {
-    // SAFETY: zeroed stat is a valid out-parameter.
+    // SAFETY: libc::stat is plain integers, for which all-zero bits are a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointers; empty path with AT_EMPTY_PATH.
+    // SAFETY: the path is a static empty C string and fstatat writes one `stat`
+    // into `st`, which we own exclusively.
     check(unsafe { libc::fstatat(fd, c"".as_ptr(), &mut st, libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW) })?;
     Ok(st)
 }
@@ -215,9 +220,10 @@ pub fn fstat(fd: RawFd) -> io::Result<libc::stat> {
 /// fstatat(dir, name, AT_SYMLINK_NOFOLLOW).
 pub fn statat(dir: RawFd, name: &OsStr) -> io::Result<libc::stat> {
     let c = cstr(name)?;
-    // SAFETY: zeroed stat is a valid out-parameter.
+    // SAFETY: libc::stat is plain integers, for which all-zero bits are a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointers.
+    // SAFETY: `c` is a CString alive for the call; fstatat writes one `stat` into
+    // `st`, which we own exclusively.
     check(unsafe { libc::fstatat(dir, c.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
     Ok(st)
 }
@@ -225,28 +231,29 @@ pub fn statat(dir: RawFd, name: &OsStr) -> io::Result<libc::stat> {
 /// mkdirat(2).
 pub fn mkdirat(dir: RawFd, name: &OsStr, mode: u32) -> io::Result<()> {
     let c = cstr(name)?;
-    // SAFETY: valid pointer.
+    // SAFETY: the kernel reads only NUL-terminated strings we own for the whole call (`c`); mkdirat writes none.
     check(unsafe { libc::mkdirat(dir, c.as_ptr(), mode as libc::mode_t) }).map(|_| ())
 }
 
 /// mknodat(2).
 pub fn mknodat(dir: RawFd, name: &OsStr, mode: u32, rdev: u64) -> io::Result<()> {
     let c = cstr(name)?;
-    // SAFETY: valid pointer.
+    // SAFETY: the kernel reads only NUL-terminated strings we own for the whole call (`c`); mknodat writes none.
     check(unsafe { libc::mknodat(dir, c.as_ptr(), mode as libc::mode_t, rdev as libc::dev_t) }).map(|_| ())
 }
 
 /// symlinkat(2).
 pub fn symlinkat(target: &OsStr, dir: RawFd, name: &OsStr) -> io::Result<()> {
     let (t, c) = (cstr(target)?, cstr(name)?);
-    // SAFETY: valid pointers.
+    // SAFETY: the kernel reads only NUL-terminated strings we own for the whole call (`t`, `c`); symlinkat writes none.
     check(unsafe { libc::symlinkat(t.as_ptr(), dir, c.as_ptr()) }).map(|_| ())
 }
 
 /// readlinkat(fd, "").
 pub fn readlink(fd: RawFd) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
-    // SAFETY: buffer is valid for its length.
+    // SAFETY: readlinkat writes at most `buf.len()` bytes into `buf`, which we own
+    // exclusively; the path is a static empty C string.
     let n = unsafe { libc::readlinkat(fd, c"".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     if n < 0 {
         return Err(io::Error::last_os_error());
@@ -258,14 +265,14 @@ pub fn readlink(fd: RawFd) -> io::Result<Vec<u8>> {
 /// unlinkat(2).
 pub fn unlinkat(dir: RawFd, name: &OsStr, flags: libc::c_int) -> io::Result<()> {
     let c = cstr(name)?;
-    // SAFETY: valid pointer.
+    // SAFETY: the kernel reads only NUL-terminated strings we own for the whole call (`c`); unlinkat writes none.
     check(unsafe { libc::unlinkat(dir, c.as_ptr(), flags) }).map(|_| ())
 }
 
 /// renameat2(2).
 pub fn renameat2(od: RawFd, on: &OsStr, nd: RawFd, nn: &OsStr, flags: u32) -> io::Result<()> {
     let (a, b) = (cstr(on)?, cstr(nn)?);
-    // SAFETY: valid pointers.
+    // SAFETY: the kernel reads only NUL-terminated strings we own for the whole call (`a`, `b`); renameat2 writes none.
     check(unsafe { libc::renameat2(od, a.as_ptr(), nd, b.as_ptr(), flags) }).map(|_| ())
 }
 
@@ -273,26 +280,27 @@ pub fn renameat2(od: RawFd, on: &OsStr, nd: RawFd, nn: &OsStr, flags: u32) -> io
 /// daemon lacks CAP_DAC_READ_SEARCH.
 pub fn link_fd(fd: &OwnedFd, dir: RawFd, name: &OsStr) -> io::Result<()> {
     let c = cstr(name)?;
-    // SAFETY: valid pointers.
+    // SAFETY: the kernel reads only NUL-terminated strings we own for the whole call (a static empty one, `c`); linkat writes none.
     let r = unsafe { libc::linkat(fd.as_raw_fd(), c"".as_ptr(), dir, c.as_ptr(), libc::AT_EMPTY_PATH) };
     if r == 0 {
         return Ok(());
     }
     let p = cstr(proc_path(fd).as_os_str())?;
-    // SAFETY: valid pointers.
+    // SAFETY: the kernel reads only NUL-terminated strings we own for the whole call (`p`, `c`); linkat writes none.
     check(unsafe { libc::linkat(libc::AT_FDCWD, p.as_ptr(), dir, c.as_ptr(), libc::AT_SYMLINK_FOLLOW) }).map(|_| ())
 }
 
 /// chmod through /proc (fchmod does not work on O_PATH descriptors).
 pub fn chmod(fd: &OwnedFd, mode: u32) -> io::Result<()> {
     let p = cstr(proc_path(fd).as_os_str())?;
-    // SAFETY: valid pointer.
+    // SAFETY: the kernel reads only NUL-terminated strings we own for the whole call (`p`); fchmodat writes none.
     check(unsafe { libc::fchmodat(libc::AT_FDCWD, p.as_ptr(), mode as libc::mode_t, 0) }).map(|_| ())
 }
 
 /// fchownat(fd, "", AT_EMPTY_PATH); `u32::MAX` leaves a field unchanged.
 pub fn chown(fd: RawFd, uid: u32, gid: u32) -> io::Result<()> {
-    // SAFETY: empty path with AT_EMPTY_PATH.
+    // SAFETY: the only pointer is a static empty C string (AT_EMPTY_PATH); fchownat
+    // writes no memory.
     check(unsafe { libc::fchownat(fd, c"".as_ptr(), uid, gid, libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW) })
         .map(|_| ())
 }
@@ -301,29 +309,31 @@ pub fn chown(fd: RawFd, uid: u32, gid: u32) -> io::Result<()> {
 pub fn utimens(dir: RawFd, name: &OsStr, times: &[libc::timespec; 2], nofollow: bool) -> io::Result<()> {
     let c = cstr(name)?;
     let flags = if nofollow { libc::AT_SYMLINK_NOFOLLOW } else { 0 };
-    // SAFETY: valid pointers.
+    // SAFETY: `c` is a CString alive for the call and `times` is exactly the two
+    // timespecs utimensat reads; it writes no memory.
     check(unsafe { libc::utimensat(dir, c.as_ptr(), times.as_ptr(), flags) }).map(|_| ())
 }
 
 /// statvfs(2).
 pub fn statvfs(path: &std::path::Path) -> io::Result<libc::statvfs> {
     let c = cstr(path.as_os_str())?;
-    // SAFETY: zeroed statvfs is a valid out-parameter.
+    // SAFETY: libc::statvfs is plain integers, for which all-zero bits are valid.
     let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointers.
+    // SAFETY: `c` is a CString alive for the call; statvfs writes one struct into
+    // `s`, which we own exclusively.
     check(unsafe { libc::statvfs(c.as_ptr(), &mut s) })?;
     Ok(s)
 }
 
 /// fallocate(2) on a regular descriptor.
 pub fn fallocate(fd: RawFd, mode: libc::c_int, off: u64, len: u64) -> io::Result<()> {
-    // SAFETY: plain syscall on an owned descriptor.
+    // SAFETY: fallocate takes integers only and touches no memory of ours.
     check(unsafe { libc::fallocate(fd, mode, off as libc::off_t, len as libc::off_t) }).map(|_| ())
 }
 
 /// lseek(2) for SEEK_DATA / SEEK_HOLE.
 pub fn lseek(fd: RawFd, off: u64, whence: libc::c_int) -> io::Result<u64> {
-    // SAFETY: plain syscall.
+    // SAFETY: lseek takes integers only and touches no memory of ours.
     let r = unsafe { libc::lseek(fd, off as libc::off_t, whence) };
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as u64) }
 }
@@ -342,7 +352,9 @@ pub mod xattr {
     pub fn get(fd: &OwnedFd, name: &OsStr, size: usize) -> io::Result<Vec<u8>> {
         let (p, n) = (path(fd)?, cstr(name)?);
         let mut buf = vec![0u8; size];
-        // SAFETY: buffer valid for `size` bytes (null when 0).
+        // SAFETY: `p`, `n` are CStrings alive for the call; getxattr writes at most
+        // `size` bytes into `buf`, which holds exactly `size` (null with size 0:
+        // then it writes nothing and returns the length).
         let r = unsafe {
             libc::getxattr(
                 p.as_ptr(),
@@ -364,20 +376,23 @@ pub mod xattr {
     /// setxattr.
     pub fn set(fd: &OwnedFd, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
         let (p, n) = (path(fd)?, cstr(name)?);
-        // SAFETY: valid pointers and lengths.
+        // SAFETY: `p`, `n` are CStrings alive for the call and setxattr reads exactly
+        // `value.len()` bytes of `value`; it writes no memory.
         check(unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), flags) }).map(|_| ())
     }
 
     /// listxattr.
     pub fn list(fd: &OwnedFd) -> io::Result<Vec<u8>> {
         let p = path(fd)?;
-        // SAFETY: null buffer asks for the size.
+        // SAFETY: `p` is a CString alive for the call; with a null buffer and size 0
+        // listxattr writes nothing and returns the length.
         let n = unsafe { libc::listxattr(p.as_ptr(), std::ptr::null_mut(), 0) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
         let mut buf = vec![0u8; n as usize];
-        // SAFETY: buffer valid for its length.
+        // SAFETY: listxattr writes at most `buf.len()` bytes into `buf`, which we own
+        // exclusively; `p` is a CString alive for the call.
         let n = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
             return Err(io::Error::last_os_error());
@@ -389,7 +404,7 @@ pub mod xattr {
     /// removexattr.
     pub fn remove(fd: &OwnedFd, name: &OsStr) -> io::Result<()> {
         let (p, n) = (path(fd)?, cstr(name)?);
-        // SAFETY: valid pointers.
+        // SAFETY: the kernel reads only NUL-terminated strings we own for the whole call (`p`, `n`); removexattr writes none.
         check(unsafe { libc::removexattr(p.as_ptr(), n.as_ptr()) }).map(|_| ())
     }
 }
@@ -419,6 +434,37 @@ pub fn preadv_exact(fd: RawFd, mut bufs: &mut [io::IoSliceMut<'_>], mut off: u64
         }
     }
     Ok(())
+}
+
+/// The effective user ID.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid takes no arguments, touches no memory and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// One fcntl open-file-description lock call on `start..start+len`
+/// (`len` 0: to the end), retried on EINTR; returns the `flock` as the
+/// kernel left it (F_OFD_GETLK fills in the conflicting lock).
+pub fn ofd_lock(fd: std::os::fd::RawFd, cmd: i32, ty: i16, start: u64, len: u64) -> std::io::Result<libc::flock> {
+    // SAFETY: libc::flock is plain integers, for which all-zero bits are valid
+    // (and l_pid must be 0 for OFD locks).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = ty;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = i64::try_from(start).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    fl.l_len = i64::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    loop {
+        // SAFETY: the lock commands read and write one flock through the pointer,
+        // and `fl` is a local we own exclusively; the fd is only a number here.
+        let r = unsafe { libc::fcntl(fd, cmd, &mut fl as *mut libc::flock) };
+        if r == 0 {
+            return Ok(fl);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -465,7 +511,7 @@ mod tests {
         std::fs::write(t.path().join("big"), vec![0u8; 100]).unwrap();
         std::os::unix::fs::symlink("/dev/zero", t.path().join("zero")).unwrap();
         let fifo = CString::new(t.path().join("fifo").as_os_str().as_bytes()).unwrap();
-        // SAFETY: valid path.
+        // SAFETY: `fifo` is a CString alive for the call; mkfifo writes no memory.
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
         assert_eq!(read_regular(fd, OsStr::new("small"), 64).unwrap(), b"hello");
         for bad in ["big", "zero", "fifo", "missing"] {

@@ -47,8 +47,7 @@ impl TrustStore {
         if let Some(d) = std::env::var_os("KMSFS_TRUST_DIR").filter(|d| !d.is_empty()) {
             return Self { dir: PathBuf::from(d) };
         }
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } == 0 {
+        if crate::sys::euid() == 0 {
             // Not $HOME: systemd starts services without one.
             return Self { dir: PathBuf::from("/var/lib/kmsfs/trust") };
         }
@@ -88,8 +87,7 @@ impl TrustStore {
             Err(e) => return Err(e),
         };
         let meta = f.metadata()?;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let euid = unsafe { libc::geteuid() };
+        let euid = crate::sys::euid();
         if !meta.is_file() || (meta.uid() != euid && meta.uid() != 0) || meta.mode() & 0o022 != 0 {
             return Err(std::io::Error::other(format!(
                 "{}: not a regular file owned by you or root and writable only by its owner",

@@ -7,8 +7,8 @@
 
 use ring::aead::{Aad, Nonce, Tag};
 
+use super::keys::DataKey;
 use super::{BLOCK_OVERHEAD, FORMAT_VERSION, Id, NONCE_LEN, TAG_LEN};
-use crate::keys::DataKey;
 
 /// Length of the serialized AAD.
 pub const AAD_LEN: usize = 4 + 1 + 1 + 16 + 8 + 1;
@@ -26,6 +26,12 @@ pub enum CodecError {
     /// The system random generator failed.
     #[error("random number generator failed")]
     Random,
+}
+
+impl From<super::RandomError> for CodecError {
+    fn from(_: super::RandomError) -> Self {
+        Self::Random
+    }
 }
 
 /// What a block's AAD binds.

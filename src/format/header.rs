@@ -23,9 +23,20 @@
 
 use ring::aead::{Aad, Nonce};
 
+use super::keys::{DataKey, WrappedKey};
 use super::reader::Reader;
 use super::{FORMAT_VERSION, Id, MAGIC, MAX_BLOCK_LOG2, MIN_BLOCK_LOG2, NONCE_LEN, TAG_LEN};
-use crate::keys::{DataKey, WrappedKey};
+
+/// Where a header states its own size: a big-endian u16 at bytes 6..8, so a
+/// reader learns how much to read before parsing.
+const SIZE_FIELD: std::ops::Range<usize> = 6..8;
+
+/// The header size a file's first bytes declare (`None`: under 8 bytes).
+/// Unchecked: `FileHeader::parse` validates it.
+pub fn declared_size(prefix: &[u8]) -> Option<usize> {
+    let b: [u8; 2] = prefix.get(SIZE_FIELD)?.try_into().ok()?;
+    Some(usize::from(u16::from_be_bytes(b)))
+}
 
 /// Bytes before the key section.
 pub const FIXED_LEN: usize = 68;
@@ -226,7 +237,7 @@ impl FileHeader {
         a[0..4].copy_from_slice(&MAGIC);
         a[4] = FORMAT_VERSION;
         a[5] = self.block_log2;
-        a[6..8].copy_from_slice(&self.header_size.to_be_bytes());
+        a[SIZE_FIELD].copy_from_slice(&self.header_size.to_be_bytes());
         a[8..24].copy_from_slice(&self.volume_id);
         a[24..40].copy_from_slice(&self.file_id);
         a

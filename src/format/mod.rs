@@ -4,7 +4,11 @@
 //! byte-level description and must be kept in step with this module.
 
 pub mod block;
+// Wipes ring's key schedule in place (see the module).
+#[allow(unsafe_code)]
+pub mod data_key;
 pub mod header;
+pub mod keys;
 pub mod layout;
 pub mod reader;
 
@@ -61,13 +65,18 @@ pub fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
+/// The system CSPRNG failed.
+#[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
+#[error("random number generator failed")]
+pub struct RandomError;
+
 /// Fills `buf` from the system CSPRNG (AWS-LC's DRBG, seeded by the kernel).
-pub fn random_fill(buf: &mut [u8]) -> Result<(), crate::format::block::CodecError> {
-    aws_lc_rs::rand::fill(buf).map_err(|_| crate::format::block::CodecError::Random)
+pub fn random_fill(buf: &mut [u8]) -> Result<(), RandomError> {
+    aws_lc_rs::rand::fill(buf).map_err(|_| RandomError)
 }
 
 /// A fresh random ID.
-pub fn random_id() -> Result<Id, crate::format::block::CodecError> {
+pub fn random_id() -> Result<Id, RandomError> {
     let mut id = [0u8; ID_LEN];
     random_fill(&mut id)?;
     Ok(id)

@@ -129,8 +129,7 @@ impl LocalProvider {
             crate::sys::reopen(&std::os::fd::OwnedFd::from(pinned), libc::O_RDONLY | libc::O_NONBLOCK)
                 .map_err(|e| kf_err(path, format!("cannot read: {e}")))?,
         );
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let euid = unsafe { libc::geteuid() };
+        let euid = crate::sys::euid();
         if meta.uid() != euid && meta.uid() != 0 {
             return Err(kf_err(path, format!("owned by uid {}, not by you ({euid}) or root", meta.uid())));
         }

@@ -5,7 +5,7 @@ use std::mem::MaybeUninit;
 use ring::aead::{AES_256_GCM, LessSafeKey, UnboundKey};
 use zeroize::Zeroize;
 
-use crate::format::DEK_LEN;
+use super::DEK_LEN;
 
 /// A 256-bit data key, ready to seal and open blocks.
 ///
@@ -41,9 +41,9 @@ impl DataKey {
     }
 
     /// A fresh random key from the system CSPRNG.
-    pub fn generate() -> Result<Self, crate::format::block::CodecError> {
+    pub fn generate() -> Result<Self, super::RandomError> {
         let mut raw = [0u8; DEK_LEN];
-        crate::format::random_fill(&mut raw)?;
+        super::random_fill(&mut raw)?;
         Ok(Self::from_bytes(&mut raw))
     }
 

@@ -21,12 +21,16 @@ use zeroize::Zeroizing;
 
 use crate::format::Id;
 
+pub mod dirid;
+
 /// Longest name most filesystems store.
 pub const NAME_MAX: usize = 255;
 /// Prefix of hashed long names (contains '.', which base64url never does).
 pub const LONG_PREFIX: &str = "L.";
 /// Suffix of a long name's side file.
 pub const LONG_SUFFIX: &str = ".name";
+/// Prefix of every name kmsfs reserves for its own entries in the cipher dir.
+pub const RESERVED_PREFIX: &str = ".kmsfs";
 /// Per-directory ID file (the second copy is the `user.kmsfs.dirid` xattr).
 pub const DIRID_FILE: &str = ".kmsfs.dirid";
 /// xattr holding a directory's ID.
@@ -131,12 +135,26 @@ pub struct StoredName {
 impl StoredName {
     /// Side file name of a long name.
     pub fn side_file(&self) -> Option<OsString> {
-        self.long.as_ref().map(|_| {
-            let mut s = self.on_disk.clone();
-            s.push(LONG_SUFFIX);
-            s
-        })
+        self.long.as_ref().map(|_| side_file_of(&self.on_disk))
     }
+}
+
+/// Whether a backing name is one kmsfs reserves for itself (`.kmsfs*`).
+pub fn is_reserved(on_disk: &[u8]) -> bool {
+    on_disk.starts_with(RESERVED_PREFIX.as_bytes())
+}
+
+/// Whether a backing name is kmsfs's own in an encrypted-names directory:
+/// reserved, or a long name's side file.
+pub fn is_bookkeeping(on_disk: &[u8]) -> bool {
+    is_reserved(on_disk) || (on_disk.starts_with(LONG_PREFIX.as_bytes()) && on_disk.ends_with(LONG_SUFFIX.as_bytes()))
+}
+
+/// The side file that holds long name `on_disk`'s full encrypted name.
+pub fn side_file_of(on_disk: &OsStr) -> OsString {
+    let mut s = on_disk.to_os_string();
+    s.push(LONG_SUFFIX);
+    s
 }
 
 /// The name cipher of a volume. `None` key means plaintext names.
@@ -244,14 +262,25 @@ impl Names {
     pub fn classify(&self, on_disk: &OsStr) -> EntryKind {
         let b = on_disk.as_bytes();
         if !self.encrypted() {
-            return if b.starts_with(b".kmsfs") { EntryKind::Internal } else { EntryKind::Short };
+            return if is_reserved(b) { EntryKind::Internal } else { EntryKind::Short };
         }
-        if b.starts_with(b".kmsfs") || (b.starts_with(LONG_PREFIX.as_bytes()) && b.ends_with(LONG_SUFFIX.as_bytes())) {
+        if is_bookkeeping(b) {
             EntryKind::Internal
         } else if b.starts_with(LONG_PREFIX.as_bytes()) {
             EntryKind::Long
         } else {
             EntryKind::Short
+        }
+    }
+
+    /// The encrypted name backing entry `on_disk` of directory `dir` stores:
+    /// the entry's own name, or a long name's side file (read only as a
+    /// small regular file). `None` for kmsfs's own entries.
+    pub fn stored_name(&self, dir: std::os::fd::RawFd, on_disk: &OsStr) -> Option<std::io::Result<Vec<u8>>> {
+        match self.classify(on_disk) {
+            EntryKind::Internal => None,
+            EntryKind::Short => Some(Ok(on_disk.as_bytes().to_vec())),
+            EntryKind::Long => Some(crate::sys::read_regular(dir, &side_file_of(on_disk), SIDE_MAX)),
         }
     }
 
