@@ -165,12 +165,15 @@ pub struct Names {
     /// the daemon re-checks it every cache max age, so a revocation stops
     /// listings and lookups too, not only file contents.
     revoked: std::sync::Mutex<Option<crate::keys::KeyError>>,
+    /// Whether `revoked` holds a refusal: every lookup checks this, so the
+    /// common case costs one relaxed load, not a mutex and a clone.
+    is_revoked: std::sync::atomic::AtomicBool,
 }
 
 impl Names {
     /// Plaintext names (the `--plaintext-names` volumes).
     pub fn plaintext() -> Self {
-        Self { siv: None, revoked: std::sync::Mutex::new(None) }
+        Self { siv: None, revoked: std::sync::Mutex::new(None), is_revoked: std::sync::atomic::AtomicBool::new(false) }
     }
 
     /// Encrypted names from a 32-byte name secret (expanded with HKDF-SHA256
@@ -188,18 +191,23 @@ impl Names {
         let ok = prk.expand(&[b"aes-siv-256"], Len64).and_then(|okm| okm.fill(&mut k[..])).is_ok();
         debug_assert!(ok, "HKDF of 64 bytes cannot fail");
         let siv = Aes256Siv::new_from_slice(&k[..]).ok().map(std::sync::Mutex::new);
-        Self { siv, revoked: std::sync::Mutex::new(None) }
+        Self { siv, revoked: std::sync::Mutex::new(None), is_revoked: std::sync::atomic::AtomicBool::new(false) }
     }
 
     /// Records the outcome of the periodic re-check of the name key: `Some`
     /// (the provider's refusal) blocks every name operation until a later
     /// check succeeds.
     pub fn set_revoked(&self, why: Option<crate::keys::KeyError>) {
-        *self.revoked.lock().unwrap_or_else(|p| p.into_inner()) = why;
+        let mut slot = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+        self.is_revoked.store(why.is_some(), std::sync::atomic::Ordering::Relaxed);
+        *slot = why;
     }
 
     /// Why the name key is refused now, if it is.
     pub fn revoked(&self) -> Option<crate::keys::KeyError> {
+        if !self.is_revoked.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
         self.revoked.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
