@@ -10,10 +10,13 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::format::block::{BlockAad, CodecError, is_hole, open_detached, open_in_place, seal_in_place, seal_to};
-use crate::format::header::{FileHeader, HeaderError};
+use crate::format::block::{
+    BlockAad, CodecError, is_hole, open_detached_v, open_in_place, open_in_place_v, seal_in_place_v, seal_to_v,
+};
+use crate::format::header::{FileHeader, HeaderError, STATE_RANGE};
 use crate::format::layout::Layout;
-use crate::format::{BLOCK_OVERHEAD, Id, NONCE_LEN, TAG_LEN, random_fill};
+use crate::format::v2::{self, FileKeys};
+use crate::format::{BLOCK_OVERHEAD, FORMAT_VERSION, Id, NONCE_LEN, TAG_LEN, random_fill};
 use crate::keys::{DataKey, FreshKey, KeyContext};
 pub use crate::sys::ofd_lock;
 
@@ -135,6 +138,47 @@ enum Step {
     WriteOld,
     /// The ftruncate that ends a shrink.
     Truncate,
+    /// A write of a v2 header's state (length generation, counters).
+    State,
+}
+
+/// Counters a v2 writer reserves at a time: one header write (and one
+/// fdatasync) per this many sealed blocks, or per write session.
+const CTR_CHUNK: u64 = 1 << 20;
+
+#[cfg(not(test))]
+fn ctr_chunk() -> u64 {
+    CTR_CHUNK
+}
+
+// Tests lower the reservation to cross it often.
+#[cfg(test)]
+thread_local! { static TEST_CTR_CHUNK: std::cell::Cell<u64> = const { std::cell::Cell::new(CTR_CHUNK) }; }
+#[cfg(test)]
+fn ctr_chunk() -> u64 {
+    TEST_CTR_CHUNK.with(|c| c.get())
+}
+
+/// What a v2 slot holds, for the updates that keep holes provable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    /// Sealed data (or a v1 block).
+    Data,
+    /// A hole block (all zeros) or a marker, in the run `start..=marker`.
+    Run { start: u64, marker: u64 },
+}
+
+/// The markers a v2 write adds or rewrites: (slot, run start) each.
+#[derive(Default)]
+struct HolePlan {
+    /// A marker for the run that ends just before the write.
+    left: Option<(u64, u64)>,
+    /// The marker of the run that continues after the write.
+    right: Option<(u64, u64)>,
+    /// The marker that closes the gap a write past the end leaves.
+    gap: Option<(u64, u64)>,
+    /// The old last block is a marker of a run starting here.
+    old_last_run: Option<u64>,
 }
 
 /// One encrypted file.
@@ -149,6 +193,15 @@ pub struct EncryptedFile {
     size: u64,
     size_ok: bool,
     verified: AtomicBool,
+    /// v2: the header state as this object last wrote or verified it.
+    st: v2::State,
+    /// v2: the subkeys, derived once the DEK is known.
+    keys: std::sync::OnceLock<FileKeys>,
+    /// v2: this writer's reserved counters, `ctr_next..ctr_end`.
+    ctr_next: u64,
+    ctr_end: u64,
+    /// v2: a run of hole blocks `start..marker` already proven by its marker.
+    proven: std::sync::Mutex<Option<(u64, u64)>>,
 }
 
 impl EncryptedFile {
@@ -167,7 +220,46 @@ impl EncryptedFile {
             read_exact_at(&file, &mut header_raw, 0).map_err(|_| HeaderError::Truncated)?;
             Some(std::sync::Arc::new(Self::parse_header(&header_raw, layout, volume_id)?))
         };
-        Ok(Self { file, layout, volume_id, header, header_raw, size, size_ok, verified: AtomicBool::new(false) })
+        let st = header.as_ref().and_then(|h| h.state()).unwrap_or_default();
+        Ok(Self {
+            file,
+            layout,
+            volume_id,
+            header,
+            header_raw,
+            size,
+            size_ok,
+            verified: AtomicBool::new(false),
+            st,
+            keys: std::sync::OnceLock::new(),
+            ctr_next: 0,
+            ctr_end: 0,
+            proven: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Whether the file is in format v2.
+    pub fn is_v2(&self) -> bool {
+        self.header.as_ref().is_some_and(|h| h.version == v2::VERSION)
+    }
+
+    /// The v2 header state (default for v1 and empty files).
+    pub fn state(&self) -> v2::State {
+        self.st
+    }
+
+    fn forget_proofs(&self) {
+        if let Ok(mut g) = self.proven.lock() {
+            *g = None;
+        }
+    }
+
+    /// Drops what belonged to the previous header (a new file ID).
+    fn reset_file_state(&mut self) {
+        self.keys = std::sync::OnceLock::new();
+        self.st = self.header.as_ref().and_then(|h| h.state()).unwrap_or_default();
+        (self.ctr_next, self.ctr_end) = (0, 0);
+        self.forget_proofs();
     }
 
     fn parse_header(raw: &[u8], layout: Layout, volume_id: Id) -> Result<FileHeader, FileError> {
@@ -195,10 +287,12 @@ impl EncryptedFile {
             Ok(s) => (s, true),
             Err((s, _)) => (s, false),
         };
+        self.forget_proofs();
         if backing == 0 {
             if self.header.take().is_some() {
                 self.header_raw.clear();
                 self.verified.store(false, Ordering::Relaxed);
+                self.reset_file_state();
                 return Ok(true);
             }
             return Ok(false);
@@ -210,9 +304,25 @@ impl EncryptedFile {
             return Ok(false);
         }
         let h = Self::parse_header(raw, self.layout, self.volume_id)?;
-        self.header = Some(std::sync::Arc::new(h));
+        // Another mount changed only a v2 state (same file, same key): keep
+        // the subkeys and this writer's counters, which stay its own (every
+        // reservation starts at the header's top); verify the new state.
+        let same_file = self.header.as_ref().is_some_and(|o| {
+            o.file_id == h.file_id && o.version == h.version && self.header_raw.len() == raw.len() && {
+                let (a, b) = (&self.header_raw, &*raw);
+                a[..STATE_RANGE.start] == b[..STATE_RANGE.start] && a[STATE_RANGE.end..] == b[STATE_RANGE.end..]
+            }
+        });
         self.header_raw = raw.to_vec();
         self.verified.store(false, Ordering::Relaxed);
+        if same_file {
+            // The header keeps its identity (a key fetched for it still
+            // fits); the new state is verified before its next use.
+            self.st = h.state().unwrap_or_default();
+            return Ok(false);
+        }
+        self.header = Some(std::sync::Arc::new(h));
+        self.reset_file_state();
         Ok(true)
     }
 
@@ -247,10 +357,33 @@ impl EncryptedFile {
     fn check_key(&self, key: &DataKey) -> Result<&FileHeader, FileError> {
         let h = self.header.as_ref().ok_or(FileError::NeedKey)?;
         if !self.verified.load(Ordering::Relaxed) {
-            h.verify(key)?;
+            if h.version == v2::VERSION {
+                let keys = self.keys.get_or_init(|| FileKeys::derive(key, &h.file_id));
+                // The state as stored (which `st` mirrors): another mount
+                // may have changed it since the header was parsed.
+                let raw = self.header_raw.get(STATE_RANGE).ok_or(HeaderError::Truncated)?;
+                let (state, tag) = raw.split_at(NONCE_LEN);
+                let state: [u8; NONCE_LEN] = state.try_into().map_err(|_| HeaderError::Truncated)?;
+                let want = keys.state_tag(&h.auth_bytes(), &state);
+                aws_lc_rs::constant_time::verify_slices_are_equal(&want, tag).map_err(|_| HeaderError::Auth)?;
+                if v2::State::decode(&state) != Some(self.st) {
+                    return Err(HeaderError::Auth.into());
+                }
+            } else {
+                h.verify(key)?;
+            }
             self.verified.store(true, Ordering::Relaxed);
         }
         Ok(h)
+    }
+
+    /// The key blocks are sealed under: the DEK (v1) or the file's block
+    /// subkey (v2). Call after `check_key`.
+    fn bkey<'a>(&'a self, key: &'a DataKey) -> &'a DataKey {
+        match (self.is_v2(), self.keys.get()) {
+            (true, Some(k)) => k.block(),
+            _ => key,
+        }
     }
 
     fn aad<'h>(&self, h: &'h FileHeader, index: u64, last: bool) -> BlockAad<'h> {
@@ -346,14 +479,8 @@ impl EncryptedFile {
         let last_index = self.last_index();
         for (k, (t, plain)) in trailers.chunks(TRAILER).zip(out_mid.chunks_mut(bs as usize)).enumerate() {
             let i = mid_first + k as u64;
-            let is_last = Some(i) == last_index;
-            if !is_last && is_hole(t) && is_hole(plain) {
-                continue; // a hole: its "ciphertext" already reads as zeros
-            }
             let (nonce, tag) = t.split_at(NONCE_LEN);
-            if open_detached(key, &self.aad(h, i, is_last), nonce, tag, plain).is_err() {
-                self.open_stale(h, key, i, plain)?;
-            }
+            self.open_parts(h, key, i, Some(i) == last_index, nonce, tag, plain)?;
         }
         if tail {
             out_tail.copy_from_slice(&self.open_one(h, key, last, tail_buf)?[..to_last]);
@@ -372,15 +499,177 @@ impl EncryptedFile {
     ) -> Result<&'b [u8], FileError> {
         let is_last = Some(index) == self.last_index();
         let n = sealed.len();
-        if !is_last && is_hole(sealed) {
-            return Ok(&sealed[NONCE_LEN..n - TAG_LEN]);
+        if n < BLOCK_OVERHEAD {
+            return Err(FileError::Block { index, what: "missing (file truncated)" });
         }
-        let opened = open_in_place(key, &self.aad(h, index, is_last), sealed).is_ok();
-        let plain = &mut sealed[NONCE_LEN..n - TAG_LEN];
-        if !opened {
-            self.open_stale(h, key, index, plain)?;
+        let (nonce, rest) = sealed.split_at_mut(NONCE_LEN);
+        let (plain, tag) = rest.split_at_mut(n - BLOCK_OVERHEAD);
+        self.open_parts(h, key, index, is_last, nonce, tag, plain)?;
+        Ok(&*plain)
+    }
+
+    /// Opens block `index` from its stored parts, read apart: the nonce,
+    /// the tag, and the ciphertext in `plain`, which becomes the plaintext.
+    /// The fast path is one AEAD open; holes, markers and stale last
+    /// blocks are handled on the error path.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    fn open_parts(
+        &self,
+        h: &FileHeader,
+        key: &DataKey,
+        index: u64,
+        is_last: bool,
+        nonce: &[u8],
+        tag: &[u8],
+        plain: &mut [u8],
+    ) -> Result<(), FileError> {
+        if !is_last && is_hole(nonce) && is_hole(tag) && is_hole(plain) {
+            // A hole: its "ciphertext" already reads as zeros. In v2 only
+            // where a marker says the user made it.
+            if h.version != v2::VERSION || (self.st.holes() && self.hole_proven(h, index)?) {
+                return Ok(());
+            }
+            return Err(FileError::Block { index, what: "zeroed, and no hole marker covers it" });
         }
-        Ok(plain)
+        let v = h.version;
+        if open_detached_v(self.bkey(key), &self.aad(h, index, is_last), v, nonce, tag, plain).is_ok() {
+            if v == v2::VERSION {
+                self.check_gen(index, nonce, is_last)?;
+            }
+            return Ok(());
+        }
+        self.open_fallback(h, key, index, is_last, plain)
+    }
+
+    /// A v2 block that authenticated must also come from a generation the
+    /// header allows at its place, with a counter the header reserved.
+    fn check_gen(&self, index: u64, nonce: &[u8], last: bool) -> Result<(), FileError> {
+        let (g, c) = v2::nonce_parts(nonce);
+        if self.st.accepts(g, last) && c < self.st.ctr_top {
+            return Ok(());
+        }
+        Err(FileError::Block { index, what: "from another state of the file (rolled back or spliced)" })
+    }
+
+    /// Reads slot `index` (`len` stored bytes) into `buf`.
+    fn read_slot<'b>(&self, index: u64, len: usize, buf: &'b mut [u8]) -> Result<&'b mut [u8], FileError> {
+        let s = &mut buf[..len];
+        read_exact_at(&self.file, s, self.layout.block_offset(index))
+            .map_err(|_| FileError::Block { index, what: "missing (file truncated)" })?;
+        Ok(s)
+    }
+
+    /// Stored length of slot `index` at the current size.
+    fn slot_len(&self, index: u64) -> usize {
+        self.layout.plain_len(self.size, index) as usize + BLOCK_OVERHEAD
+    }
+
+    /// The error path of a v2 block: a hole marker (reads as zeros), or,
+    /// while a length change is pending, a stale last block; else an error.
+    fn open_fallback(
+        &self,
+        h: &FileHeader,
+        key: &DataKey,
+        index: u64,
+        is_last: bool,
+        out: &mut [u8],
+    ) -> Result<(), FileError> {
+        if h.version != v2::VERSION {
+            return self.open_stale(h, key, index, out);
+        }
+        let keys = self.keys.get().ok_or(FileError::NeedKey)?;
+        let len = out.len() + BLOCK_OVERHEAD;
+        let mut scratch = Scratch::take();
+        let (stored, work) = scratch.get(2 * len).split_at_mut(len);
+        self.read_slot(index, len, stored)?;
+        if let Some((_, g)) = v2::open_marker(keys, &self.aad(h, index, is_last), stored)
+            && self.st.accepts(g, is_last)
+        {
+            out.fill(0);
+            return Ok(());
+        }
+        if self.st.pending()
+            && let Some(n) = open_stale_slot(keys.block(), &self.aad(h, index, true), v2::VERSION, stored, work)
+            && self.st.accepts(v2::nonce_parts(stored).0, true)
+        {
+            out[..n].copy_from_slice(&work[NONCE_LEN..NONCE_LEN + n]);
+            out[n..].fill(0);
+            return Ok(());
+        }
+        Err(FileError::Block { index, what: "authentication failed" })
+    }
+
+    /// Whether zero block `index` lies in a run of holes that a marker
+    /// proves (cached per run until the file changes).
+    fn hole_proven(&self, h: &FileHeader, index: u64) -> Result<bool, FileError> {
+        if let Ok(g) = self.proven.lock()
+            && let Some((s, m)) = *g
+            && (s..m).contains(&index)
+        {
+            return Ok(true);
+        }
+        match self.find_marker(h, index)? {
+            Some((s, m)) if s <= index => {
+                if let Ok(mut g) = self.proven.lock() {
+                    *g = Some((s, m));
+                }
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// The first slot after zero block `index` that is not all zeros, if it
+    /// is a valid marker: (its run start, its index). Skips what the
+    /// backing file holds as holes with SEEK_DATA, so a hole costs O(1).
+    fn find_marker(&self, h: &FileHeader, index: u64) -> Result<Option<(u64, u64)>, FileError> {
+        let (Some(last), Some(keys)) = (self.last_index(), self.keys.get()) else { return Ok(None) };
+        let sb = self.layout.stored_block();
+        let hs = self.layout.header_size();
+        let mut scratch = Scratch::take();
+        let buf = scratch.get(sb as usize);
+        let mut j = index + 1;
+        while j <= last {
+            match crate::sys::lseek(self.file.as_raw_fd(), self.layout.block_offset(j), libc::SEEK_DATA) {
+                Ok(d) => j = j.max(d.saturating_sub(hs) / sb),
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => return Ok(None),
+                Err(_) => {} // no SEEK_DATA here: read on
+            }
+            if j > last {
+                return Ok(None);
+            }
+            let slot = self.read_slot(j, self.slot_len(j), buf)?;
+            if is_hole(slot) {
+                j += 1;
+                continue;
+            }
+            let is_last = j == last;
+            return Ok(v2::open_marker(keys, &self.aad(h, j, is_last), slot)
+                .filter(|&(_, g)| self.st.accepts(g, is_last))
+                .map(|(s, _)| (s, j)));
+        }
+        Ok(None)
+    }
+
+    /// For v2 updates that keep holes provable: whether slot `index` is
+    /// data, or a hole or marker in a run (and which).
+    fn slot_kind(&self, h: &FileHeader, index: u64) -> Result<Slot, FileError> {
+        let keys = self.keys.get().ok_or(FileError::NeedKey)?;
+        let mut scratch = Scratch::take();
+        let len = self.slot_len(index);
+        let slot = self.read_slot(index, len, scratch.get(len))?;
+        if is_hole(slot) {
+            return match self.find_marker(h, index)? {
+                Some((start, marker)) if start <= index => Ok(Slot::Run { start, marker }),
+                _ => Err(FileError::Block { index, what: "zeroed, and no hole marker covers it" }),
+            };
+        }
+        let is_last = Some(index) == self.last_index();
+        Ok(match v2::open_marker(keys, &self.aad(h, index, is_last), slot) {
+            Some((start, g)) if self.st.accepts(g, is_last) => Slot::Run { start, marker: index },
+            _ => Slot::Data,
+        })
     }
 
     /// The error path of every block read: block `index`, whose plaintext is
@@ -395,7 +684,7 @@ impl EncryptedFile {
         let (stored, work) = scratch.get(2 * len).split_at_mut(len);
         read_exact_at(&self.file, stored, self.layout.block_offset(index))
             .map_err(|_| FileError::Block { index, what: "missing (file truncated)" })?;
-        let n = open_stale_slot(key, &self.aad(h, index, true), stored, work)
+        let n = open_stale_slot(key, &self.aad(h, index, true), FORMAT_VERSION, stored, work)
             .ok_or(FileError::Block { index, what: "authentication failed" })?;
         out[..n].copy_from_slice(&work[NONCE_LEN..NONCE_LEN + n]);
         out[n..].fill(0);
@@ -438,13 +727,8 @@ impl EncryptedFile {
             }
         }
         let is_last = Some(index) == self.last_index();
-        if !is_last && is_hole(&trailer) && is_hole(plain) {
-            return Ok(plen);
-        }
         let (nonce, tag) = trailer.split_at(NONCE_LEN);
-        if open_detached(key, &self.aad(h, index, is_last), nonce, tag, plain).is_err() {
-            self.open_stale(h, key, index, plain)?;
-        }
+        self.open_parts(h, key, index, is_last, nonce, tag, plain)?;
         Ok(plen)
     }
 
@@ -452,18 +736,26 @@ impl EncryptedFile {
     fn ensure_header(&mut self, key: KeyArg<'_>) -> Result<(), FileError> {
         match (key, &self.header) {
             (KeyArg::Fresh(f), None) => {
-                let mut h = FileHeader::new(
+                // Every new file is v2. Its header reserves the first
+                // counters: they are used only under this header's DEK, so
+                // the reservation needs no sync of its own.
+                let mut h = FileHeader::new_v2(
                     self.layout.block_log2(),
                     self.layout.header_size() as u16,
                     self.volume_id,
                     f.file_id,
                     f.wrapped.clone(),
                 );
-                h.seal(&f.key)?;
+                let keys = FileKeys::derive(&f.key, &f.file_id);
+                let st = v2::State { flags: 0, lgen: 1, ctr_top: ctr_chunk() };
+                h.seal_state(&keys, st);
                 let bytes = h.to_bytes()?;
                 self.file.write_all_at(&bytes, 0)?;
                 self.header = Some(std::sync::Arc::new(h));
                 self.header_raw = bytes;
+                self.reset_file_state();
+                let _ = self.keys.set(keys);
+                (self.ctr_next, self.ctr_end) = (0, st.ctr_top);
                 self.verified.store(true, Ordering::Relaxed);
                 self.size_ok = true;
                 Ok(())
@@ -493,6 +785,12 @@ impl EncryptedFile {
     /// Seals blocks `first..` in `region` for a file of `new_size` bytes. A
     /// block that `src` (data, offset) covers whole is sealed straight from
     /// it; any other block's plaintext must already sit in its slot.
+    /// Seals blocks `first..` in `region` for a file of `new_size` bytes. A
+    /// block that `src` (data, offset) covers whole is sealed straight from
+    /// it; any other block's plaintext must already sit in its slot. v2
+    /// blocks take the nonces (current generation, `ctr`, `ctr + 1`, ...);
+    /// the caller reserved them with `take_ctrs`.
+    #[allow(clippy::too_many_arguments)]
     fn seal(
         &self,
         key: &DataKey,
@@ -500,20 +798,27 @@ impl EncryptedFile {
         region: &mut [u8],
         new_size: u64,
         src: Option<(&[u8], u64)>,
+        ctr: u64,
     ) -> Result<(), FileError> {
         let h = self.header.as_ref().ok_or(FileError::NeedKey)?;
+        let (v, key) = (h.version, self.bkey(key));
         let new_last = (new_size - 1) >> self.layout.block_log2();
         let bs = self.layout.block_size();
         let stride = bs as usize + BLOCK_OVERHEAD;
-        // Nonces come from the RNG in batches, not one call per block.
+        // v1 nonces come from the RNG in batches, not one call per block.
         let mut nonces = [0u8; NONCE_LEN * 32];
         for (k, chunk) in region.chunks_mut(stride).enumerate() {
             let slot = k % 32;
-            if slot == 0 {
-                random_fill(&mut nonces).map_err(|_| FileError::Random)?;
-            }
-            let mut nn = [0u8; NONCE_LEN];
-            nn.copy_from_slice(&nonces[slot * NONCE_LEN..(slot + 1) * NONCE_LEN]);
+            let nn = if v == v2::VERSION {
+                v2::nonce(self.st.lgen, ctr + k as u64)
+            } else {
+                if slot == 0 {
+                    random_fill(&mut nonces).map_err(|_| FileError::Random)?;
+                }
+                let mut nn = [0u8; NONCE_LEN];
+                nn.copy_from_slice(&nonces[slot * NONCE_LEN..(slot + 1) * NONCE_LEN]);
+                nn
+            };
             let i = first + k as u64;
             let aad = self.aad(h, i, i == new_last);
             let plen = chunk.len() - BLOCK_OVERHEAD;
@@ -522,10 +827,73 @@ impl EncryptedFile {
                 data.get(at..at + plen)
             });
             match whole {
-                Some(plain) => seal_to(key, &aad, nn, plain, chunk)?,
-                None => seal_in_place(key, &aad, nn, chunk)?,
+                Some(plain) => seal_to_v(key, &aad, v, nn, plain, chunk)?,
+                None => seal_in_place_v(key, &aad, v, nn, chunk)?,
             }
         }
+        Ok(())
+    }
+
+    /// Reserves `n` v2 nonce counters and returns the first. A writer takes
+    /// counters from its own reservation; a new one starts at the header's
+    /// top, which is written and synced before any of them is used, so no
+    /// crash or power loss can hand a counter out twice. 0 for v1.
+    fn take_ctrs(&mut self, n: u64) -> Result<u64, FileError> {
+        if !self.is_v2() {
+            return Ok(0);
+        }
+        if self.ctr_next + n > self.ctr_end {
+            let base = self.st.ctr_top;
+            let top = base.checked_add(n.max(ctr_chunk())).filter(|&t| t <= v2::MAX_CTR).ok_or(FileError::TooLarge)?;
+            self.st.ctr_top = top;
+            self.write_state()?;
+            self.file.sync_data()?;
+            (self.ctr_next, self.ctr_end) = (base, top);
+        }
+        let c = self.ctr_next;
+        self.ctr_next += n;
+        Ok(c)
+    }
+
+    /// Writes the v2 header state (`st`) and its tag: one pwrite of 28
+    /// bytes inside the first sector.
+    fn write_state(&mut self) -> Result<(), FileError> {
+        let (Some(h), Some(keys)) = (self.header.as_ref(), self.keys.get()) else { return Err(FileError::NeedKey) };
+        let mut buf = [0u8; 28];
+        let enc = self.st.encode();
+        buf[..NONCE_LEN].copy_from_slice(&enc);
+        buf[NONCE_LEN..].copy_from_slice(&keys.state_tag(&h.auth_bytes(), &enc));
+        self.pwrite(Step::State, &buf, STATE_RANGE.start as u64)?;
+        if self.header_raw.len() >= STATE_RANGE.end {
+            self.header_raw[STATE_RANGE].copy_from_slice(&buf);
+        }
+        Ok(())
+    }
+
+    /// Starts a change of the file's length (v2): a new generation, with
+    /// the one before still valid until [`Self::commit`].
+    fn begin_length_change(&mut self, holes: bool) -> Result<(), FileError> {
+        let lgen = self.st.lgen.checked_add(1).filter(|&g| g <= v2::MAX_LGEN).ok_or(FileError::TooLarge)?;
+        self.st.lgen = lgen;
+        self.st.flags |= v2::FLAG_PENDING | if holes { v2::FLAG_HOLES } else { 0 };
+        self.write_state()
+    }
+
+    /// Ends the pending length change (v2): from here on only the current
+    /// generation's last block reads. Called at fsync, when the last writer
+    /// closes, and after a truncate; cheap when nothing is pending.
+    pub fn commit(&mut self) -> Result<(), FileError> {
+        if self.is_v2() && self.st.pending() && self.keys.get().is_some() {
+            self.st.flags &= !v2::FLAG_PENDING;
+            self.write_state()?;
+        }
+        Ok(())
+    }
+
+    /// Seals a v2 hole marker for slot `index` (`plen` zero bytes) in `out`.
+    fn seal_marker(&self, index: u64, last: bool, run_start: u64, out: &mut [u8]) -> Result<(), FileError> {
+        let (Some(h), Some(keys)) = (self.header.as_ref(), self.keys.get()) else { return Err(FileError::NeedKey) };
+        v2::seal_marker(keys, &self.aad(h, index, last), run_start, self.st.lgen, out);
         Ok(())
     }
 
@@ -594,6 +962,7 @@ impl EncryptedFile {
             self.header = None;
             self.header_raw.clear();
             self.verified.store(false, Ordering::Relaxed);
+            self.reset_file_state();
         }
     }
 
@@ -607,6 +976,23 @@ impl EncryptedFile {
     /// last, or longer), is written last and on its own. A failed step puts
     /// the old last block's bytes and the old size back.
     pub fn write_at(&mut self, key: KeyArg<'_>, off: u64, data: &[u8]) -> Result<(), FileError> {
+        let old = self.st;
+        let fresh = self.header.is_none();
+        self.forget_proofs();
+        let r = self.write_inner(key, off, data);
+        if r.is_err() {
+            if fresh && self.header.is_some() {
+                // A new file's update failed before its blocks: no header
+                // without blocks stays behind.
+                self.undo_growth(0, None, 0, true);
+            } else {
+                self.undo_state(old);
+            }
+        }
+        r
+    }
+
+    fn write_inner(&mut self, key: KeyArg<'_>, off: u64, data: &[u8]) -> Result<(), FileError> {
         if data.is_empty() {
             return Ok(());
         }
@@ -623,6 +1009,18 @@ impl EncryptedFile {
         let old_last = self.last_index();
         let new_last = (new_size - 1) / bs;
         let h = self.header.clone().ok_or(FileError::NeedKey)?;
+        let plan = self.plan_holes(&h, first, last, growing)?;
+        let old_st = self.st;
+        let fresh_holes = fresh_header && plan.gap.is_some();
+        if self.is_v2() && (growing && !fresh_header || fresh_holes) {
+            if fresh_holes {
+                self.st.flags |= v2::FLAG_HOLES;
+                self.write_state()?;
+            } else {
+                self.begin_length_change(plan.gap.is_some())?;
+            }
+        }
+        let ctr = self.take_ctrs(last - first + 2)?;
         let mut len = 0usize;
         for i in first..=last {
             len += self.layout.plain_len(new_size, i) as usize + BLOCK_OVERHEAD;
@@ -672,11 +1070,14 @@ impl EncryptedFile {
             let olen = self.layout.plain_len(self.size, ol) as usize + BLOCK_OVERHEAD;
             if ol < first {
                 // The file grows past its last block, which becomes a full,
-                // not-last block (zero padded).
+                // not-last block (zero padded), or a not-last marker.
                 let slot = &mut resealed[NONCE_LEN..NONCE_LEN + bs as usize];
                 let n = self.read_block(&h, k, ol, slot, Some(&mut *saved))?;
                 slot[n..].fill(0);
-                self.seal(k, ol, &mut resealed[..sb], new_size, None)?;
+                match plan.old_last_run {
+                    Some(start) => self.seal_marker(ol, false, start, &mut resealed[..sb])?,
+                    None => self.seal(k, ol, &mut resealed[..sb], new_size, None, ctr + last - first + 1)?,
+                }
                 saved_len = olen;
             } else if saved_len == 0 {
                 // The write covers it whole: keep its bytes only to undo.
@@ -685,12 +1086,20 @@ impl EncryptedFile {
                 saved_len = olen;
             }
         }
-        self.seal(k, first, region, new_size, Some((data, off)))?;
+        self.seal(k, first, region, new_size, Some((data, off)), ctr)?;
         let off_first = self.layout.block_offset(first);
+        let mut mark = [0u8; 0].to_vec();
+        if let Some((at, start)) = plan.left {
+            // The run before the write keeps a marker: a zero block becomes
+            // one, which reads as zeros before and after.
+            mark.resize(sb, 0);
+            self.seal_marker(at, false, start, &mut mark)?;
+            self.pwrite(Step::WriteOld, &mark, self.layout.block_offset(at))?;
+        }
         if !growing {
             // An overwrite: lengths and flags stay; one pwrite.
             self.pwrite(Step::WriteOld, region, off_first)?;
-            return Ok(());
+            return self.fix_right(plan.right, new_size, new_last);
         }
         if !self.size_ok {
             // A torn tail: the write defines the new end; its bytes must not
@@ -700,10 +1109,20 @@ impl EncryptedFile {
         let new_backing = self.layout.backing_size(new_size);
         let mut touched_old = false;
         let mut reserved_to = old_backing;
+        // A write past the end leaves a gap: a run of holes closed by a
+        // marker in the slot before the first new block.
+        if let Some((at, start)) = plan.gap {
+            mark.resize(sb, 0);
+            self.seal_marker(at, false, start, &mut mark)?;
+        }
+        let gap_at = plan.gap.map(|(at, _)| self.layout.block_offset(at));
         let res = (|| -> std::io::Result<()> {
             let Some(ol) = old_last.filter(|&ol| new_last > ol) else {
                 // Growing inside the old last block, or the first blocks of
-                // an empty file: one pwrite.
+                // an empty file: one pwrite (after the gap's marker).
+                if let Some(at) = gap_at {
+                    self.pwrite(Step::WriteNew, &mark, at)?;
+                }
                 touched_old = old_last.is_some();
                 let step = if touched_old { Step::WriteOld } else { Step::WriteNew };
                 return self.pwrite(step, region, off_first);
@@ -712,12 +1131,16 @@ impl EncryptedFile {
             // far past the end leaves the gap a hole: reserve around it.
             let next = self.layout.block_offset(ol + 1);
             let new_from = self.layout.block_offset(first.max(ol + 1));
+            let res_from = gap_at.unwrap_or(new_from);
             reserved_to = new_backing;
-            self.reserve(old_backing, if new_from > next { next } else { new_backing })?;
-            if new_from > next {
-                self.reserve(new_from, new_backing)?;
+            self.reserve(old_backing, if res_from > next { next } else { new_backing })?;
+            if res_from > next {
+                self.reserve(res_from, new_backing)?;
             }
             // The new blocks past the old last block...
+            if let Some(at) = gap_at {
+                self.pwrite(Step::WriteNew, &mark, at)?;
+            }
             let split = if first > ol { 0 } else { (ol + 1 - first) as usize * sb };
             self.pwrite(Step::WriteNew, &region[split..], new_from)?;
             // ...then the in-place change, the old last block with it.
@@ -731,10 +1154,74 @@ impl EncryptedFile {
         if let Err(e) = res {
             let ol = old_last.filter(|_| touched_old).map(|ol| (self.layout.block_offset(ol), &saved[..saved_len]));
             self.undo_growth(old_backing, ol, reserved_to, fresh_header);
+            if !fresh_header {
+                self.undo_state(old_st);
+            }
             return Err(e.into());
         }
         self.size = new_size;
         self.size_ok = true;
+        Ok(())
+    }
+
+    /// Puts the v2 state back after a failed update (best effort: a state
+    /// left pending still reads the data before the update).
+    fn undo_state(&mut self, old: v2::State) {
+        #[cfg(test)]
+        if fault::crashed() {
+            return;
+        }
+        if self.is_v2() && self.st != old {
+            // Counters stay reserved: never hand one out twice.
+            let top = self.st.ctr_top;
+            self.st = v2::State { ctr_top: top, ..old };
+            let _ = self.write_state();
+        }
+    }
+
+    /// What a v2 write must do to keep every hole provable: for a write of
+    /// blocks `first..=last`, the marker that a run left of it needs, the
+    /// marker right of it that must start later, the gap it leaves past the
+    /// end, and whether the old last block is a marker. Reads the edge
+    /// slots only when the file has holes.
+    fn plan_holes(&self, h: &FileHeader, first: u64, last: u64, growing: bool) -> Result<HolePlan, FileError> {
+        let mut p = HolePlan::default();
+        if !self.is_v2() {
+            return Ok(p);
+        }
+        let old_blocks = self.layout.block_count(self.size);
+        if growing && first > old_blocks {
+            p.gap = Some((first - 1, old_blocks));
+        }
+        let Some(ol) = self.last_index() else { return Ok(p) };
+        if !self.st.holes() {
+            return Ok(p);
+        }
+        if first <= ol {
+            if let Slot::Run { start, .. } = self.slot_kind(h, first)?
+                && start < first
+            {
+                p.left = Some((first - 1, start));
+            }
+            if let Slot::Run { marker, .. } = self.slot_kind(h, last.min(ol))?
+                && marker > last
+            {
+                p.right = Some((marker, last + 1));
+            }
+        } else if let Slot::Run { start, marker } = self.slot_kind(h, ol)?
+            && marker == ol
+        {
+            p.old_last_run = Some(start);
+        }
+        Ok(p)
+    }
+
+    /// Rewrites the marker right of a write so its run starts after it.
+    fn fix_right(&mut self, right: Option<(u64, u64)>, size: u64, last_index: u64) -> Result<(), FileError> {
+        let Some((at, start)) = right else { return Ok(()) };
+        let mut buf = vec![0u8; self.layout.plain_len(size, at) as usize + BLOCK_OVERHEAD];
+        self.seal_marker(at, at == last_index, start, &mut buf)?;
+        self.pwrite(Step::WriteOld, &buf, self.layout.block_offset(at))?;
         Ok(())
     }
 
@@ -754,6 +1241,7 @@ impl EncryptedFile {
             self.size = 0;
             self.size_ok = true;
             self.verified.store(false, Ordering::Relaxed);
+            self.reset_file_state();
             return Ok(());
         }
         if new_size == self.size && self.size_ok {
@@ -763,16 +1251,40 @@ impl EncryptedFile {
         if new_size > self.size {
             return self.write_at(key, new_size - 1, &[0]);
         }
-        // Shrinking, or cutting a torn tail at the current size.
+        let old = self.st;
+        self.forget_proofs();
+        let r = self.shrink(key, new_size);
+        if r.is_err() {
+            self.undo_state(old);
+        }
+        r
+    }
+
+    /// Shrinking, or cutting a torn tail at the current size.
+    fn shrink(&mut self, key: KeyArg<'_>, new_size: u64) -> Result<(), FileError> {
         let k = Self::key_of(&key);
         self.ensure_header(key)?;
         let h = self.header.clone().ok_or(FileError::NeedKey)?;
+        let v = h.version;
         let bs = self.layout.block_size() as usize;
         let sb = self.layout.stored_block() as usize;
         let nl = (new_size - 1) / bs as u64;
         let q = self.layout.plain_len(new_size, nl) as usize;
         let olen = self.layout.plain_len(self.size, nl) as usize + BLOCK_OVERHEAD;
         let off = self.layout.block_offset(nl);
+        // v2: a new last block inside a run of holes becomes the run's
+        // marker, so the holes before it stay provable.
+        let run = match self.is_v2() && self.st.holes() {
+            true => match self.slot_kind(&h, nl)? {
+                Slot::Run { start, .. } => Some(start),
+                Slot::Data => None,
+            },
+            false => None,
+        };
+        if v == v2::VERSION {
+            self.begin_length_change(false)?;
+        }
+        let ctr = self.take_ctrs(1)?;
         let mut scratch = Scratch::take();
         let (saved, work) = scratch.get(2 * sb).split_at_mut(sb);
         match self.read_block(&h, k, nl, &mut work[NONCE_LEN..NONCE_LEN + bs], Some(&mut *saved)) {
@@ -782,13 +1294,23 @@ impl EncryptedFile {
             Err(e) if !self.size_ok && Some(nl) == self.last_index() => {
                 let w = &mut work[..olen];
                 w.copy_from_slice(&saved[..olen]);
-                open_in_place(k, &self.aad(&h, nl, false), w).map_err(|_| e)?;
+                open_in_place_v(self.bkey(k), &self.aad(&h, nl, false), v, w).map_err(|_| e)?;
             }
             Err(e) => return Err(e),
         }
-        let mut nonce = [0u8; NONCE_LEN];
-        random_fill(&mut nonce).map_err(|_| FileError::Random)?;
-        seal_in_place(k, &self.aad(&h, nl, true), nonce, &mut work[..q + BLOCK_OVERHEAD])?;
+        match run {
+            Some(start) => self.seal_marker(nl, true, start, &mut work[..q + BLOCK_OVERHEAD])?,
+            None => {
+                let nonce = if v == v2::VERSION {
+                    v2::nonce(self.st.lgen, ctr)
+                } else {
+                    let mut n = [0u8; NONCE_LEN];
+                    random_fill(&mut n).map_err(|_| FileError::Random)?;
+                    n
+                };
+                seal_in_place_v(self.bkey(k), &self.aad(&h, nl, true), v, nonce, &mut work[..q + BLOCK_OVERHEAD])?;
+            }
+        }
         work[q + BLOCK_OVERHEAD..olen].fill(0);
         if let Err(e) = self.pwrite(Step::WriteOld, &work[..olen], off) {
             self.restore(off, &saved[..olen]);
@@ -806,10 +1328,15 @@ impl EncryptedFile {
     /// Checks the header and every block; for fsck.
     pub fn verify(&self, key: &DataKey) -> Result<VerifyReport, FileError> {
         let mut r = VerifyReport { bad_size: !self.size_ok, ..Default::default() };
-        let Some(h) = self.header.as_ref() else { return Ok(r) };
-        h.verify(key)?;
+        if self.header.is_none() {
+            return Ok(r);
+        }
+        let h = self.check_key(key)?;
         if !self.size_ok {
             r.torn_bytes = self.file.metadata()?.len().saturating_sub(self.valid_backing());
+        }
+        if h.version == v2::VERSION {
+            return self.verify_v2(h, r);
         }
         let sb = self.layout.stored_block() as usize;
         let mut buf = vec![0u8; 2 * sb];
@@ -831,7 +1358,49 @@ impl EncryptedFile {
             if open_in_place(key, &self.aad(h, i, is_last), w).is_ok() {
                 continue;
             }
-            if open_stale_slot(key, &self.aad(h, i, true), s, work).is_some() {
+            if open_stale_slot(key, &self.aad(h, i, true), FORMAT_VERSION, s, work).is_some() {
+                r.stale_blocks.push(i);
+            } else {
+                r.bad_blocks.push(i);
+            }
+        }
+        Ok(r)
+    }
+
+    /// `verify` for a v2 file: proven holes and markers are fine; a stale
+    /// last block counts only while a length change is pending.
+    fn verify_v2(&self, h: &FileHeader, mut r: VerifyReport) -> Result<VerifyReport, FileError> {
+        let keys = self.keys.get().ok_or(FileError::NeedKey)?;
+        let sb = self.layout.stored_block() as usize;
+        let mut buf = vec![0u8; 2 * sb];
+        let (stored, work) = buf.split_at_mut(sb);
+        for i in 0..self.layout.block_count(self.size) {
+            let is_last = Some(i) == self.last_index();
+            let Ok(s) = self.read_slot(i, self.slot_len(i), stored) else {
+                r.bad_blocks.push(i);
+                continue;
+            };
+            if !is_last && is_hole(s) {
+                if !(self.st.holes() && self.hole_proven(h, i)?) {
+                    r.bad_blocks.push(i);
+                }
+                continue;
+            }
+            let w = &mut work[..s.len()];
+            w.copy_from_slice(s);
+            if open_in_place_v(keys.block(), &self.aad(h, i, is_last), v2::VERSION, w).is_ok() {
+                if self.check_gen(i, s, is_last).is_err() {
+                    r.bad_blocks.push(i);
+                }
+                continue;
+            }
+            if v2::open_marker(keys, &self.aad(h, i, is_last), s).is_some_and(|(_, g)| self.st.accepts(g, is_last)) {
+                continue;
+            }
+            if self.st.pending()
+                && open_stale_slot(keys.block(), &self.aad(h, i, true), v2::VERSION, s, work).is_some()
+                && self.st.accepts(v2::nonce_parts(s).0, true)
+            {
                 r.stale_blocks.push(i);
             } else {
                 r.bad_blocks.push(i);
@@ -857,9 +1426,13 @@ impl EncryptedFile {
         if n <= BLOCK_OVERHEAD {
             return None;
         }
+        let (v, bkey) = (h.version, self.bkey(key));
+        // A v2 repair takes a block of any earlier generation (a power loss
+        // may have kept an older last block) and re-seals it as current.
+        let gen_ok = |s: &[u8]| v != v2::VERSION || v2::nonce_parts(s).0 <= self.st.lgen;
         let attempt = |last: bool, work: &mut [u8]| {
             work[..n].copy_from_slice(stored);
-            open_in_place(key, &self.aad(h, index, last), &mut work[..n]).is_ok()
+            open_in_place_v(bkey, &self.aad(h, index, last), v, &mut work[..n]).is_ok() && gen_ok(stored)
         };
         if attempt(true, work) {
             return Some((n - BLOCK_OVERHEAD, false));
@@ -871,7 +1444,13 @@ impl EncryptedFile {
             work[..n].fill(0);
             return Some((n - BLOCK_OVERHEAD, true));
         }
-        open_stale_slot(key, &self.aad(h, index, true), stored, work).map(|p| (p, true))
+        if let Some(keys) = self.keys.get().filter(|_| v == v2::VERSION)
+            && [true, false].iter().any(|&l| v2::open_marker(keys, &self.aad(h, index, l), stored).is_some())
+        {
+            work[..n].fill(0);
+            return Some((n - BLOCK_OVERHEAD, true));
+        }
+        open_stale_slot(bkey, &self.aad(h, index, true), v, stored, work).filter(|_| gen_ok(stored)).map(|p| (p, true))
     }
 
     /// Repairs what a torn write or an interrupted update leaves, for
@@ -885,7 +1464,9 @@ impl EncryptedFile {
     pub fn repair(&mut self, key: &DataKey, found: &VerifyReport) -> Result<RepairReport, FileError> {
         let mut r = RepairReport::default();
         let Some(h) = self.header.clone() else { return Ok(r) };
-        h.verify(key)?;
+        self.check_key(key)?;
+        self.forget_proofs();
+        let v = h.version;
         let backing = self.file.metadata()?.len();
         let sb = self.layout.stored_block();
         let bs = self.layout.block_size() as usize;
@@ -917,10 +1498,22 @@ impl EncryptedFile {
             return Ok(r);
         };
         let off = self.layout.block_offset(last);
-        if reseal {
-            let mut nonce = [0u8; NONCE_LEN];
-            random_fill(&mut nonce).map_err(|_| FileError::Random)?;
-            seal_in_place(key, &self.aad(&h, last, true), nonce, &mut work[..n + BLOCK_OVERHEAD])?;
+        // A kept v2 slot that reads as zeros (a hole or a marker) closes
+        // the run of holes before it as its marker.
+        let run = self.run_start_before(&h, last, &stored[..slot_len])?;
+        if v == v2::VERSION {
+            // The kept block becomes the last of a new generation.
+            self.begin_length_change(run.is_some())?;
+        }
+        if reseal || v == v2::VERSION {
+            match run {
+                Some(start) => self.seal_marker(last, true, start, &mut work[..n + BLOCK_OVERHEAD])?,
+                None => {
+                    let nonce = self.repair_nonce()?;
+                    let w = &mut work[..n + BLOCK_OVERHEAD];
+                    seal_in_place_v(self.bkey(key), &self.aad(&h, last, true), v, nonce, w)?;
+                }
+            }
             work[n + BLOCK_OVERHEAD..slot_len].fill(0);
             self.file.write_all_at(&work[..slot_len], off)?;
             r.resealed.push(last);
@@ -934,19 +1527,53 @@ impl EncryptedFile {
         for &i in found.stale_blocks.iter().filter(|&&i| i < last) {
             let off = self.layout.block_offset(i);
             read_exact_at(&self.file, stored, off)?;
-            let Some(n) = open_stale_slot(key, &self.aad(&h, i, true), stored, work) else { continue };
+            let Some(n) = open_stale_slot(self.bkey(key), &self.aad(&h, i, true), v, stored, work) else { continue };
             work[NONCE_LEN + n..NONCE_LEN + bs].fill(0);
-            let mut nonce = [0u8; NONCE_LEN];
-            random_fill(&mut nonce).map_err(|_| FileError::Random)?;
-            seal_in_place(key, &self.aad(&h, i, false), nonce, work)?;
+            let nonce = self.repair_nonce()?;
+            seal_in_place_v(self.bkey(key), &self.aad(&h, i, false), v, nonce, work)?;
             self.file.write_all_at(work, off)?;
             r.resealed.push(i);
         }
         self.file.sync_all()?;
+        self.commit()?;
+        self.file.sync_all()?;
         Ok(r)
     }
 
-    /// fsync of the backing file.
+    /// For `repair` (v2): if slot `index` (stored bytes `slot`) is a hole or
+    /// a marker, where its run starts: a marker's own start, or the first
+    /// of the zero slots right before it.
+    fn run_start_before(&self, h: &FileHeader, index: u64, slot: &[u8]) -> Result<Option<u64>, FileError> {
+        let Some(keys) = self.keys.get().filter(|_| h.version == v2::VERSION) else { return Ok(None) };
+        if let Some((s, _)) = [true, false].iter().find_map(|&l| v2::open_marker(keys, &self.aad(h, index, l), slot)) {
+            return Ok(Some(s));
+        }
+        if !is_hole(slot) {
+            return Ok(None);
+        }
+        let sb = self.layout.stored_block() as usize;
+        let mut buf = vec![0u8; sb];
+        let mut j = index;
+        while j > 0 && read_exact_at(&self.file, &mut buf, self.layout.block_offset(j - 1)).is_ok() && is_hole(&buf) {
+            j -= 1;
+        }
+        Ok(Some(j))
+    }
+
+    /// A nonce for a block `repair` re-seals: random (v1) or the next
+    /// counter at the current generation (v2).
+    fn repair_nonce(&mut self) -> Result<[u8; NONCE_LEN], FileError> {
+        if self.is_v2() {
+            let c = self.take_ctrs(1)?;
+            return Ok(v2::nonce(self.st.lgen, c));
+        }
+        let mut n = [0u8; NONCE_LEN];
+        random_fill(&mut n).map_err(|_| FileError::Random)?;
+        Ok(n)
+    }
+
+    /// fsync of the backing file. The caller then [`Self::commit`]s (v2),
+    /// now that the data a pending length change describes is on disk.
     pub fn sync(&self, data_only: bool) -> Result<(), FileError> {
         if data_only {
             self.file.sync_data()?
@@ -964,12 +1591,12 @@ impl EncryptedFile {
 /// tag may end in zero bytes. Returns the plaintext length; the plaintext is
 /// at `work[NONCE_LEN..]`, which must be as long as `stored`. Only called
 /// after the block failed to open as it should.
-fn open_stale_slot(key: &DataKey, aad: &BlockAad<'_>, stored: &[u8], work: &mut [u8]) -> Option<usize> {
+fn open_stale_slot(key: &DataKey, aad: &BlockAad<'_>, version: u8, stored: &[u8], work: &mut [u8]) -> Option<usize> {
     let z = stored.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1);
     for l in z.max(BLOCK_OVERHEAD + 1)..=(z + TAG_LEN - 1).min(stored.len()) {
         let w = &mut work[..l];
         w.copy_from_slice(&stored[..l]);
-        if open_in_place(key, aad, w).is_ok() {
+        if open_in_place_v(key, aad, version, w).is_ok() {
             return Some(l - BLOCK_OVERHEAD);
         }
     }
@@ -1327,13 +1954,16 @@ mod tests {
     #[test]
     fn failed_or_crashed_updates_keep_earlier_data() {
         let fx = Fx::new();
-        let steps = [Step::Reserve, Step::WriteNew, Step::WriteOld, Step::Truncate];
+        let steps = [Step::Reserve, Step::WriteNew, Step::WriteOld, Step::Truncate, Step::State];
         let mut fired = 0;
         for size in [0u64, 1, 100, B - 1, B, B + 100, 3 * B - 5, 3 * B] {
             let old = pattern(size as usize, size as u8);
             for op in ops(size) {
                 for step in steps {
-                    for f in faults(&op, old.len()) {
+                    // The 28-byte state write lies in the first sector and
+                    // the first page: it is never torn, only done or not.
+                    let fs = faults(&op, old.len());
+                    for f in fs.into_iter().filter(|f| step != Step::State || matches!(f, Fault::Fail | Fault::Crash)) {
                         let what = format!("size {size}, {op:?}, {f:?} at {step:?}");
                         let mut file = fx.file(&old);
                         fault::arm(step, f);

@@ -50,9 +50,15 @@ pub struct BlockAad<'a> {
 impl BlockAad<'_> {
     /// The serialized AAD (see docs/FORMAT.md).
     pub fn bytes(&self) -> [u8; AAD_LEN] {
+        self.bytes_v(FORMAT_VERSION)
+    }
+
+    /// The serialized AAD of a block of file format `version` (1 or 2: the
+    /// same fields, the version byte differs).
+    pub fn bytes_v(&self, version: u8) -> [u8; AAD_LEN] {
         let mut a = [0u8; AAD_LEN];
         a[0..4].copy_from_slice(&AAD_LABEL);
-        a[4] = FORMAT_VERSION;
+        a[4] = version;
         a[5] = self.block_log2;
         a[6..22].copy_from_slice(self.file_id);
         a[22..30].copy_from_slice(&self.index.to_be_bytes());
@@ -71,6 +77,17 @@ pub fn seal_in_place(
     nonce: [u8; NONCE_LEN],
     out: &mut [u8],
 ) -> Result<(), CodecError> {
+    seal_in_place_v(key, aad, FORMAT_VERSION, nonce, out)
+}
+
+/// [`seal_in_place`] for a block of file format `version`.
+pub fn seal_in_place_v(
+    key: &DataKey,
+    aad: &BlockAad<'_>,
+    version: u8,
+    nonce: [u8; NONCE_LEN],
+    out: &mut [u8],
+) -> Result<(), CodecError> {
     let n = out.len();
     if n < BLOCK_OVERHEAD {
         return Err(CodecError::Length(n));
@@ -80,7 +97,7 @@ pub fn seal_in_place(
         .aead()
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad.bytes()),
+            Aad::from(aad.bytes_v(version)),
             &mut out[NONCE_LEN..n - TAG_LEN],
         )
         .map_err(|_| CodecError::Auth)?;
@@ -90,13 +107,23 @@ pub fn seal_in_place(
 
 /// Opens a sealed block in place and returns the plaintext slice within it.
 pub fn open_in_place<'b>(key: &DataKey, aad: &BlockAad<'_>, sealed: &'b mut [u8]) -> Result<&'b mut [u8], CodecError> {
+    open_in_place_v(key, aad, FORMAT_VERSION, sealed)
+}
+
+/// [`open_in_place`] for a block of file format `version`.
+pub fn open_in_place_v<'b>(
+    key: &DataKey,
+    aad: &BlockAad<'_>,
+    version: u8,
+    sealed: &'b mut [u8],
+) -> Result<&'b mut [u8], CodecError> {
     let n = sealed.len();
     if n < BLOCK_OVERHEAD {
         return Err(CodecError::Length(n));
     }
     let (nonce, rest) = sealed.split_at_mut(NONCE_LEN);
     let (ct, tag) = rest.split_at_mut(n - BLOCK_OVERHEAD);
-    open_detached(key, aad, nonce, tag, ct)?;
+    open_detached_v(key, aad, version, nonce, tag, ct)?;
     Ok(ct)
 }
 
@@ -111,11 +138,23 @@ pub fn seal_to(
     plain: &[u8],
     out: &mut [u8],
 ) -> Result<(), CodecError> {
+    seal_to_v(key, aad, FORMAT_VERSION, nonce, plain, out)
+}
+
+/// [`seal_to`] for a block of file format `version`.
+pub fn seal_to_v(
+    key: &DataKey,
+    aad: &BlockAad<'_>,
+    version: u8,
+    nonce: [u8; NONCE_LEN],
+    plain: &[u8],
+    out: &mut [u8],
+) -> Result<(), CodecError> {
     if out.len() != plain.len() + BLOCK_OVERHEAD {
         return Err(CodecError::Length(out.len()));
     }
     out[NONCE_LEN..NONCE_LEN + plain.len()].copy_from_slice(plain);
-    seal_in_place(key, aad, nonce, out)
+    seal_in_place_v(key, aad, version, nonce, out)
 }
 
 /// Opens a block given as its stored nonce and tag and its ciphertext in
@@ -129,11 +168,29 @@ pub fn open_detached(
     tag: &[u8],
     inout: &mut [u8],
 ) -> Result<(), CodecError> {
+    open_detached_v(key, aad, FORMAT_VERSION, nonce, tag, inout)
+}
+
+/// [`open_detached`] for a block of file format `version`.
+pub fn open_detached_v(
+    key: &DataKey,
+    aad: &BlockAad<'_>,
+    version: u8,
+    nonce: &[u8],
+    tag: &[u8],
+    inout: &mut [u8],
+) -> Result<(), CodecError> {
     let (Ok(nonce), Ok(tag)) = (<[u8; NONCE_LEN]>::try_from(nonce), Tag::try_from(tag)) else {
         return Err(CodecError::Length(nonce.len() + inout.len() + tag.len()));
     };
     key.aead()
-        .open_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad.bytes()), tag, inout, 0..)
+        .open_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad.bytes_v(version)),
+            tag,
+            inout,
+            0..,
+        )
         .map(|_| ())
         .map_err(|_| CodecError::Auth)
 }

@@ -25,7 +25,7 @@ use ring::aead::{Aad, Nonce};
 
 use super::keys::{DataKey, WrappedKey};
 use super::reader::Reader;
-use super::{FORMAT_VERSION, Id, MAGIC, MAX_BLOCK_LOG2, MIN_BLOCK_LOG2, NONCE_LEN, TAG_LEN};
+use super::{FORMAT_VERSION, Id, MAGIC, MAX_BLOCK_LOG2, MIN_BLOCK_LOG2, NONCE_LEN, TAG_LEN, v2};
 
 /// Where a header states its own size: a big-endian u16 at bytes 6..8, so a
 /// reader learns how much to read before parsing.
@@ -102,6 +102,8 @@ pub enum HeaderError {
 /// A parsed header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileHeader {
+    /// File format version: 1, or 2 ([`super::v2`]).
+    pub version: u8,
     /// log2 of the block size.
     pub block_log2: u8,
     /// Size of the header slot in bytes.
@@ -110,9 +112,9 @@ pub struct FileHeader {
     pub volume_id: Id,
     /// This file's random ID.
     pub file_id: Id,
-    /// Nonce of the header tag.
+    /// v1: nonce of the header tag. v2: the header state ([`v2::State`]).
     pub nonce: [u8; NONCE_LEN],
-    /// The header tag.
+    /// v1: the header tag (AES-GCM). v2: the state tag (HMAC).
     pub tag: [u8; TAG_LEN],
     /// The wrapped DEK.
     pub wrapped: WrappedKey,
@@ -121,7 +123,21 @@ pub struct FileHeader {
 impl FileHeader {
     /// A new, not yet sealed header.
     pub fn new(block_log2: u8, header_size: u16, volume_id: Id, file_id: Id, wrapped: WrappedKey) -> Self {
-        Self { block_log2, header_size, volume_id, file_id, nonce: [0; NONCE_LEN], tag: [0; TAG_LEN], wrapped }
+        Self {
+            version: FORMAT_VERSION,
+            block_log2,
+            header_size,
+            volume_id,
+            file_id,
+            nonce: [0; NONCE_LEN],
+            tag: [0; TAG_LEN],
+            wrapped,
+        }
+    }
+
+    /// A new v2 header; [`Self::seal_state`] sets its state and tag.
+    pub fn new_v2(block_log2: u8, header_size: u16, volume_id: Id, file_id: Id, wrapped: WrappedKey) -> Self {
+        Self { version: v2::VERSION, ..Self::new(block_log2, header_size, volume_id, file_id, wrapped) }
     }
 
     /// Parses exactly one header slot of `expected_size` bytes from `buf`.
@@ -132,10 +148,10 @@ impl FileHeader {
         if r.array::<4>().ok_or(t.clone())? != MAGIC {
             return Err(HeaderError::BadMagic);
         }
-        match r.u8().ok_or(t.clone())? {
-            FORMAT_VERSION => {}
+        let version = match r.u8().ok_or(t.clone())? {
+            v @ (FORMAT_VERSION | v2::VERSION) => v,
             v => return Err(HeaderError::UnsupportedVersion(v)),
-        }
+        };
         let block_log2 = r.u8().ok_or(t.clone())?;
         if !(MIN_BLOCK_LOG2..=MAX_BLOCK_LOG2).contains(&block_log2) {
             return Err(HeaderError::BadBlockSize(block_log2));
@@ -153,6 +169,9 @@ impl FileHeader {
         let file_id = r.array::<16>().ok_or(t.clone())?;
         let nonce = r.array::<NONCE_LEN>().ok_or(t.clone())?;
         let tag = r.array::<TAG_LEN>().ok_or(t.clone())?;
+        if version == v2::VERSION && v2::State::decode(&nonce).is_none() {
+            return Err(HeaderError::BadField("state flags"));
+        }
         let plen = usize::from(r.u8().ok_or(t.clone())?);
         if plen == 0 || plen > MAX_PROVIDER_LEN {
             return Err(HeaderError::BadField("provider"));
@@ -176,6 +195,7 @@ impl FileHeader {
             return Err(HeaderError::BadPadding);
         }
         Ok(Self {
+            version,
             block_log2,
             header_size,
             volume_id,
@@ -235,7 +255,7 @@ impl FileHeader {
     pub fn auth_bytes(&self) -> [u8; AUTH_LEN] {
         let mut a = [0u8; AUTH_LEN];
         a[0..4].copy_from_slice(&MAGIC);
-        a[4] = FORMAT_VERSION;
+        a[4] = self.version;
         a[5] = self.block_log2;
         a[SIZE_FIELD].copy_from_slice(&self.header_size.to_be_bytes());
         a[8..24].copy_from_slice(&self.volume_id);
@@ -269,8 +289,11 @@ impl FileHeader {
         Ok(())
     }
 
-    /// Checks the tag under `key`.
+    /// Checks the tag under the file's DEK (v2: through its subkeys).
     pub fn verify(&self, key: &DataKey) -> Result<(), HeaderError> {
+        if self.version == v2::VERSION {
+            return self.verify_state(&v2::FileKeys::derive(key, &self.file_id));
+        }
         let mut buf = self.tag;
         key.aead()
             .open_in_place(Nonce::assume_unique_for_key(self.nonce), Aad::from(self.aad()), &mut buf)
@@ -278,6 +301,34 @@ impl FileHeader {
             .map_err(|_| HeaderError::Auth)
     }
 }
+
+impl FileHeader {
+    /// The v2 header state (`None` for a v1 header).
+    pub fn state(&self) -> Option<v2::State> {
+        if self.version != v2::VERSION {
+            return None;
+        }
+        v2::State::decode(&self.nonce)
+    }
+
+    /// Sets a v2 header's state and its tag.
+    pub fn seal_state(&mut self, keys: &v2::FileKeys, state: v2::State) {
+        self.nonce = state.encode();
+        self.tag = keys.state_tag(&self.auth_bytes(), &self.nonce);
+    }
+
+    /// Checks a v2 header's state tag (constant time).
+    pub fn verify_state(&self, keys: &v2::FileKeys) -> Result<(), HeaderError> {
+        if self.version != v2::VERSION {
+            return Err(HeaderError::Auth);
+        }
+        let want = keys.state_tag(&self.auth_bytes(), &self.nonce);
+        aws_lc_rs::constant_time::verify_slices_are_equal(&want, &self.tag).map_err(|_| HeaderError::Auth)
+    }
+}
+
+/// Where the 28 bytes of a v2 header's state and tag lie.
+pub const STATE_RANGE: std::ops::Range<usize> = AUTH_LEN..FIXED_LEN;
 
 #[cfg(test)]
 mod tests {

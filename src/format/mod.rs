@@ -11,10 +11,12 @@ pub mod header;
 pub mod keys;
 pub mod layout;
 pub mod reader;
+pub mod v2;
 
 /// First four bytes of every non-empty backing file.
 pub const MAGIC: [u8; 4] = *b"KMSF";
-/// The only format version this build writes and reads.
+/// Version 1 of the file format (and the volume config's format version).
+/// New files are written as v2 ([`v2::VERSION`]); v1 files still read.
 pub const FORMAT_VERSION: u8 = 1;
 /// AES-GCM nonce, stored in front of every block.
 pub const NONCE_LEN: usize = 12;

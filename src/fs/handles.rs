@@ -270,6 +270,13 @@ impl EncFs {
                     // The last writer is gone: from now on the cache's max age
                     // and the provider decide, so revocation takes effect.
                     unpinned = o.pin.take();
+                    // Its last length change ends (format v2). A failure
+                    // leaves the change pending, which still reads.
+                    if let Ok(_l) = self.sync_shared(n.ino, o, true)
+                        && let Err(e) = o.enc.commit()
+                    {
+                        tracing::warn!(ino = n.ino, "could not end a pending length change: {e}");
+                    }
                 }
             }
             if o.handles == 0 {
@@ -288,7 +295,7 @@ impl EncFs {
             return self.truncate_to_zero(n, false);
         }
         self.attach(n, true, false)?;
-        let r = self.with_key_mut(n, true, |enc, key| enc.set_len(key, size));
+        let r = self.with_key_mut(n, true, |enc, key| enc.set_len(key, size).and_then(|()| enc.commit()));
         self.detach(n, false);
         r
     }

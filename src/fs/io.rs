@@ -122,11 +122,16 @@ impl EncFs {
     /// fsync / fdatasync.
     pub fn fsync(&self, fh: u64, datasync: bool) -> Result<(), FsError> {
         let n = self.file_handle(fh)?;
-        let g = rlock(&n.open);
-        match g.as_ref() {
-            Some(o) => o.enc.sync(datasync).map_err(|e| self.file_error(n.ino, e)),
-            None => Err(FsError::BadHandle),
+        {
+            let g = rlock(&n.open);
+            let o = g.as_ref().ok_or(FsError::BadHandle)?;
+            o.enc.sync(datasync).map_err(|e| self.file_error(n.ino, e))?;
         }
+        // The data is on disk: a pending length change (format v2) ends.
+        let mut g = wlock(&n.open);
+        let o = g.as_mut().ok_or(FsError::BadHandle)?;
+        let _l = self.sync_shared(n.ino, o, true)?;
+        o.enc.commit().map_err(|e| self.file_error(n.ino, e))
     }
 
     /// Closes a file or directory handle.
