@@ -1572,6 +1572,125 @@ impl EncryptedFile {
         Ok(n)
     }
 
+    /// `fallocate(PUNCH_HOLE)` of `off..end` (inside the file): the parts of
+    /// blocks at its edges and the last block are written as zeros; whole
+    /// blocks before the last become a run of holes, closed by a marker
+    /// (format v2), in O(1) space and time. The marker is written before the
+    /// backing range is punched, so a crash in between leaves data or
+    /// zeros, both readable. v1 files get sealed zero blocks.
+    pub fn punch(&mut self, key: &DataKey, off: u64, end: u64) -> Result<(), FileError> {
+        let end = end.min(self.size);
+        if off >= end {
+            return Ok(());
+        }
+        let bs = self.layout.block_size();
+        let last = self.last_index().unwrap_or(0);
+        let (a, b) = (off.div_ceil(bs), (end / bs).min(last));
+        if !self.is_v2() || a >= b {
+            return self.write_zeros(key, off, end);
+        }
+        self.write_zeros(key, off, a * bs)?;
+        self.write_zeros(key, b * bs, end)?;
+        let h = self.header.clone().ok_or(FileError::NeedKey)?;
+        self.check_key(key)?;
+        self.forget_proofs();
+        // The run the punched blocks join: from an adjacent run on the
+        // left, to a marker at b - 1 or to the marker of a run on the right.
+        let (mut start, mut from) = (a, a);
+        if self.st.holes()
+            && a > 0
+            && let Slot::Run { start: s, marker } = self.slot_kind(&h, a - 1)?
+        {
+            start = s;
+            if marker == a - 1 {
+                from = a - 1;
+            }
+        }
+        let right = if self.st.holes() { self.slot_kind(&h, b)? } else { Slot::Data };
+        let (marker_at, punch_to) = match right {
+            Slot::Run { marker, .. } => (marker, b),
+            Slot::Data => (b - 1, b - 1),
+        };
+        if !self.st.holes() {
+            self.st.flags |= v2::FLAG_HOLES;
+            self.write_state()?;
+        }
+        let mut buf = vec![0u8; self.slot_len(marker_at)];
+        self.seal_marker(marker_at, Some(marker_at) == self.last_index(), start, &mut buf)?;
+        self.pwrite(Step::WriteOld, &buf, self.layout.block_offset(marker_at))?;
+        self.forget_proofs();
+        if punch_to > from {
+            let (lo, hi) = (self.layout.block_offset(from), self.layout.block_offset(punch_to));
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            if crate::sys::fallocate(self.file.as_raw_fd(), mode, lo, hi - lo).is_err() {
+                // No hole punching here: zeros make the same run.
+                let zeros = vec![0u8; self.layout.stored_block() as usize];
+                for i in from..punch_to {
+                    self.pwrite(Step::WriteOld, &zeros, self.layout.block_offset(i))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_zeros(&mut self, key: &DataKey, mut off: u64, end: u64) -> Result<(), FileError> {
+        let zeros = vec![0u8; (end.saturating_sub(off)).min(1 << 20) as usize];
+        while off < end {
+            let l = (end - off).min(zeros.len() as u64);
+            self.write_at(KeyArg::Existing(key), off, &zeros[..l as usize])?;
+            off += l;
+        }
+        Ok(())
+    }
+
+    /// Writes this v1 file's plaintext into `out` (an empty file) as a v2
+    /// file under the same file ID and wrapped key, so the DEK and the
+    /// provider's binding stay and no KMS call is needed beyond the unwrap
+    /// the caller made. Holes of the v1 file (all-zero slots) stay holes.
+    /// The result is committed and fsynced; the caller renames it into
+    /// place. `progress` is told the bytes done.
+    pub fn convert_to_v2(
+        &self,
+        key: &DataKey,
+        out: File,
+        mut progress: impl FnMut(u64),
+    ) -> Result<EncryptedFile, FileError> {
+        let h = self.check_key(key)?;
+        if h.version != FORMAT_VERSION {
+            return Err(FileError::Header(HeaderError::UnsupportedVersion(h.version)));
+        }
+        let mut dst = EncryptedFile::open(out, self.layout, self.volume_id)?;
+        if self.size == 0 {
+            return Ok(dst);
+        }
+        let dek = DataKey::from_slice(key.expose_secret()).ok_or(FileError::NeedKey)?;
+        let fresh = FreshKey { file_id: h.file_id, key: dek, wrapped: h.wrapped.clone() };
+        let bs = self.layout.block_size();
+        let chunk = 256 * bs;
+        let fd = self.file.as_raw_fd();
+        let mut buf = Vec::new();
+        let mut off = 0u64;
+        while off < self.size {
+            let len = chunk.min(self.size - off);
+            // Skip ranges the backing file holds as holes (SEEK_DATA).
+            let start = self.layout.block_offset(off / bs);
+            let has_data = match crate::sys::lseek(fd, start, libc::SEEK_DATA) {
+                Ok(d) => d < self.layout.block_offset((off + len).div_ceil(bs)),
+                Err(e) => e.raw_os_error() != Some(libc::ENXIO),
+            };
+            if has_data || off + len == self.size {
+                let n = self.read_into(Some(key), off, len as usize, &mut buf)?;
+                let arg = if dst.header.is_none() { KeyArg::Fresh(&fresh) } else { KeyArg::Existing(&fresh.key) };
+                dst.write_at(arg, off, &buf[..n])?;
+            }
+            off += len;
+            progress(off);
+        }
+        dst.commit()?;
+        dst.sync(false)?;
+        Ok(dst)
+    }
+
     /// fsync of the backing file. The caller then [`Self::commit`]s (v2),
     /// now that the data a pending length change describes is on disk.
     pub fn sync(&self, data_only: bool) -> Result<(), FileError> {
@@ -1913,6 +2032,95 @@ mod tests {
         }
         let allowed = usize::from(torn_in_place);
         assert!(failed <= allowed, "{what}: {failed} blocks below the old size fail");
+    }
+
+    /// Format v2 nonces: with the counter reservation lowered to 4, many
+    /// write sessions (each a new `EncryptedFile`, as after a remount),
+    /// rewrites of one block and appends never seal two blocks under one
+    /// (generation, counter) pair, every counter lies below the header's
+    /// reservation, and a failed or crashed state write hands out nothing
+    /// twice. Every nonce ever written is collected from the backing file
+    /// after each write.
+    #[test]
+    fn v2_nonces_never_repeat_across_sessions_and_reservations() {
+        TEST_CTR_CHUNK.with(|c| c.set(4));
+        let fx = Fx::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut f = fx.file(&pattern(3 * B as usize, 1));
+        let collect = |seen: &mut std::collections::HashSet<[u8; 12]>, f: &EncryptedFile, fresh: &[u64]| {
+            let top = f.state().ctr_top;
+            for &i in fresh {
+                let mut n = [0u8; 12];
+                f.backing().read_exact_at(&mut n, 256 + i * (B + 28)).unwrap();
+                assert!(v2::nonce_parts(&n).1 < top, "counter below the reservation");
+                assert!(seen.insert(n), "nonce {n:?} sealed twice (block {i})");
+            }
+        };
+        collect(&mut seen, &f, &[0, 1, 2]);
+        let mut reserved = f.state().ctr_top;
+        for session in 0..60u64 {
+            if session % 3 == 0 {
+                f = fx.open(); // a new session: a new reservation
+            }
+            let i = session % 4;
+            let k = &fx.key.key;
+            let armed = session % 7 == 3;
+            if armed {
+                // A state write that fails: the next one must not reuse.
+                fault::arm(Step::State, Fault::Fail);
+            }
+            let r = f.write_at(KeyArg::Existing(k), i * B + 10, &pattern(100 + session as usize, session as u8));
+            if armed && fault::fired() {
+                assert!(r.is_err());
+                continue;
+            }
+            r.unwrap();
+            collect(&mut seen, &f, &[i]);
+            assert!(f.state().ctr_top >= reserved);
+            reserved = f.state().ctr_top;
+        }
+        assert!(reserved > 60, "reservations crossed many times: top {reserved}");
+        TEST_CTR_CHUNK.with(|c| c.set(CTR_CHUNK));
+    }
+
+    /// A v1 file (written through the v1 codec by hand) converts to v2
+    /// with the same content, holes kept as holes, same file ID and key.
+    #[test]
+    fn v1_files_convert_to_v2() {
+        let fx = Fx::new();
+        let h = FileHeader::new(12, 256, VOL, fx.key.file_id, fx.key.wrapped.clone());
+        let mut hh = h.clone();
+        hh.seal(&fx.key.key).unwrap();
+        let mut bytes = hh.to_bytes().unwrap();
+        let data = pattern(5 * B as usize + 77, 3);
+        let blocks = data.len().div_ceil(B as usize);
+        for (i, c) in data.chunks(B as usize).enumerate() {
+            let aad = BlockAad { file_id: &fx.key.file_id, block_log2: 12, index: i as u64, last: i + 1 == blocks };
+            if i == 2 {
+                bytes.extend(std::iter::repeat_n(0u8, c.len() + 28)); // a v1 hole
+                continue;
+            }
+            bytes.extend(crate::format::block::seal_block(&fx.key.key, &aad, c).unwrap());
+        }
+        let mut want = data.clone();
+        want[2 * B as usize..3 * B as usize].fill(0);
+        std::fs::write(fx.dir.path().join("f"), &bytes).unwrap();
+        let v1 = fx.open();
+        assert!(!v1.is_v2());
+        assert_eq!(v1.read_at(Some(&fx.key.key), 0, 1 << 20).unwrap(), want);
+        let out = fx.dir.path().join("g");
+        let o = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&out).unwrap();
+        let mut seen = 0;
+        let v2f = v1.convert_to_v2(&fx.key.key, o, |n| seen = n).unwrap();
+        assert_eq!(seen, want.len() as u64);
+        assert!(v2f.is_v2());
+        assert_eq!(v2f.header().unwrap().file_id, fx.key.file_id);
+        drop(v2f);
+        let o = std::fs::OpenOptions::new().read(true).write(true).open(&out).unwrap();
+        let f = EncryptedFile::open(o, Layout::new(256, 12).unwrap(), VOL).unwrap();
+        assert!(f.is_v2());
+        assert_eq!(f.read_at(Some(&fx.key.key), 0, 1 << 20).unwrap(), want);
+        assert_eq!(f.verify(&fx.key.key).unwrap(), VerifyReport::default());
     }
 
     /// `-o shared`: a second open of the backing file (another mount) sees

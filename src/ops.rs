@@ -9,10 +9,10 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::file::{EncryptedFile, FileError, VerifyReport};
-use crate::format::block::{BlockAad, is_hole, open_in_place, seal_in_place};
+use crate::format::block::{BlockAad, is_hole, open_in_place};
 use crate::format::header::{FileHeader, KEY_SECTION};
 use crate::format::layout::Layout;
-use crate::format::{BLOCK_OVERHEAD, Id, NONCE_LEN, hex, random_fill};
+use crate::format::{BLOCK_OVERHEAD, Id, NONCE_LEN, hex};
 use crate::keys::{KeyContext, KeyError, KeyProvider};
 use crate::names::{DirKey, EntryKind, Names};
 use crate::volume::CONFIG_NAME;
@@ -70,38 +70,19 @@ pub fn encrypt_stream(
     let io = |source| OpError::Io { path: "stream".into(), source };
     let bs = layout.block_size() as usize;
     let mut cur = vec![0u8; bs + BLOCK_OVERHEAD];
-    let mut next = vec![0u8; bs + BLOCK_OVERHEAD];
-    let mut n = read_full(input, &mut cur[NONCE_LEN..NONCE_LEN + bs]).map_err(io)?;
+    let n = read_full(input, &mut cur[NONCE_LEN..NONCE_LEN + bs]).map_err(io)?;
     if n == 0 {
         return Ok(0); // An empty file has no header.
     }
     let file_id = crate::format::random_id().map_err(|e| KeyError::Other(e.to_string()))?;
     let (key, wrapped) = provider.generate(&KeyContext::file(volume_id, file_id))?;
-    let mut h = FileHeader::new(layout.block_log2(), layout.header_size() as u16, volume_id, file_id, wrapped);
-    h.seal(&key).map_err(|e| OpError::Corrupt { path: "header".into(), detail: e.to_string() })?;
-    let hb = h.to_bytes().map_err(|e| OpError::Corrupt { path: "header".into(), detail: e.to_string() })?;
-    output.write_all(&hb).map_err(io)?;
-    let mut index = 0u64;
-    let mut total = 0u64;
-    loop {
-        let m = if n == bs { read_full(input, &mut next[NONCE_LEN..NONCE_LEN + bs]).map_err(io)? } else { 0 };
-        let last = m == 0;
-        let mut nonce = [0u8; NONCE_LEN];
-        random_fill(&mut nonce).map_err(|e| KeyError::Other(e.to_string()))?;
-        let aad = BlockAad { file_id: &file_id, block_log2: layout.block_log2(), index, last };
-        let sealed = &mut cur[..n + BLOCK_OVERHEAD];
-        seal_in_place(&key, &aad, nonce, sealed).map_err(|e| KeyError::Other(e.to_string()))?;
-        output.write_all(sealed).map_err(io)?;
-        total += n as u64;
-        if last {
-            break;
-        }
-        std::mem::swap(&mut cur, &mut next);
-        n = m;
-        index += 1;
-    }
-    output.flush().map_err(io)?;
-    Ok(total)
+    // Every new file is format v2 (src/format/stream.rs).
+    let first = &cur[NONCE_LEN..NONCE_LEN + n];
+    crate::format::stream::encrypt(first, input, output, layout, volume_id, file_id, &key, wrapped).map_err(|e| match e
+    {
+        crate::format::stream::StreamError::Io(source) => io(source),
+        crate::format::stream::StreamError::Corrupt(d) => OpError::Corrupt { path: "stream".into(), detail: d },
+    })
 }
 
 /// Reads a header slot from the start of a stream or file prefix.
@@ -138,6 +119,12 @@ pub fn decrypt_stream(
     let h = peek_header(&head).map_err(corrupt)?;
     let ctx = KeyContext::file(h.volume_id, h.file_id);
     let key = provider.unwrap(&h.wrapped, &ctx)?;
+    if h.version == crate::format::v2::VERSION {
+        return crate::format::stream::decrypt(&h, &key, input, output).map_err(|e| match e {
+            crate::format::stream::StreamError::Io(source) => io(source),
+            crate::format::stream::StreamError::Corrupt(d) => corrupt(d),
+        });
+    }
     h.verify(&key).map_err(|e| corrupt(e.to_string()))?;
     let layout = Layout::new(h.header_size, h.block_log2).ok_or_else(|| corrupt("bad geometry".into()))?;
     let sb = layout.stored_block() as usize;
@@ -195,7 +182,7 @@ pub fn inspect(path: &Path) -> Result<serde_json::Value, OpError> {
         None => (0, false),
     };
     Ok(serde_json::json!({
-        "version": crate::format::FORMAT_VERSION,
+        "version": h.version,
         "volume_id": hex(&h.volume_id),
         "file_id": hex(&h.file_id),
         "provider": h.wrapped.provider,

@@ -568,4 +568,16 @@ fn stale_last_block_tolerance_is_narrow() {
     // The truncation attacks of v1 still fail: cutting at a block boundary.
     std::fs::write(fx.path("c"), &good[..(H + 2 * SB) as usize]).unwrap();
     assert!(open(&fx, "c").read_at(Some(&key), B as u64, B).is_err(), "cut at a block boundary");
+    // Format v2 accepts a stale last block only while the length change
+    // that could leave one is pending; once committed, it fails.
+    let mut f = open(&fx, "v");
+    assert!(f.is_v2() && f.state().pending());
+    f.verify(&key).unwrap();
+    f.commit().unwrap();
+    drop(f);
+    let mut b = std::fs::read(fx.path("v")).unwrap();
+    b[slot1.clone()].fill(0);
+    b[slot1.start..slot1.start + short_last.len()].copy_from_slice(&short_last);
+    std::fs::write(fx.path("s"), &b).unwrap();
+    assert!(open(&fx, "s").read_at(Some(&key), B as u64, B).is_err(), "a stale last block after the commit");
 }

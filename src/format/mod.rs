@@ -11,6 +11,7 @@ pub mod header;
 pub mod keys;
 pub mod layout;
 pub mod reader;
+pub mod stream;
 pub mod v2;
 
 /// First four bytes of every non-empty backing file.

@@ -163,12 +163,15 @@ impl EncFs {
                     return Ok(());
                 }
                 let Some(key) = key else { return if stop > size { Err(FileError::NeedKey) } else { Ok(()) } };
-                let zeros = vec![0u8; (stop - off).min(1 << 20) as usize];
-                let mut pos = off;
                 let k = match key {
                     KeyArg::Existing(k) => k,
                     KeyArg::Fresh(_) => return Err(FileError::NeedKey),
                 };
+                // Inside the file: holes (format v2) or sealed zeros; past
+                // its end (ZERO_RANGE without KEEP_SIZE): zeros that extend it.
+                enc.punch(k, off, stop.min(size))?;
+                let zeros = vec![0u8; stop.saturating_sub(size).min(1 << 20) as usize];
+                let mut pos = size.max(off);
                 while pos < stop {
                     let l = (stop - pos).min(zeros.len() as u64) as usize;
                     enc.write_at(KeyArg::Existing(k), pos, &zeros[..l])?;

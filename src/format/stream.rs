@@ -1,0 +1,165 @@
+//! Streaming encryption and decryption of one v2 file (`kmsfs encrypt` /
+//! `decrypt`), in constant memory, with the format's own rules: the same
+//! header, nonces, generations and hole markers as `src/file.rs` writes
+//! (docs/FORMAT.md, "A file, format v2").
+
+use std::io::{Read, Write};
+
+use super::block::{BlockAad, is_hole, open_in_place_v, seal_in_place_v};
+use super::header::FileHeader;
+use super::keys::{DataKey, WrappedKey};
+use super::layout::Layout;
+use super::v2::{self, FileKeys};
+use super::{BLOCK_OVERHEAD, Id, NONCE_LEN};
+
+/// Counters a streamed file reserves in its header: 2^32 blocks (16 TiB at
+/// 4 KiB), leaving room for later writers to reserve above.
+const STREAM_CTR_TOP: u64 = 1 << 32;
+
+/// What went wrong: I/O, or bad input (with a reason naming the block).
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// Reading or writing failed.
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// The input is not a valid file (names the block).
+    #[error("{0}")]
+    Corrupt(String),
+}
+
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Writes `first` (the input's first bytes, already read, up to one block)
+/// and the rest of `input` as a v2 file under `key` (the DEK the provider
+/// made for `file_id`). Returns the plaintext bytes written.
+#[allow(clippy::too_many_arguments)]
+pub fn encrypt(
+    first: &[u8],
+    input: &mut dyn Read,
+    output: &mut dyn Write,
+    layout: Layout,
+    volume_id: Id,
+    file_id: Id,
+    key: &DataKey,
+    wrapped: WrappedKey,
+) -> Result<u64, StreamError> {
+    let bad = |e: &dyn std::fmt::Display| StreamError::Corrupt(e.to_string());
+    let keys = FileKeys::derive(key, &file_id);
+    let mut h = FileHeader::new_v2(layout.block_log2(), layout.header_size() as u16, volume_id, file_id, wrapped);
+    let st = v2::State { flags: 0, lgen: 1, ctr_top: STREAM_CTR_TOP };
+    h.seal_state(&keys, st);
+    output.write_all(&h.to_bytes().map_err(|e| bad(&e))?)?;
+    let bs = layout.block_size() as usize;
+    let mut cur = vec![0u8; bs + BLOCK_OVERHEAD];
+    let mut next = vec![0u8; bs + BLOCK_OVERHEAD];
+    cur[NONCE_LEN..NONCE_LEN + first.len()].copy_from_slice(first);
+    let mut n = first.len();
+    if n < bs {
+        n += read_full(input, &mut cur[NONCE_LEN + n..NONCE_LEN + bs])?;
+    }
+    let (mut index, mut total) = (0u64, 0u64);
+    loop {
+        let m = if n == bs { read_full(input, &mut next[NONCE_LEN..NONCE_LEN + bs])? } else { 0 };
+        let last = m == 0;
+        if index >= STREAM_CTR_TOP {
+            return Err(StreamError::Corrupt("input too large for one file".into()));
+        }
+        let aad = BlockAad { file_id: &file_id, block_log2: layout.block_log2(), index, last };
+        let sealed = &mut cur[..n + BLOCK_OVERHEAD];
+        seal_in_place_v(keys.block(), &aad, v2::VERSION, v2::nonce(1, index), sealed).map_err(|e| bad(&e))?;
+        output.write_all(sealed)?;
+        total += n as u64;
+        if last {
+            break;
+        }
+        std::mem::swap(&mut cur, &mut next);
+        n = m;
+        index += 1;
+    }
+    output.flush()?;
+    Ok(total)
+}
+
+/// Streams the blocks of a v2 file whose header `h` was read and whose DEK
+/// is `key` to plaintext. Every block is authenticated before its
+/// plaintext is written; a run of zero slots is written only once the
+/// marker after it proves it. A stale block that an interrupted update
+/// left is refused (`kmsfs fsck --repair` settles it first).
+pub fn decrypt(
+    h: &FileHeader,
+    key: &DataKey,
+    input: &mut dyn Read,
+    output: &mut dyn Write,
+) -> Result<u64, StreamError> {
+    let bad = |s: String| StreamError::Corrupt(s);
+    let keys = FileKeys::derive(key, &h.file_id);
+    h.verify_state(&keys).map_err(|e| bad(e.to_string()))?;
+    let st = h.state().ok_or_else(|| bad("header state".into()))?;
+    let layout = Layout::new(h.header_size, h.block_log2).ok_or_else(|| bad("bad geometry".into()))?;
+    let sb = layout.stored_block() as usize;
+    let bs = layout.block_size() as usize;
+    let mut cur = vec![0u8; sb];
+    let mut next = vec![0u8; sb];
+    let mut n = read_full(input, &mut cur)?;
+    if n == 0 {
+        return Err(bad("block 0: missing (header without blocks: truncated)".into()));
+    }
+    let (mut index, mut total) = (0u64, 0u64);
+    // A run of zero slots not yet proven: (first index, count).
+    let mut zeros: Option<(u64, u64)> = None;
+    let zero_block = vec![0u8; bs];
+    loop {
+        let m = if n == sb { read_full(input, &mut next)? } else { 0 };
+        let last = m == 0;
+        if n <= BLOCK_OVERHEAD {
+            return Err(bad(format!("block {index}: truncated")));
+        }
+        let chunk = &mut cur[..n];
+        let aad = BlockAad { file_id: &h.file_id, block_log2: h.block_log2, index, last };
+        if !last && is_hole(chunk) {
+            let (start, count) = zeros.unwrap_or((index, 0));
+            zeros = Some((start, count + 1));
+        } else if let Some((run_start, g)) = v2::open_marker(&keys, &aad, chunk) {
+            if !st.accepts(g, last) || zeros.is_some_and(|(s, _)| run_start > s) {
+                return Err(bad(format!("block {index}: a marker that does not cover the holes before it")));
+            }
+            for _ in 0..zeros.take().map_or(0, |(_, c)| c) {
+                output.write_all(&zero_block)?;
+                total += bs as u64;
+            }
+            output.write_all(&zero_block[..n - BLOCK_OVERHEAD])?;
+            total += (n - BLOCK_OVERHEAD) as u64;
+        } else {
+            if let Some((s, _)) = zeros {
+                return Err(bad(format!("block {s}: zeroed, and no hole marker covers it")));
+            }
+            let (g, c) = v2::nonce_parts(&chunk[..NONCE_LEN]);
+            let plain = open_in_place_v(keys.block(), &aad, v2::VERSION, chunk)
+                .map_err(|_| bad(format!("block {index}: authentication failed")))?;
+            if !st.accepts(g, last) || c >= st.ctr_top {
+                return Err(bad(format!("block {index}: from another state of the file (rolled back or spliced)")));
+            }
+            output.write_all(plain)?;
+            total += plain.len() as u64;
+        }
+        if last {
+            break;
+        }
+        std::mem::swap(&mut cur, &mut next);
+        n = m;
+        index += 1;
+    }
+    output.flush()?;
+    Ok(total)
+}
