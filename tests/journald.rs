@@ -18,9 +18,7 @@ const SOCKET: &str = "/run/systemd/journal/socket";
 
 #[test]
 fn journal_gets_native_entries_with_real_priorities() {
-    if !fuse_available("journal_gets_native_entries_with_real_priorities") {
-        return;
-    }
+    require_mount!();
     if Path::new(SOCKET).exists() {
         // A real journald owns the socket: its entries cannot be read here.
         let _ = std::io::Write::write_all(&mut std::io::stderr(), b"SKIPPED: a journald is running\n");
