@@ -32,7 +32,7 @@
 #   BENCH_NO_BUILD=1     skip `cargo build --release` (use the existing binary)
 #   BENCH_TMPFS_SIZE=S   size of the scratch tmpfs (default 6G)
 #   BENCH_FSX=1          afterwards, a long fsx soak on the kmsfs mount
-#                        (scripts/run-fsx.sh; BENCH_FSX_OPS ops per profile,
+#                        (scripts/harness/run-fsx.sh; BENCH_FSX_OPS ops per profile,
 #                        default 1000000, 20000 with BENCH_QUICK)
 #   BENCH_SHARED=1       shared mode (-o shared) against the default mode (scripts/bench/shared.sh)
 #   BENCH_KMS=1          KMS section: DEK pre-generation under +10 ms KMS latency (scripts/bench/kms.sh),
@@ -498,7 +498,7 @@ if [ "${BENCH_FSX:-0}" = 1 ]; then
     fsx_rc=0
     mkdir -p "${MNT[kmsfs]}/fsx"
     FSX_LOGDIR=$LOGDIR/fsx FSX_TIMEOUT=${FSX_TIMEOUT:-14400} \
-        scripts/run-fsx.sh "${MNT[kmsfs]}/fsx/soak" "$FSX_OPS" 2>&1 | tee "$LOGDIR/fsx-soak.log" || fsx_rc=$?
+        scripts/harness/run-fsx.sh "${MNT[kmsfs]}/fsx/soak" "$FSX_OPS" 2>&1 | tee "$LOGDIR/fsx-soak.log" || fsx_rc=$?
     {
         printf '\n## fsx soak on kmsfs (%s ops per profile)\n\n' "$FSX_OPS"
         grep -E '^fsx\[' "$LOGDIR/fsx-soak.log" | sort -u | sed 's/^/- /' || echo "- no result lines (exit $fsx_rc)"

@@ -19,11 +19,11 @@ MNT=$WORK/m
 mkdir -p "$MNT"
 cleanup() {
     if grep -q " $MNT " /proc/mounts; then "$BIN" unmount "$MNT" || fusermount3 -uz "$MNT" || true; fi
-    scripts/kms-server.sh stop "$WORK/kms" >/dev/null 2>&1 || true
+    scripts/harness/kms-server.sh stop "$WORK/kms" >/dev/null 2>&1 || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
-scripts/kms-server.sh start "$WORK/kms" >/dev/null
+scripts/harness/kms-server.sh start "$WORK/kms" >/dev/null
 # shellcheck disable=SC1091
 . "$WORK/kms/env"
 export KMSFS_TRUST_DIR=$WORK/trust

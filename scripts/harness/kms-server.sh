@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Local KMS for tests: moto_server behind scripts/kms-proxy.py.
+# Local KMS for tests: moto_server behind scripts/harness/kms-proxy.py.
 #
-#   scripts/kms-server.sh start STATEDIR   start both, write STATEDIR/env
-#   scripts/kms-server.sh stop STATEDIR    stop exactly the PIDs it started
-#   scripts/kms-server.sh status STATEDIR
+#   scripts/harness/kms-server.sh start STATEDIR   start both, write STATEDIR/env
+#   scripts/harness/kms-server.sh stop STATEDIR    stop exactly the PIDs it started
+#   scripts/harness/kms-server.sh status STATEDIR
 #
 # Then: . STATEDIR/env && cargo test --test aws_kms
 #
@@ -145,7 +145,7 @@ do_start() {
     : >"$state/aws-config"
     : >"$state/aws-credentials"
     cat >"$state/env" <<EOF
-# Written by scripts/kms-server.sh start; source it before the KMS tests.
+# Written by scripts/harness/kms-server.sh start; source it before the KMS tests.
 export AWS_ENDPOINT_URL_KMS=http://127.0.0.1:$pport
 export KMSFS_TEST_KMS_PROXY=http://127.0.0.1:$pport
 export KMSFS_TEST_MOTO=http://127.0.0.1:$mport
