@@ -92,7 +92,7 @@ fn legacy_config_mounts_read_only_until_upgraded() {
     // A host that never saw it takes it for an older volume: it mounts, but
     // read-only, so nothing is ever written under an unvouched config.
     let other_host = tempfile::tempdir().unwrap();
-    let env = [("KMSFS_TRUST_DIR", other_host.path())];
+    let env = [("KMSFS_TRUST_DIR", other_host.path().as_os_str())];
     let ro = Mounted::start_with(&v.cipher, &v.tmp.path().join("ro"), &[], &env);
     assert_eq!(std::fs::read(ro.path("kept")).unwrap(), b"old data");
     let e = std::fs::write(ro.path("new"), b"x").unwrap_err();

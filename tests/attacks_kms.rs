@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use aws_sdk_kms::types::DataKeySpec;
 use common::kms::*;
@@ -123,7 +122,7 @@ fn a_config_swapped_to_the_attackers_key_is_refused() {
     assert_eq!(code, 3, "{out}");
     // A host that never saw the volume has nothing to trust: it asks.
     let fresh = tempfile::tempdir().unwrap();
-    let env = [("KMSFS_TRUST_DIR", fresh.path())];
+    let env = [("KMSFS_TRUST_DIR", fresh.path().as_os_str())];
     let (code, out) = run_env(&["fsck", p(&cipher)], &env);
     assert_eq!(code, 3, "{out}");
     assert!(out.contains("--kms-key"), "{out}");
@@ -183,35 +182,20 @@ fn disabling_the_key_stops_listings_within_one_max_age() {
     require_kms!();
     require_mount!();
     let key = create_key("names-revoked");
-    let tmp = tempfile::tempdir().unwrap();
-    let cipher = tmp.path().join("cipher");
     // Encrypted names: the name key is unwrapped once at mount.
-    let (ok, out) = sh(&format!("{BIN} init {} --kms-key {}", cipher.display(), key.id));
-    assert!(ok, "init: {out}");
-    let mnt = tmp.path().join("m2");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["mount", p(&cipher), p(&mnt), "-f", "--cache-max-age", "2", "--log-file"])
-        .arg(tmp.path().join("m2.log"))
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while !mounted(&mnt) {
-        assert!(t.elapsed().as_secs() < 20, "mount did not come up");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    std::fs::write(mnt.join("named"), b"x").unwrap();
+    let (tmp, cipher) = kms_volume_with(&key.id, &[]);
+    let m = Mounted::start_with(&cipher, &tmp.path().join("m2"), &["--cache-max-age", "2"], &[]);
+    std::fs::write(m.path("named"), b"x").unwrap();
     disable(&key);
     std::thread::sleep(std::time::Duration::from_millis(2600));
-    let e = std::fs::read_dir(&mnt).map(|d| d.count()).unwrap_err();
+    let e = std::fs::read_dir(&m.mnt).map(|d| d.count()).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
-    let e = std::fs::metadata(mnt.join("other")).unwrap_err();
+    let e = std::fs::metadata(m.path("other")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
     enable(&key);
     std::thread::sleep(std::time::Duration::from_millis(2600));
-    assert_eq!(std::fs::read(mnt.join("named")).unwrap(), b"x");
-    let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
-    let _ = child.wait();
+    assert_eq!(std::fs::read(m.path("named")).unwrap(), b"x");
+    drop(m);
     let log = std::fs::read_to_string(tmp.path().join("m2.log")).unwrap();
     assert!(log.contains("name key is refused") && log.contains("names are back"), "{log}");
 }
@@ -222,27 +206,15 @@ fn credentials_and_keys_never_reach_the_log_even_at_trace() {
     require_mount!();
     let key = create_key("log-hygiene");
     let (tmp, cipher) = kms_volume(&key.id);
-    let mnt = tmp.path().join("m");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let log = tmp.path().join("trace.log");
     // moto accepts any secret: a distinctive one shows whether it leaks.
     const SECRET: &str = "kmsfsTestSecretThatMustNeverBeLogged0123";
-    let mut child = Command::new(BIN)
-        .args(["mount", p(&cipher), p(&mnt), "-f", "--log-file", p(&log)])
-        .env("KMSFS_LOG", "trace")
-        .env("AWS_SECRET_ACCESS_KEY", SECRET)
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while !mounted(&mnt) {
-        assert!(t.elapsed().as_secs() < 20, "mount did not come up");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    std::fs::write(mnt.join("f"), b"data").unwrap();
+    let env = [("KMSFS_LOG", "trace".as_ref()), ("AWS_SECRET_ACCESS_KEY", SECRET.as_ref())];
+    let m = Mounted::start_with(&cipher, &tmp.path().join("m"), &[], &env);
+    std::fs::write(m.path("f"), b"data").unwrap();
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"data");
-    let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
-    let _ = child.wait();
+    assert_eq!(std::fs::read(m.path("f")).unwrap(), b"data");
+    let log = m.log.clone();
+    drop(m);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("TRACE") || text.contains("DEBUG"), "trace logging was on: {text}");
     assert!(!text.contains(SECRET), "the secret key reached the log");

@@ -250,8 +250,9 @@ fn upgrade_never_trusts_the_kms_key_a_legacy_config_names() {
     c["previous_keys"] = serde_json::json!([victim.arn]);
     set_config_of(&cipher, &c);
     let fresh = tempfile::tempdir().unwrap();
-    let upgrade =
-        |extra: &[&str]| run_env(&[&["upgrade", p(&cipher)], extra].concat(), &[("KMSFS_TRUST_DIR", fresh.path())]);
+    let upgrade = |extra: &[&str]| {
+        run_env(&[&["upgrade", p(&cipher)], extra].concat(), &[("KMSFS_TRUST_DIR", fresh.path().as_os_str())])
+    };
     let (code, out) = upgrade(&[]);
     let now = config_of(&cipher);
     assert!(now.get("mac").is_none(), "upgrade trusted the attacker's key from the cipher dir (exit {code}): {out}");

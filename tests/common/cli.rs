@@ -45,7 +45,7 @@ pub fn run<S: AsRef<OsStr>>(args: &[S]) -> (i32, String) {
 }
 
 /// `run` with extra environment variables.
-pub fn run_env<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &Path)]) -> (i32, String) {
+pub fn run_env<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &OsStr)]) -> (i32, String) {
     let out =
         Command::new(BIN).args(args).envs(env.iter().map(|(k, v)| (*k, *v))).stdin(Stdio::null()).output().unwrap();
     (code(&out), joined(&out))

@@ -8,6 +8,7 @@ pub mod kms;
 
 pub use cli::*;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -181,7 +182,7 @@ impl Mounted {
 
     /// `kmsfs mount CIPHER MNT -f ARGS` with extra environment (another
     /// host's trust store, say), up and serving.
-    pub fn start_with(cipher: &Path, mnt: &Path, args: &[&str], env: &[(&str, &Path)]) -> Self {
+    pub fn start_with(cipher: &Path, mnt: &Path, args: &[&str], env: &[(&str, &OsStr)]) -> Self {
         std::fs::create_dir_all(mnt).expect("mkdir mountpoint");
         let log = mnt.with_extension("log");
         let child = Command::new(BIN)
