@@ -471,25 +471,27 @@ echo "kmsfs stats after the run: $KSTATS"
 } >"$MD"
 
 # --- optional sections ------------------------------------------------------------------------
+# bench_section TITLE HEADING SCRIPT ARGS...: runs scripts/bench/SCRIPT, prints
+# its table and appends it to the report under HEADING.
+bench_section() {
+    local title=$1 heading=$2 script=$3 out
+    shift 3
+    echo
+    echo "== $title (scripts/bench/$script)"
+    out=$(KMSFS_BIN=$BIN "scripts/bench/$script" "$@") || out="$script failed"
+    echo "$out"
+    printf '\n## %s\n\n%s\n' "$heading" "$out" >>"$MD"
+}
+
 if [ "${BENCH_KMS:-0}" = 1 ]; then
-    echo
-    echo "== KMS: creating files with added KMS latency (scripts/bench/kms.sh)"
-    kms_out=$(KMSFS_BIN=$BIN scripts/bench/kms.sh 2000 10) || kms_out="kms.sh failed"
-    echo "$kms_out"
-    printf '\n## KMS latency and DEK pre-generation\n\n%s\n' "$kms_out" >>"$MD"
-    echo
-    echo "== KMS: creating files on a branch-mode volume vs a local-key volume (scripts/bench/branch.sh)"
-    branch_out=$(KMSFS_BIN=$BIN scripts/bench/branch.sh 2000 10 3) || branch_out="branch.sh failed"
-    echo "$branch_out"
-    printf '\n## Branch key mode against a local key\n\n%s\n' "$branch_out" >>"$MD"
+    bench_section "KMS: creating files with added KMS latency" "KMS latency and DEK pre-generation" kms.sh 2000 10
+    bench_section "KMS: creating files on a branch-mode volume vs a local-key volume" \
+        "Branch key mode against a local key" branch.sh 2000 10 3
 fi
 
 if [ "${BENCH_SHARED:-0}" = 1 ]; then
-    echo
-    echo "== shared mode (-o shared) against the default mode (scripts/bench/shared.sh)"
-    shared_out=$(KMSFS_BIN=$BIN scripts/bench/shared.sh 512 3) || shared_out="shared.sh failed"
-    echo "$shared_out"
-    printf '\n## Shared mode against the default mode\n\n%s\n' "$shared_out" >>"$MD"
+    bench_section "shared mode (-o shared) against the default mode" "Shared mode against the default mode" \
+        shared.sh 512 3
 fi
 
 if [ "${BENCH_FSX:-0}" = 1 ]; then
