@@ -32,7 +32,7 @@
 #   BENCH_NO_BUILD=1     skip `cargo build --release` (use the existing binary)
 #   BENCH_TMPFS_SIZE=S   size of the scratch tmpfs (default 6G)
 #   BENCH_FSX=1          afterwards, a long fsx soak on the kmsfs mount
-#                        (scripts/run-fsx.sh; BENCH_FSX_OPS ops per profile,
+#                        (scripts/harness/run-fsx.sh; BENCH_FSX_OPS ops per profile,
 #                        default 1000000, 20000 with BENCH_QUICK)
 #   BENCH_SHARED=1       shared mode (-o shared) against the default mode (scripts/bench/shared.sh)
 #   BENCH_KMS=1          KMS section: DEK pre-generation under +10 ms KMS latency (scripts/bench/kms.sh),
@@ -471,25 +471,27 @@ echo "kmsfs stats after the run: $KSTATS"
 } >"$MD"
 
 # --- optional sections ------------------------------------------------------------------------
+# bench_section TITLE HEADING SCRIPT ARGS...: runs scripts/bench/SCRIPT, prints
+# its table and appends it to the report under HEADING.
+bench_section() {
+    local title=$1 heading=$2 script=$3 out
+    shift 3
+    echo
+    echo "== $title (scripts/bench/$script)"
+    out=$(KMSFS_BIN=$BIN "scripts/bench/$script" "$@") || out="$script failed"
+    echo "$out"
+    printf '\n## %s\n\n%s\n' "$heading" "$out" >>"$MD"
+}
+
 if [ "${BENCH_KMS:-0}" = 1 ]; then
-    echo
-    echo "== KMS: creating files with added KMS latency (scripts/bench/kms.sh)"
-    kms_out=$(KMSFS_BIN=$BIN scripts/bench/kms.sh 2000 10) || kms_out="kms.sh failed"
-    echo "$kms_out"
-    printf '\n## KMS latency and DEK pre-generation\n\n%s\n' "$kms_out" >>"$MD"
-    echo
-    echo "== KMS: creating files on a branch-mode volume vs a local-key volume (scripts/bench/branch.sh)"
-    branch_out=$(KMSFS_BIN=$BIN scripts/bench/branch.sh 2000 10 3) || branch_out="branch.sh failed"
-    echo "$branch_out"
-    printf '\n## Branch key mode against a local key\n\n%s\n' "$branch_out" >>"$MD"
+    bench_section "KMS: creating files with added KMS latency" "KMS latency and DEK pre-generation" kms.sh 2000 10
+    bench_section "KMS: creating files on a branch-mode volume vs a local-key volume" \
+        "Branch key mode against a local key" branch.sh 2000 10 3
 fi
 
 if [ "${BENCH_SHARED:-0}" = 1 ]; then
-    echo
-    echo "== shared mode (-o shared) against the default mode (scripts/bench/shared.sh)"
-    shared_out=$(KMSFS_BIN=$BIN scripts/bench/shared.sh 512 3) || shared_out="shared.sh failed"
-    echo "$shared_out"
-    printf '\n## Shared mode against the default mode\n\n%s\n' "$shared_out" >>"$MD"
+    bench_section "shared mode (-o shared) against the default mode" "Shared mode against the default mode" \
+        shared.sh 512 3
 fi
 
 if [ "${BENCH_FSX:-0}" = 1 ]; then
@@ -498,7 +500,7 @@ if [ "${BENCH_FSX:-0}" = 1 ]; then
     fsx_rc=0
     mkdir -p "${MNT[kmsfs]}/fsx"
     FSX_LOGDIR=$LOGDIR/fsx FSX_TIMEOUT=${FSX_TIMEOUT:-14400} \
-        scripts/run-fsx.sh "${MNT[kmsfs]}/fsx/soak" "$FSX_OPS" 2>&1 | tee "$LOGDIR/fsx-soak.log" || fsx_rc=$?
+        scripts/harness/run-fsx.sh "${MNT[kmsfs]}/fsx/soak" "$FSX_OPS" 2>&1 | tee "$LOGDIR/fsx-soak.log" || fsx_rc=$?
     {
         printf '\n## fsx soak on kmsfs (%s ops per profile)\n\n' "$FSX_OPS"
         grep -E '^fsx\[' "$LOGDIR/fsx-soak.log" | sort -u | sed 's/^/- /' || echo "- no result lines (exit $fsx_rc)"

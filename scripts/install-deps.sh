@@ -47,7 +47,7 @@ case "$purpose" in
     bench) apt_pkgs+=(fio gocryptfs rsync sqlite3 git) ;;
     all) apt_pkgs+=(attr rsync sqlite3 git libacl1-dev systemd fio gocryptfs) ;;
 esac
-# pip is needed by scripts/kms-server.sh (moto); only ask apt if pip is absent.
+# pip is needed by scripts/harness/kms-server.sh (moto); only ask apt if pip is absent.
 if [ "$purpose" = test ] || [ "$purpose" = all ]; then
     if ! python3 -m pip --version >/dev/null 2>&1 && ! command -v pip3 >/dev/null 2>&1; then
         apt_pkgs+=(python3-pip)

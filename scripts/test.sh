@@ -76,7 +76,7 @@ cleanup() {
         kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
     done <"$WORK/pids"
     if [ "$KMS_STARTED" = 1 ]; then
-        scripts/kms-server.sh stop "$STATE" >/dev/null 2>&1 ||
+        scripts/harness/kms-server.sh stop "$STATE" >/dev/null 2>&1 ||
             echo "test.sh: warning: kms-server.sh stop failed" >&2
     fi
     # Never rm -rf through a live mount.
@@ -217,7 +217,7 @@ still_mounted() {
 step_pjdfstest() {
     local mnt rc=0 line
     mnt=$(mount_volume vol)
-    PJDFSTEST_LOG=$LOGDIR/pjdfstest.log scripts/run-pjdfstest.sh "$mnt" 2>&1 |
+    PJDFSTEST_LOG=$LOGDIR/pjdfstest.log scripts/harness/run-pjdfstest.sh "$mnt" 2>&1 |
         tee "$LOGDIR/pjdfstest.out" || rc=$?
     line=$(grep '^pjdfstest: ' "$LOGDIR/pjdfstest.out" | tail -n 1 || true)
     line=${line#pjdfstest: }
@@ -230,7 +230,7 @@ step_pjdfstest() {
 step_fsx() {
     local mnt rc=0
     mnt=$(mount_volume vol)   # same volume, mounted again
-    FSX_LOGDIR=$LOGDIR/fsx scripts/run-fsx.sh "$mnt/fsx-file" "${FSX_OPS:-100000}" 2>&1 |
+    FSX_LOGDIR=$LOGDIR/fsx scripts/harness/run-fsx.sh "$mnt/fsx-file" "${FSX_OPS:-100000}" 2>&1 |
         tee "$LOGDIR/fsx.out" || rc=$?
     # "fsx[plain]: PASS ops=N seed=S time=Ts" -> "plain PASS N ops 12s; ..."
     sed -n '/^--- fsx summary/,$p' "$LOGDIR/fsx.out" |
@@ -249,12 +249,12 @@ run_step install-deps step_deps
 banner kms-server
 t=$SECONDS
 KMS_STARTED=1
-if scripts/kms-server.sh start "$STATE" && [ -f "$STATE/env" ]; then
+if scripts/harness/kms-server.sh start "$STATE" && [ -f "$STATE/env" ]; then
     # shellcheck disable=SC1091
     . "$STATE/env"
     record kms-server PASS "$((SECONDS - t))" "${AWS_ENDPOINT_URL_KMS:-}"
 else
-    record kms-server FAIL "$((SECONDS - t))" "scripts/kms-server.sh start failed"
+    record kms-server FAIL "$((SECONDS - t))" "scripts/harness/kms-server.sh start failed"
 fi
 
 run_step fmt step_fmt

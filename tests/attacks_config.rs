@@ -5,29 +5,9 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
 use common::*;
-
-fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(BIN).args(args).output().unwrap();
-    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
-    s.push_str(&String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), s)
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-fn config(v: &Volume) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(v.cipher.join("kmsfs.conf")).unwrap()).unwrap()
-}
-
-fn set_config(v: &Volume, c: &serde_json::Value) {
-    std::fs::write(v.cipher.join("kmsfs.conf"), serde_json::to_vec_pretty(c).unwrap()).unwrap();
-}
 
 /// `kmsfs mount` in the background mode a user runs: (exit code, output).
 fn try_mount(v: &Volume, extra: &[&str]) -> (i32, String) {
@@ -44,11 +24,9 @@ fn try_mount(v: &Volume, extra: &[&str]) -> (i32, String) {
 
 #[test]
 fn every_security_field_of_the_config_is_authenticated() {
-    if !fuse_available("every_security_field_of_the_config_is_authenticated") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
-    let good = config(&v);
+    let good = v.config();
     assert!(good["mac"].is_string() && good["auth_key"].is_object(), "{good}");
     // The untouched config mounts.
     let (code, out) = try_mount(&v, &[]);
@@ -70,7 +48,7 @@ fn every_security_field_of_the_config_is_authenticated() {
             Some(slot) => *slot = value,
             None => c[&what[1..]] = value,
         }
-        set_config(&v, &c);
+        v.set_config(&c);
         let (code, out) = try_mount(&v, &[]);
         assert_ne!(code, 0, "{what}: a tampered config mounted: {out}");
         assert!(matches!(code, 3 | 4), "{what}: exit {code}: {out}");
@@ -85,52 +63,28 @@ fn every_security_field_of_the_config_is_authenticated() {
     c.as_object_mut().unwrap().remove("mac");
     c.as_object_mut().unwrap().remove("auth_key");
     c["plaintext_names"] = true.into();
-    set_config(&v, &c);
+    v.set_config(&c);
     let (code, out) = try_mount(&v, &[]);
     assert_eq!(code, 3, "{out}");
     assert!(out.contains("stripped"), "{out}");
-    set_config(&v, &good);
+    v.set_config(&good);
     let (code, out) = run(&["fsck", p(&v.cipher)]);
     assert_eq!(code, 0, "restored config: {out}");
 }
 
-/// A foreground mount with its own environment (another host's trust store).
-fn mount_env(v: &Volume, name: &str, env: &[(&str, &Path)]) -> std::process::Child {
-    let mnt = v.tmp.path().join(name);
-    std::fs::create_dir_all(&mnt).unwrap();
-    let child = Command::new(BIN)
-        .args(["mount", p(&v.cipher), p(&mnt), "-f", "--log-file", p(&mnt.with_extension("log"))])
-        .envs(env.iter().map(|(k, v)| (*k, *v)))
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while !mounted(&mnt) {
-        assert!(t.elapsed().as_secs() < 20, "mount did not come up");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child
-}
-
-fn unmount_env(v: &Volume, name: &str, mut child: std::process::Child) {
-    let _ = Command::new("fusermount3").arg("-u").arg(v.tmp.path().join(name)).status();
-    let _ = child.wait();
-}
-
 #[test]
 fn legacy_config_mounts_read_only_until_upgraded() {
-    if !fuse_available("legacy_config_mounts_read_only_until_upgraded") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     {
         let m = v.mount("m", &[]);
         std::fs::write(m.path("kept"), b"old data").unwrap();
     }
     // What an older kmsfs wrote: no auth_key, no mac.
-    let mut c = config(&v);
+    let mut c = v.config();
     c.as_object_mut().unwrap().remove("mac");
     c.as_object_mut().unwrap().remove("auth_key");
-    set_config(&v, &c);
+    v.set_config(&c);
     // This host knows the volume as authenticated: a missing MAC was stripped.
     let (code, out) = try_mount(&v, &[]);
     assert_eq!(code, 3, "{out}");
@@ -138,24 +92,20 @@ fn legacy_config_mounts_read_only_until_upgraded() {
     // A host that never saw it takes it for an older volume: it mounts, but
     // read-only, so nothing is ever written under an unvouched config.
     let other_host = tempfile::tempdir().unwrap();
-    let env = [("KMSFS_TRUST_DIR", other_host.path())];
-    let child = mount_env(&v, "ro", &env);
-    let mnt = v.tmp.path().join("ro");
-    assert_eq!(std::fs::read(mnt.join("kept")).unwrap(), b"old data");
-    let e = std::fs::write(mnt.join("new"), b"x").unwrap_err();
+    let env = [("KMSFS_TRUST_DIR", other_host.path().as_os_str())];
+    let ro = Mounted::start_with(&v.cipher, &v.tmp.path().join("ro"), &[], &env);
+    assert_eq!(std::fs::read(ro.path("kept")).unwrap(), b"old data");
+    let e = std::fs::write(ro.path("new"), b"x").unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
-    unmount_env(&v, "ro", child);
+    drop(ro);
     let (code, out) = run(&["rewrap", p(&v.cipher), "--to-key-file", p(&v.tmp.path().join("k2"))]);
     assert_eq!(code, 3, "rewrap of a legacy config: {out}");
     // One upgrade there authenticates it; then it mounts read-write.
-    let out = Command::new(BIN).args(["upgrade", p(&v.cipher)]).envs(env).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("now authenticated"), "{text}");
-    let child = mount_env(&v, "rw", &env);
-    let mnt = v.tmp.path().join("rw");
-    std::fs::write(mnt.join("new"), b"x").unwrap();
-    assert_eq!(std::fs::read(mnt.join("kept")).unwrap(), b"old data");
-    unmount_env(&v, "rw", child);
+    let (code, text) = run_env(&["upgrade", p(&v.cipher)], &env);
+    assert!(code == 0 && text.contains("now authenticated"), "{text}");
+    let rw = Mounted::start_with(&v.cipher, &v.tmp.path().join("rw"), &[], &env);
+    std::fs::write(rw.path("new"), b"x").unwrap();
+    assert_eq!(std::fs::read(rw.path("kept")).unwrap(), b"old data");
 }
 
 #[test]
@@ -180,14 +130,14 @@ fn key_files_inside_the_cipher_dir_or_behind_links_are_refused() {
     let (code, out) = run(&["mount", p(&v.cipher), p(&v.tmp.path().join("mnt")), "-o", &opt]);
     assert_eq!(code, 2, "-o key_file=: {out}");
     // A key path recorded in the config that points inside is refused too.
-    let good = config(&v);
+    let good = v.config();
     let mut c = good.clone();
     c["key_file"] = p(&inside).into();
-    set_config(&v, &c);
+    v.set_config(&c);
     let (code, out) = run(&["fsck", p(&v.cipher)]);
     assert_ne!(code, 0, "{out}");
     assert!(out.contains("inside the cipher dir"), "{out}");
-    set_config(&v, &good);
+    v.set_config(&good);
     // A symlink to the real key file is never followed.
     let link = v.tmp.path().join("link.key");
     std::os::unix::fs::symlink(&v.key, &link).unwrap();
@@ -201,9 +151,7 @@ fn key_files_inside_the_cipher_dir_or_behind_links_are_refused() {
 
 #[test]
 fn rewrap_and_a_live_mount_exclude_each_other() {
-    if !fuse_available("rewrap_and_a_live_mount_exclude_each_other") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let new_key = v.tmp.path().join("new.key");
     {
@@ -242,37 +190,18 @@ fn another_volumes_config_under_another_key_is_refused() {
     // under a key they hold: its key differs from this host's pin.
     let v = Volume::new();
     let theirs = Volume::new();
-    let mut c = config(&theirs);
-    c["volume_id"] = config(&v)["volume_id"].clone();
-    set_config(&v, &c);
+    let mut c = theirs.config();
+    c["volume_id"] = v.config()["volume_id"].clone();
+    v.set_config(&c);
     // Their key file path is in their config; even with it, the MAC binds
     // their volume ID, so the swap fails one way or the other.
     let (code, out) = run(&["fsck", p(&v.cipher)]);
     assert!(matches!(code, 3 | 4), "{out}");
 }
 
-/// Runs kmsfs with `stdin` piped in: (exit code, output).
-fn run_stdin(args: &[&str], stdin: &[u8]) -> (i32, String) {
-    use std::io::Write;
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin).unwrap();
-    let out = child.wait_with_output().unwrap();
-    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
-    s.push_str(&String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), s)
-}
-
 #[test]
 fn key_on_standard_input() {
-    if !fuse_available("key_on_standard_input") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let key = std::fs::read(&v.key).unwrap();
     // The recorded key file is gone: only standard input has the key.

@@ -1,12 +1,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! An attacker who writes the cipher dir and holds credentials for a KMS key
 //! of their own. Real mounts of aws-kms volumes through aws-sdk-kms against
-//! moto behind the project's call-counting proxy (scripts/kms-server.sh).
+//! moto behind the project's call-counting proxy (scripts/harness/kms-server.sh).
 
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use aws_sdk_kms::types::DataKeySpec;
 use common::kms::*;
@@ -15,25 +14,6 @@ use kmsfs::format::block::{BlockAad, seal_block};
 use kmsfs::format::header::FileHeader;
 use kmsfs::format::hex;
 use kmsfs::keys::{DataKey, WrappedKey};
-
-fn kms_volume(key_ref: &str) -> (tempfile::TempDir, std::path::PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let cipher = tmp.path().join("cipher");
-    let (ok, out) = sh(&format!("{BIN} init {} --kms-key {key_ref} --plaintext-names", cipher.display()));
-    assert!(ok, "init: {out}");
-    (tmp, cipher)
-}
-
-fn run(args: &[&str], env: &[(&str, &Path)]) -> (i32, String) {
-    let out = Command::new(BIN).args(args).envs(env.iter().map(|(k, v)| (*k, *v))).output().unwrap();
-    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
-    s.push_str(&String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), s)
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 /// Rewrites `file` as the attacker would: same volume and file IDs, a data
 /// key from GenerateDataKey under the attacker's key with the same
@@ -70,10 +50,8 @@ fn forge(file: &Path, evil: &TestKey, content: &[u8]) {
 
 #[test]
 fn a_header_under_the_attackers_key_is_refused_everywhere() {
-    need_harness!("a_header_under_the_attackers_key_is_refused_everywhere");
-    if !fuse_available("a_header_under_the_attackers_key_is_refused_everywhere") {
-        return;
-    }
+    require_kms!();
+    require_mount!();
     let key = create_key("victim");
     let evil = create_key("attacker");
     let (tmp, cipher) = kms_volume(&key.id);
@@ -94,20 +72,20 @@ fn a_header_under_the_attackers_key_is_refused_everywhere() {
         assert!(log.contains("does not trust") && log.contains(&evil.arn), "log: {log}");
     }
     // fsck lists it as foreign, rewrap refuses to move it, decrypt refuses it.
-    let (code, out) = run(&["fsck", p(&cipher)], &[]);
+    let (code, out) = run(&["fsck", p(&cipher)]);
     assert_eq!(code, 6, "{out}");
     assert!(out.contains("FOREIGN /victim") || out.contains("FOREIGN victim"), "{out}");
     let next = create_key("next");
-    let (code, out) = run(&["rewrap", p(&cipher), "--to-key", &next.arn], &[]);
+    let (code, out) = run(&["rewrap", p(&cipher), "--to-key", &next.arn]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("FAILED") && out.contains("victim"), "{out}");
     let (ok, out) = sh(&format!("{BIN} inspect --json {}/victim", cipher.display()));
     assert!(ok && out.contains(&evil.arn), "the forged header was not re-wrapped: {out}");
     let plain = tmp.path().join("out");
-    let (code, out) = run(&["decrypt", "--kms-key", &key.arn, p(&cipher.join("victim")), p(&plain)], &[]);
+    let (code, out) = run(&["decrypt", "--kms-key", &key.arn, p(&cipher.join("victim")), p(&plain)]);
     assert_ne!(code, 0, "{out}");
     assert!(!plain.exists());
-    let (code, out) = run(&["decrypt", p(&cipher.join("victim")), p(&plain)], &[]);
+    let (code, out) = run(&["decrypt", p(&cipher.join("victim")), p(&plain)]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("--trust-header-key"), "{out}");
     assert!(!plain.exists());
@@ -117,10 +95,8 @@ fn a_header_under_the_attackers_key_is_refused_everywhere() {
 
 #[test]
 fn a_config_swapped_to_the_attackers_key_is_refused() {
-    need_harness!("a_config_swapped_to_the_attackers_key_is_refused");
-    if !fuse_available("a_config_swapped_to_the_attackers_key_is_refused") {
-        return;
-    }
+    require_kms!();
+    require_mount!();
     let key = create_key("swap-victim");
     let evil = create_key("swap-attacker");
     let (tmp, cipher) = kms_volume(&key.id);
@@ -138,35 +114,33 @@ fn a_config_swapped_to_the_attackers_key_is_refused() {
     cfg.store(&cipher).unwrap();
     let mnt = tmp.path().join("m2");
     std::fs::create_dir_all(&mnt).unwrap();
-    let (code, out) = run(&["mount", p(&cipher), p(&mnt)], &[]);
+    let (code, out) = run(&["mount", p(&cipher), p(&mnt)]);
     assert_eq!(code, 3, "{out}");
     assert!(out.contains(&evil.arn) && out.contains("trusted key"), "{out}");
     assert!(!mounted(&mnt));
-    let (code, out) = run(&["fsck", p(&cipher)], &[]);
+    let (code, out) = run(&["fsck", p(&cipher)]);
     assert_eq!(code, 3, "{out}");
     // A host that never saw the volume has nothing to trust: it asks.
     let fresh = tempfile::tempdir().unwrap();
-    let env = [("KMSFS_TRUST_DIR", fresh.path())];
-    let (code, out) = run(&["fsck", p(&cipher)], &env);
+    let env = [("KMSFS_TRUST_DIR", fresh.path().as_os_str())];
+    let (code, out) = run_env(&["fsck", p(&cipher)], &env);
     assert_eq!(code, 3, "{out}");
     assert!(out.contains("--kms-key"), "{out}");
     // Naming the real key there does not accept the swapped config either.
-    let (code, out) = run(&["fsck", p(&cipher), "--kms-key", &key.arn], &env);
+    let (code, out) = run_env(&["fsck", p(&cipher), "--kms-key", &key.arn], &env);
     assert_eq!(code, 3, "{out}");
     // The real config, with the real key named once, is trusted from then on.
     std::fs::write(cipher.join("kmsfs.conf"), good).unwrap();
-    let (code, out) = run(&["fsck", p(&cipher), "--kms-key", &key.arn], &env);
+    let (code, out) = run_env(&["fsck", p(&cipher), "--kms-key", &key.arn], &env);
     assert_eq!(code, 0, "{out}");
-    let (code, out) = run(&["fsck", p(&cipher)], &env);
+    let (code, out) = run_env(&["fsck", p(&cipher)], &env);
     assert_eq!(code, 0, "pin recorded: {out}");
 }
 
 #[test]
 fn an_interrupted_rewrap_stays_readable_and_old_keys_stay_trusted() {
-    need_harness!("an_interrupted_rewrap_stays_readable_and_old_keys_stay_trusted");
-    if !fuse_available("an_interrupted_rewrap_stays_readable_and_old_keys_stay_trusted") {
-        return;
-    }
+    require_kms!();
+    require_mount!();
     let old = create_key("ir-old");
     let new = create_key("ir-new");
     let (tmp, cipher) = kms_volume(&old.id);
@@ -183,7 +157,7 @@ fn an_interrupted_rewrap_stays_readable_and_old_keys_stay_trusted() {
     let mut bad = saved.clone();
     bad[68..512].copy_from_slice(&std::fs::read(cipher.join("f0")).unwrap()[68..512]);
     std::fs::write(&f2, &bad).unwrap();
-    let (code, out) = run(&["rewrap", p(&cipher), "--to-key", &new.arn], &[]);
+    let (code, out) = run(&["rewrap", p(&cipher), "--to-key", &new.arn]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("3 re-wrapped") && out.contains("1 failed"), "{out}");
     std::fs::write(&f2, &saved).unwrap();
@@ -193,7 +167,7 @@ fn an_interrupted_rewrap_stays_readable_and_old_keys_stay_trusted() {
         assert_eq!(std::fs::read(m.path(&format!("f{i}"))).unwrap(), random_bytes(3000, i), "f{i}");
     }
     drop(m);
-    let (code, out) = run(&["rewrap", p(&cipher), "--to-key", &new.arn], &[]);
+    let (code, out) = run(&["rewrap", p(&cipher), "--to-key", &new.arn]);
     assert_eq!(code, 0, "{out}");
     disable(&old);
     let m = Mounted::start(&cipher, &tmp.path().join("m3"), &[]);
@@ -205,73 +179,42 @@ fn an_interrupted_rewrap_stays_readable_and_old_keys_stay_trusted() {
 
 #[test]
 fn disabling_the_key_stops_listings_within_one_max_age() {
-    need_harness!("disabling_the_key_stops_listings_within_one_max_age");
-    if !fuse_available("disabling_the_key_stops_listings_within_one_max_age") {
-        return;
-    }
+    require_kms!();
+    require_mount!();
     let key = create_key("names-revoked");
-    let tmp = tempfile::tempdir().unwrap();
-    let cipher = tmp.path().join("cipher");
     // Encrypted names: the name key is unwrapped once at mount.
-    let (ok, out) = sh(&format!("{BIN} init {} --kms-key {}", cipher.display(), key.id));
-    assert!(ok, "init: {out}");
-    let mnt = tmp.path().join("m2");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["mount", p(&cipher), p(&mnt), "-f", "--cache-max-age", "2", "--log-file"])
-        .arg(tmp.path().join("m2.log"))
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while !mounted(&mnt) {
-        assert!(t.elapsed().as_secs() < 20, "mount did not come up");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    std::fs::write(mnt.join("named"), b"x").unwrap();
+    let (tmp, cipher) = kms_volume_with(&key.id, &[]);
+    let m = Mounted::start_with(&cipher, &tmp.path().join("m2"), &["--cache-max-age", "2"], &[]);
+    std::fs::write(m.path("named"), b"x").unwrap();
     disable(&key);
     std::thread::sleep(std::time::Duration::from_millis(2600));
-    let e = std::fs::read_dir(&mnt).map(|d| d.count()).unwrap_err();
+    let e = std::fs::read_dir(&m.mnt).map(|d| d.count()).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
-    let e = std::fs::metadata(mnt.join("other")).unwrap_err();
+    let e = std::fs::metadata(m.path("other")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
     enable(&key);
     std::thread::sleep(std::time::Duration::from_millis(2600));
-    assert_eq!(std::fs::read(mnt.join("named")).unwrap(), b"x");
-    let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
-    let _ = child.wait();
+    assert_eq!(std::fs::read(m.path("named")).unwrap(), b"x");
+    drop(m);
     let log = std::fs::read_to_string(tmp.path().join("m2.log")).unwrap();
     assert!(log.contains("name key is refused") && log.contains("names are back"), "{log}");
 }
 
 #[test]
 fn credentials_and_keys_never_reach_the_log_even_at_trace() {
-    need_harness!("credentials_and_keys_never_reach_the_log_even_at_trace");
-    if !fuse_available("credentials_and_keys_never_reach_the_log_even_at_trace") {
-        return;
-    }
+    require_kms!();
+    require_mount!();
     let key = create_key("log-hygiene");
     let (tmp, cipher) = kms_volume(&key.id);
-    let mnt = tmp.path().join("m");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let log = tmp.path().join("trace.log");
     // moto accepts any secret: a distinctive one shows whether it leaks.
     const SECRET: &str = "kmsfsTestSecretThatMustNeverBeLogged0123";
-    let mut child = Command::new(BIN)
-        .args(["mount", p(&cipher), p(&mnt), "-f", "--log-file", p(&log)])
-        .env("KMSFS_LOG", "trace")
-        .env("AWS_SECRET_ACCESS_KEY", SECRET)
-        .spawn()
-        .unwrap();
-    let t = std::time::Instant::now();
-    while !mounted(&mnt) {
-        assert!(t.elapsed().as_secs() < 20, "mount did not come up");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    std::fs::write(mnt.join("f"), b"data").unwrap();
+    let env = [("KMSFS_LOG", "trace".as_ref()), ("AWS_SECRET_ACCESS_KEY", SECRET.as_ref())];
+    let m = Mounted::start_with(&cipher, &tmp.path().join("m"), &[], &env);
+    std::fs::write(m.path("f"), b"data").unwrap();
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"data");
-    let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
-    let _ = child.wait();
+    assert_eq!(std::fs::read(m.path("f")).unwrap(), b"data");
+    let log = m.log.clone();
+    drop(m);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("TRACE") || text.contains("DEBUG"), "trace logging was on: {text}");
     assert!(!text.contains(SECRET), "the secret key reached the log");

@@ -13,30 +13,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const NOBODY: u32 = 65534;
-
-/// Runs `cmd` with `sh -c` as nobody (no groups) in `dir`, killed after 30 s.
-fn nobody(dir: &Path, cmd: &str) -> (bool, String) {
-    let out = Command::new("timeout")
-        .args(["30", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", cmd])
-        .current_dir(dir)
-        .output()
-        .expect("setpriv");
-    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
-    s.push_str(&String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), s)
-}
-
 fn must(r: (bool, String), what: &str) -> String {
     assert!(r.0, "{what}: {}", r.1);
     r.1
-}
-
-/// The backing path of plaintext path `rel` (kmsfs path, offline).
-fn backing(v: &Volume, rel: &str) -> PathBuf {
-    let o = Command::new(BIN).arg("path").arg(&v.cipher).arg(rel).output().unwrap();
-    assert!(o.status.success(), "kmsfs path {rel}: {}", String::from_utf8_lossy(&o.stderr));
-    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
 }
 
 /// A volume laid out as a default install leaves it (cipher dir 0755, so
@@ -81,14 +60,12 @@ impl Shared {
 /// new file and renames it over whatever is planted.
 #[test]
 fn planted_dirid_symlink_is_replaced_not_followed() {
-    if !fuse_available("planted_dirid_symlink_is_replaced_not_followed") {
-        return;
-    }
+    require_mount!();
     let s = Shared::new();
     let m = s.mount("m");
     must(nobody(&m.mnt, "mkdir pub/d && echo hello > pub/d/f"), "nobody mkdir");
     drop(m);
-    let bd = backing(&s.v, "pub/d");
+    let bd = s.v.backing("pub/d");
     assert_eq!(std::fs::metadata(&bd).unwrap().uid(), NOBODY, "backing dirs belong to their users");
     let target = s.root_only.join("ld.so.preload");
     must(nobody(&bd, &format!("rm -f .kmsfs.dirid && ln -s {} .kmsfs.dirid", target.display())), "plant the link");
@@ -107,15 +84,13 @@ fn planted_dirid_symlink_is_replaced_not_followed() {
 /// links) when a rename replaced an entry or a name was created again.
 #[test]
 fn planted_side_file_links_are_replaced_not_followed() {
-    if !fuse_available("planted_side_file_links_are_replaced_not_followed") {
-        return;
-    }
+    require_mount!();
     let s = Shared::new();
     let m = s.mount("m");
     let (a, b) = ("a".repeat(200), "b".repeat(200));
     must(nobody(&m.mnt, &format!("mkdir pub/d && echo A > pub/d/{a} && echo B > pub/d/{b}")), "setup");
     let side_b = {
-        let mut p = backing(&s.v, &format!("pub/d/{b}")).into_os_string();
+        let mut p = s.v.backing(&format!("pub/d/{b}")).into_os_string();
         p.push(".name");
         PathBuf::from(p)
     };
@@ -150,14 +125,12 @@ fn planted_side_file_links_are_replaced_not_followed() {
 /// past a small cap), instead of hanging or filling its memory.
 #[test]
 fn fifo_dev_zero_and_huge_bookkeeping_files_fail_fast() {
-    if !fuse_available("fifo_dev_zero_and_huge_bookkeeping_files_fail_fast") {
-        return;
-    }
+    require_mount!();
     let s = Shared::new();
     let m = s.mount("m");
     must(nobody(&m.mnt, "mkdir pub/d pub/e && echo ok > pub/d/f"), "setup");
     drop(m);
-    let (bd, be) = (backing(&s.v, "pub/d"), backing(&s.v, "pub/e"));
+    let (bd, be) = (s.v.backing("pub/d"), s.v.backing("pub/e"));
     must(
         nobody(
             &bd,
@@ -260,9 +233,7 @@ fn raw_setxattr(p: &Path, name: &str, value: &[u8]) {
 /// does not open there: values are bound to their inode's owner ID.
 #[test]
 fn xattr_value_copied_to_another_file_gives_eio() {
-    if !fuse_available("xattr_value_copied_to_another_file_gives_eio") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let m = v.mount("m", &[]);
     std::fs::write(m.path("f1"), b"one").unwrap();
@@ -271,7 +242,7 @@ fn xattr_value_copied_to_another_file_gives_eio() {
         must(sh(&format!("setfattr -n user.review -v {val} {}", m.path(f).display())), "setfattr");
     }
     drop(m);
-    let (b1, b2) = (backing(&v, "f1"), backing(&v, "f2"));
+    let (b1, b2) = (v.backing("f1"), v.backing("f2"));
     raw_setxattr(&b2, "user.review", &raw_getxattr(&b1, "user.review"));
     let m = v.mount("m2", &[]);
     let ok =
@@ -299,9 +270,7 @@ fn xattr_value_copied_to_another_file_gives_eio() {
 /// directories with authenticated records use other associated data.
 #[test]
 fn directory_id_copied_to_move_entries_gives_eio() {
-    if !fuse_available("directory_id_copied_to_move_entries_gives_eio") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let m = v.mount("m", &[]);
     std::fs::create_dir_all(m.path("a/E")).unwrap();
@@ -309,7 +278,7 @@ fn directory_id_copied_to_move_entries_gives_eio() {
     std::fs::write(m.path("a/E/x"), b"moved").unwrap();
     std::fs::write(m.path("b/D/y"), b"stays").unwrap();
     drop(m);
-    let (e, d, x) = (backing(&v, "a/E"), backing(&v, "b/D"), backing(&v, "a/E/x"));
+    let (e, d, x) = (v.backing("a/E"), v.backing("b/D"), v.backing("a/E/x"));
     let copy_record = |bytes: &[u8]| {
         std::fs::remove_file(d.join(".kmsfs.dirid")).unwrap();
         std::fs::write(d.join(".kmsfs.dirid"), bytes).unwrap();
@@ -343,22 +312,20 @@ fn directory_id_copied_to_move_entries_gives_eio() {
 /// new parent only.
 #[test]
 fn directory_moved_to_another_parent_is_rebound() {
-    if !fuse_available("directory_moved_to_another_parent_is_rebound") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let m = v.mount("m", &[]);
     std::fs::create_dir_all(m.path("a/sub/deeper")).unwrap();
     std::fs::create_dir_all(m.path("b")).unwrap();
     std::fs::write(m.path("a/sub/deeper/f"), b"data").unwrap();
-    let before = std::fs::metadata(backing(&v, "a/sub")).unwrap();
+    let before = std::fs::metadata(v.backing("a/sub")).unwrap();
     std::fs::rename(m.path("a/sub"), m.path("b/sub")).unwrap();
     assert_eq!(std::fs::read(m.path("b/sub/deeper/f")).unwrap(), b"data");
     drop(m);
     // Same directory, same mtime: re-binding its record is not a change to it.
-    let after = std::fs::metadata(backing(&v, "b/sub")).unwrap();
+    let after = std::fs::metadata(v.backing("b/sub")).unwrap();
     assert_eq!((before.ino(), before.mtime(), before.mtime_nsec()), (after.ino(), after.mtime(), after.mtime_nsec()));
-    let record = std::fs::read(backing(&v, "b/sub").join(".kmsfs.dirid")).unwrap();
+    let record = std::fs::read(v.backing("b/sub").join(".kmsfs.dirid")).unwrap();
     assert_eq!(record.len(), 33, "one tag: the new parent's");
     let m = v.mount("m2", &[]);
     assert_eq!(std::fs::read(m.path("b/sub/deeper/f")).unwrap(), b"data");
@@ -391,16 +358,14 @@ fn directory_moved_to_another_parent_is_rebound() {
 /// newline cannot forge a log line.
 #[test]
 fn names_are_escaped_in_log_lines() {
-    if !fuse_available("names_are_escaped_in_log_lines") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let m = v.mount("m", &[]);
     let evil = "x\n2099-01-01T00:00:00Z ERROR forged line";
     std::fs::write(m.path(evil), b"data").unwrap();
     drop(m);
     // Damage the file so that reading it logs its path.
-    let b = backing(&v, evil);
+    let b = v.backing(evil);
     let mut bytes = std::fs::read(&b).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;

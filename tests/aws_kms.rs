@@ -1,9 +1,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! The aws-kms provider against a real KMS API: moto_server behind
-//! scripts/kms-proxy.py, reached through aws-sdk-kms (no in-memory fakes).
+//! scripts/harness/kms-proxy.py, reached through aws-sdk-kms (no in-memory fakes).
 //!
 //! Start the harness first:
-//!   scripts/kms-server.sh start DIR && . DIR/env && cargo test --test aws_kms
+//!   scripts/harness/kms-server.sh start DIR && . DIR/env && cargo test --test aws_kms
 //! With KMSFS_SKIP_KMS_TESTS=1 and no harness, every test says SKIPPED.
 //!
 //! Each test makes its own keys, so tests run in parallel. Proxy counts are
@@ -47,7 +47,7 @@ fn ctx() -> KeyContext {
 
 #[test]
 fn harness_reaches_server_through_sdk() {
-    need_harness!("harness_reaches_server_through_sdk");
+    require_kms!();
     let key = create_key("list");
     let mut found = false;
     let mut marker = None;
@@ -67,7 +67,7 @@ fn harness_reaches_server_through_sdk() {
 
 #[test]
 fn generate_unwrap_round_trip() {
-    need_harness!("generate_unwrap_round_trip");
+    require_kms!();
     let key = create_key("round trip");
     let p = provider(&key.id);
     assert_eq!(p.name(), "aws-kms");
@@ -94,7 +94,7 @@ fn generate_unwrap_round_trip() {
 
 #[test]
 fn wrong_context_is_rejected() {
-    need_harness!("wrong_context_is_rejected");
+    require_kms!();
     let key = create_key("context");
     let p = provider(&key.arn);
     let c = ctx();
@@ -118,7 +118,7 @@ fn wrong_context_is_rejected() {
 
 #[test]
 fn blob_of_another_key_is_refused() {
-    need_harness!("blob_of_another_key_is_refused");
+    require_kms!();
     let k1 = create_key("owner");
     let k2 = create_key("impostor");
     let p = provider(&k1.id);
@@ -141,7 +141,7 @@ fn blob_of_another_key_is_refused() {
 
 #[test]
 fn disabled_key_is_refused_then_recovers() {
-    need_harness!("disabled_key_is_refused_then_recovers");
+    require_kms!();
     let key = create_key("disable");
     let p = provider(&key.id);
     let c = ctx();
@@ -165,7 +165,7 @@ fn disabled_key_is_refused_then_recovers() {
 
 #[test]
 fn pending_deletion_is_invalid_state() {
-    need_harness!("pending_deletion_is_invalid_state");
+    require_kms!();
     let key = create_key("deletion");
     let p = provider(&key.id);
     let c = ctx();
@@ -193,7 +193,7 @@ fn pending_deletion_is_invalid_state() {
 
 #[test]
 fn throttling_is_retried_then_succeeds() {
-    need_harness!("throttling_is_retried_then_succeeds");
+    require_kms!();
     let key = create_key("throttle");
     let p = provider(&key.id);
     let c = ctx();
@@ -207,7 +207,7 @@ fn throttling_is_retried_then_succeeds() {
 
 #[test]
 fn persistent_throttling_is_throttled_within_budget() {
-    need_harness!("persistent_throttling_is_throttled_within_budget");
+    require_kms!();
     let key = create_key("throttle forever");
     let p = provider(&key.id);
     let opts = fast_opts();
@@ -223,7 +223,7 @@ fn persistent_throttling_is_throttled_within_budget() {
 
 #[test]
 fn server_errors_are_retried_then_succeed() {
-    need_harness!("server_errors_are_retried_then_succeed");
+    require_kms!();
     let key = create_key("5xx");
     let p = provider(&key.id);
     let c = ctx();
@@ -244,7 +244,7 @@ fn server_errors_are_retried_then_succeed() {
 
 #[test]
 fn unreachable_endpoint_is_unavailable_in_bounded_time() {
-    need_harness!("unreachable_endpoint_is_unavailable_in_bounded_time");
+    require_kms!();
     // A port that was just free and is now closed: connection refused.
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -263,7 +263,7 @@ fn unreachable_endpoint_is_unavailable_in_bounded_time() {
 
 #[test]
 fn slow_server_hits_attempt_timeout_and_is_unavailable() {
-    need_harness!("slow_server_hits_attempt_timeout_and_is_unavailable");
+    require_kms!();
     let key = create_key("slow");
     let opts = AwsKmsOptions {
         attempt_timeout: Duration::from_millis(300),
@@ -284,7 +284,7 @@ fn slow_server_hits_attempt_timeout_and_is_unavailable() {
 
 #[test]
 fn alias_and_alias_arn_resolve_to_key_arn() {
-    need_harness!("alias_and_alias_arn_resolve_to_key_arn");
+    require_kms!();
     let key = create_key("alias");
     let alias = create_alias(&key, "alias");
     // alias ARN: the key ARN with key/ID replaced by the alias name.
@@ -310,7 +310,7 @@ fn alias_and_alias_arn_resolve_to_key_arn() {
 
 #[test]
 fn rewrap_to_second_key_survives_disabling_first() {
-    need_harness!("rewrap_to_second_key_survives_disabling_first");
+    require_kms!();
     let k1 = create_key("rewrap source");
     let k2 = create_key("rewrap destination");
     let p1 = provider(&k1.id);
@@ -339,7 +339,7 @@ fn rewrap_to_second_key_survives_disabling_first() {
 
 #[test]
 fn rotation_keeps_old_wrapped_keys_unwrappable() {
-    need_harness!("rotation_keeps_old_wrapped_keys_unwrappable");
+    require_kms!();
     let key = create_key("rotation");
     let p = provider(&key.id);
     let c_old = ctx();
@@ -357,7 +357,7 @@ fn rotation_keeps_old_wrapped_keys_unwrappable() {
 
 #[test]
 fn check_fails_fast_for_disabled_and_passes_for_good() {
-    need_harness!("check_fails_fast_for_disabled_and_passes_for_good");
+    require_kms!();
     let good = create_key("check good");
     let p = provider(&good.id);
     p.check().expect("check on an enabled key");
@@ -378,7 +378,7 @@ fn check_fails_fast_for_disabled_and_passes_for_good() {
 
 #[test]
 fn missing_key_is_not_found() {
-    need_harness!("missing_key_is_not_found");
+    require_kms!();
     let p = provider("alias/kmsfs-test-no-such-alias");
     assert!(matches!(p.check(), Err(KeyError::NotFound { .. })));
     let p = provider("11111111-2222-3333-4444-555555555555");
@@ -387,7 +387,7 @@ fn missing_key_is_not_found() {
 
 #[test]
 fn missing_credentials_is_no_credentials() {
-    need_harness!("missing_credentials_is_no_credentials");
+    require_kms!();
     #[derive(Debug)]
     struct NoCredentials;
     impl aws_sdk_kms::config::ProvideCredentials for NoCredentials {
@@ -411,7 +411,7 @@ fn missing_credentials_is_no_credentials() {
 
 #[test]
 fn concurrent_calls_from_plain_threads() {
-    need_harness!("concurrent_calls_from_plain_threads");
+    require_kms!();
     let key = create_key("threads");
     let p = Arc::new(provider(&key.id));
     let threads: Vec<_> = (0..8)
@@ -436,7 +436,7 @@ fn concurrent_calls_from_plain_threads() {
 
 #[test]
 fn called_inside_a_runtime_fails_instead_of_panicking() {
-    need_harness!("called_inside_a_runtime_fails_instead_of_panicking");
+    require_kms!();
     let key = create_key("in runtime");
     let p = provider(&key.id);
     let err = rt().block_on(async { p.generate(&ctx()) }).expect_err("inside runtime");

@@ -1,12 +1,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Branch key mode (`init --key-mode branch`) on real mounts: aws-sdk-kms
 //! against moto behind the project's call-counting proxy
-//! (scripts/kms-server.sh), and the kmsfs binary.
+//! (scripts/harness/kms-server.sh), and the kmsfs binary.
 
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::kms::*;
@@ -16,60 +15,12 @@ use kmsfs::keys::KeyProvider;
 const N: usize = 2000;
 
 fn branch_volume(key_ref: &str, extra: &[&str]) -> (tempfile::TempDir, std::path::PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let cipher = tmp.path().join("cipher");
-    let (code, out) = run(&[&["init", p(&cipher), "--kms-key", key_ref, "--key-mode", "branch"], extra].concat());
-    assert_eq!(code, 0, "init: {out}");
-    (tmp, cipher)
-}
-
-fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(BIN).args(args).output().unwrap();
-    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
-    s.push_str(&String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), s)
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
+    kms_volume_with(key_ref, &[&["--key-mode", "branch"], extra].concat())
 }
 
 /// Every KMS call the proxy saw on these keys, whatever the operation.
 fn calls(keys: &[&TestKey]) -> u64 {
-    keys.iter()
-        .map(|k| {
-            let v = proxy("GET", &format!("counts?key={}", k.id));
-            v.as_object().map_or(0, |o| o.values().filter_map(|c| c.as_u64()).sum::<u64>())
-        })
-        .sum()
-}
-
-fn mount_args(cipher: &Path, mnt: &Path, args: &[&str]) -> Mounted {
-    std::fs::create_dir_all(mnt).unwrap();
-    let log = mnt.with_extension("log");
-    let child = Command::new(BIN)
-        .arg("mount")
-        .arg(cipher)
-        .arg(mnt)
-        .arg("-f")
-        .arg("--log-file")
-        .arg(&log)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut m = Mounted { mnt: mnt.to_path_buf(), child: Some(child), log };
-    let t = Instant::now();
-    while !mounted(mnt) {
-        if let Ok(Some(st)) = m.child.as_mut().unwrap().try_wait() {
-            panic!("mount exited with {st}: {}", m.log());
-        }
-        assert!(t.elapsed() < Duration::from_secs(20), "mount did not come up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    m
+    keys.iter().map(|k| total(k)).sum()
 }
 
 fn content(i: usize) -> Vec<u8> {
@@ -90,10 +41,8 @@ fn read_all(m: &Mounted, n: usize) {
 
 #[test]
 fn creates_and_cold_reads_make_a_handful_of_kms_calls() {
-    need_harness!("creates_and_cold_reads_make_a_handful_of_kms_calls");
-    if !fuse_available("creates_and_cold_reads_make_a_handful_of_kms_calls") {
-        return;
-    }
+    require_kms!();
+    require_mount!();
     let key = create_key("branch-budget");
     // Encrypted names: the mount also unwraps the name key.
     let (tmp, cipher) = branch_volume(&key.id, &[]);
@@ -131,10 +80,8 @@ fn creates_and_cold_reads_make_a_handful_of_kms_calls() {
 
 #[test]
 fn disable_and_enable_take_effect_within_one_max_age() {
-    need_harness!("disable_and_enable_take_effect_within_one_max_age");
-    if !fuse_available("disable_and_enable_take_effect_within_one_max_age") {
-        return;
-    }
+    require_kms!();
+    require_mount!();
     let key = create_key("branch-disable");
     let (tmp, cipher) = branch_volume(&key.id, &["--plaintext-names"]);
     {
@@ -144,7 +91,7 @@ fn disable_and_enable_take_effect_within_one_max_age() {
         }
     }
     const TTL: u64 = 2;
-    let m = mount_args(&cipher, &tmp.path().join("m"), &["--cache-max-age", &TTL.to_string()]);
+    let m = Mounted::start_with(&cipher, &tmp.path().join("m"), &["--cache-max-age", &TTL.to_string()], &[]);
     let t0 = Instant::now();
     assert_eq!(std::fs::read(m.path("a")).unwrap(), b"a");
     disable(&key);
@@ -183,10 +130,8 @@ fn disable_and_enable_take_effect_within_one_max_age() {
 
 #[test]
 fn rewrap_moves_only_volume_keys_and_rotation_keeps_old_files() {
-    need_harness!("rewrap_moves_only_volume_keys_and_rotation_keeps_old_files");
-    if !fuse_available("rewrap_moves_only_volume_keys_and_rotation_keeps_old_files") {
-        return;
-    }
+    require_kms!();
+    require_mount!();
     let k1 = create_key("branch-rewrap-1");
     let k2 = create_key("branch-rewrap-2");
     let (tmp, cipher) = branch_volume(&k1.id, &[]);
@@ -243,10 +188,8 @@ fn rewrap_moves_only_volume_keys_and_rotation_keeps_old_files() {
 
 #[test]
 fn branch_key_context_and_file_headers_are_checked() {
-    need_harness!("branch_key_context_and_file_headers_are_checked");
-    if !fuse_available("branch_key_context_and_file_headers_are_checked") {
-        return;
-    }
+    require_kms!();
+    require_mount!();
     let key = create_key("branch-context");
     let (tmp, cipher) = branch_volume(&key.id, &["--plaintext-names"]);
     {

@@ -10,13 +10,12 @@ use std::process::{Command, Stdio};
 
 use common::*;
 
-fn run(args: &[&std::ffi::OsStr]) -> (i32, String) {
-    let out = Command::new(BIN).args(args).stdin(Stdio::null()).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into())
-}
-
+/// `kmsfs!` reduced to (exit code, stderr): where the codes are documented.
 macro_rules! code {
-    ($($a:expr),* $(,)?) => { run(&[$(std::ffi::OsStr::new(&$a)),*]) };
+    ($($a:expr),* $(,)?) => {{
+        let (c, _, err) = kmsfs!($($a),*);
+        (c, err)
+    }};
 }
 
 #[test]
@@ -82,9 +81,7 @@ fn offline_commands_use_the_documented_codes() {
 
 #[test]
 fn mount_codes_in_foreground_and_background() {
-    if !fuse_available("mount_codes_in_foreground_and_background") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let t = v.tmp.path();
     let mnt = t.join("m");
@@ -125,9 +122,7 @@ fn mount_codes_in_foreground_and_background() {
 
 #[test]
 fn mountpoint_safety() {
-    if !fuse_available("mountpoint_safety") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let t = v.tmp.path();
     // Not empty: refused, unless -o nonempty.
@@ -181,9 +176,7 @@ fn info_has(p: &std::path::Path) -> bool {
 
 #[test]
 fn dead_mount_is_named_and_unmount_clears_it() {
-    if !fuse_available("dead_mount_is_named_and_unmount_clears_it") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let mnt = v.tmp.path().join("dead");
     let mut m = Mounted::start(&v.cipher, &mnt, &[]);

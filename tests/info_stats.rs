@@ -45,9 +45,7 @@ fn info_describes_the_volume_with_and_without_the_key() {
 
 #[test]
 fn stats_in_prometheus_format() {
-    if !fuse_available("stats_in_prometheus_format") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let m = v.mount("m", &[]);
     std::fs::write(m.path("a"), vec![7u8; 10_000]).unwrap();

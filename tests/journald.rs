@@ -10,7 +10,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -18,9 +18,7 @@ const SOCKET: &str = "/run/systemd/journal/socket";
 
 #[test]
 fn journal_gets_native_entries_with_real_priorities() {
-    if !fuse_available("journal_gets_native_entries_with_real_priorities") {
-        return;
-    }
+    require_mount!();
     if Path::new(SOCKET).exists() {
         // A real journald owns the socket: its entries cannot be read here.
         let _ = std::io::Write::write_all(&mut std::io::stderr(), b"SKIPPED: a journald is running\n");
@@ -60,11 +58,7 @@ fn journal_gets_native_entries_with_real_priorities() {
         .stderr(stderr)
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    while !mounted(&mnt) {
-        assert!(t.elapsed() < Duration::from_secs(20), "mount did not come up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("the mount to come up", 20, || mounted(&mnt));
     let e = std::fs::read(mnt.join("f")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO));
     let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();

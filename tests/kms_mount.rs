@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Real mounts of aws-kms volumes: aws-sdk-kms against moto behind the
-//! project's KMS proxy (scripts/kms-server.sh), and the kmsfs binary.
+//! project's KMS proxy (scripts/harness/kms-server.sh), and the kmsfs binary.
 
 mod common;
 
@@ -9,21 +9,6 @@ use std::process::Command;
 use common::kms::*;
 use common::*;
 
-fn kms_volume(key_ref: &str) -> (tempfile::TempDir, std::path::PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let cipher = tmp.path().join("cipher");
-    let out = Command::new(BIN)
-        .arg("init")
-        .arg(&cipher)
-        .arg("--kms-key")
-        .arg(key_ref)
-        .arg("--plaintext-names")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
-    (tmp, cipher)
-}
-
 fn ls_la(dir: &std::path::Path) {
     let (ok, out) = sh(&format!("ls -laR {} >/dev/null && stat {}/* >/dev/null", dir.display(), dir.display()));
     assert!(ok, "{out}");
@@ -31,10 +16,8 @@ fn ls_la(dir: &std::path::Path) {
 
 #[test]
 fn kms_volume_call_budget() {
-    need_harness!("kms_volume_call_budget");
-    if !fuse_available("kms_volume_call_budget") {
-        return;
-    }
+    require_kms!();
+    require_mount!();
     let key = create_key("budget");
     let alias = create_alias(&key, "budget");
     let (tmp, cipher) = kms_volume(&alias);
@@ -73,10 +56,8 @@ fn kms_volume_call_budget() {
 
 #[test]
 fn disabled_key_gives_clear_errors_and_loses_nothing() {
-    need_harness!("disabled_key_gives_clear_errors_and_loses_nothing");
-    if !fuse_available("disabled_key_gives_clear_errors_and_loses_nothing") {
-        return;
-    }
+    require_kms!();
+    require_mount!();
     let key = create_key("disabled");
     let (tmp, cipher) = kms_volume(&key.id);
     let data = random_bytes(100_000, 3);
@@ -109,10 +90,8 @@ fn disabled_key_gives_clear_errors_and_loses_nothing() {
 
 #[test]
 fn kms_down_fails_mount_clearly() {
-    need_harness!("kms_down_fails_mount_clearly");
-    if !fuse_available("kms_down_fails_mount_clearly") {
-        return;
-    }
+    require_kms!();
+    require_mount!();
     let key = create_key("down");
     let (tmp, cipher) = kms_volume(&key.id);
     let mnt = tmp.path().join("m");
@@ -136,10 +115,8 @@ fn kms_down_fails_mount_clearly() {
 
 #[test]
 fn rewrap_to_new_key_touches_no_data() {
-    need_harness!("rewrap_to_new_key_touches_no_data");
-    if !fuse_available("rewrap_to_new_key_touches_no_data") {
-        return;
-    }
+    require_kms!();
+    require_mount!();
     let old = create_key("rewrap-old");
     let new = create_key("rewrap-new");
     let (tmp, cipher) = kms_volume(&old.id);
@@ -182,7 +159,7 @@ fn rewrap_to_new_key_touches_no_data() {
 
 #[test]
 fn offline_encrypt_decrypt_with_kms() {
-    need_harness!("offline_encrypt_decrypt_with_kms");
+    require_kms!();
     let key = create_key("offline");
     let tmp = tempfile::tempdir().unwrap();
     let plain = tmp.path().join("p");
@@ -207,70 +184,16 @@ fn offline_encrypt_decrypt_with_kms() {
     assert!(ok, "{out}");
 }
 
-/// Mounts with extra command-line flags (Mounted::start passes -o options only).
-fn mount_args(cipher: &std::path::Path, mnt: &std::path::Path, args: &[&str]) -> Mounted {
-    std::fs::create_dir_all(mnt).unwrap();
-    let log = mnt.with_extension("log");
-    let child = Command::new(BIN)
-        .arg("mount")
-        .arg(cipher)
-        .arg(mnt)
-        .arg("-f")
-        .arg("--log-file")
-        .arg(&log)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut m = Mounted { mnt: mnt.to_path_buf(), child: Some(child), log };
-    let t = std::time::Instant::now();
-    while !mounted(mnt) {
-        if let Ok(Some(st)) = m.child.as_mut().unwrap().try_wait() {
-            panic!("mount exited with {st}: {}", m.log());
-        }
-        assert!(t.elapsed() < std::time::Duration::from_secs(20), "mount did not come up");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    m
-}
-
 fn stats(m: &Mounted) -> serde_json::Value {
     let (ok, out) = m.stats_json();
     assert!(ok, "{out}");
     serde_json::from_str(&out).unwrap()
 }
 
-fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let t = std::time::Instant::now();
-    while !f() {
-        assert!(t.elapsed() < std::time::Duration::from_secs(secs), "timed out after {secs} s waiting for {what}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-}
-
-/// A KMS outage for one key (the proxy resets every call on it), so tests
-/// running alongside are not affected; ends when dropped.
-struct Outage(String);
-impl Outage {
-    fn start(key: &TestKey) -> Self {
-        proxy("POST", &format!("down?on=1&key={}", key.id));
-        Outage(key.id.clone())
-    }
-}
-impl Drop for Outage {
-    fn drop(&mut self) {
-        proxy("POST", &format!("down?on=0&key={}", self.0));
-    }
-}
-
 #[test]
 fn outage_creates_fail_at_open_or_persist() {
-    need_harness!("outage_creates_fail_at_open_or_persist");
-    if !fuse_available("outage_creates_fail_at_open_or_persist") {
-        return;
-    }
+    require_kms!();
+    require_mount!();
     let key = create_key("outage-creates");
     let (tmp, cipher) = kms_volume(&key.id);
     let mut m = Mounted::start(&cipher, &tmp.path().join("m"), &[]);
@@ -323,10 +246,8 @@ fn outage_creates_fail_at_open_or_persist() {
 
 #[test]
 fn writer_keeps_its_key_past_max_age_and_through_an_outage() {
-    need_harness!("writer_keeps_its_key_past_max_age_and_through_an_outage");
-    if !fuse_available("writer_keeps_its_key_past_max_age_and_through_an_outage") {
-        return;
-    }
+    require_kms!();
+    require_mount!();
     use std::io::{Seek, Write};
     use std::os::unix::fs::FileExt;
     let key = create_key("outage-writer");
@@ -339,7 +260,7 @@ fn writer_keeps_its_key_past_max_age_and_through_an_outage() {
         }
     }
     // A fresh mount: every key is cold, so each open below is counted.
-    let mut m = mount_args(&cipher, &tmp.path().join("m"), &["--cache-max-age", "2"]);
+    let mut m = Mounted::start_with(&cipher, &tmp.path().join("m"), &["--cache-max-age", "2"], &[]);
     let d0 = count(&key, "Decrypt");
     let r = std::fs::File::open(m.path("cold")).unwrap();
     assert_eq!(count(&key, "Decrypt"), d0, "a read-only open fetched the key");
@@ -392,10 +313,8 @@ fn truncate0(p: &std::path::Path) {
 
 #[test]
 fn truncation_needs_no_old_key() {
-    need_harness!("truncation_needs_no_old_key");
-    if !fuse_available("truncation_needs_no_old_key") {
-        return;
-    }
+    require_kms!();
+    require_mount!();
     use std::os::unix::fs::FileExt;
     let key = create_key("truncate");
     let (tmp, cipher) = kms_volume(&key.id);
@@ -456,15 +375,13 @@ fn truncation_needs_no_old_key() {
 
 #[test]
 fn disable_key_takes_effect_at_the_next_open() {
-    need_harness!("disable_key_takes_effect_at_the_next_open");
-    if !fuse_available("disable_key_takes_effect_at_the_next_open") {
-        return;
-    }
+    require_kms!();
+    require_mount!();
     use std::io::{Read, Write};
     let key = create_key("revoke");
     let (tmp, cipher) = kms_volume(&key.id);
     let old = random_bytes(10_000, 41);
-    let mut m = mount_args(&cipher, &tmp.path().join("m"), &["--cache-max-age", "2"]);
+    let mut m = Mounted::start_with(&cipher, &tmp.path().join("m"), &["--cache-max-age", "2"], &[]);
     std::fs::write(m.path("w"), &old).unwrap();
     std::fs::write(m.path("r"), &old).unwrap();
     let mut w = std::fs::OpenOptions::new().append(true).open(m.path("w")).unwrap();

@@ -13,9 +13,7 @@ use common::*;
 
 #[test]
 fn sighup_reopens_the_log_file_and_keeps_serving() {
-    if !fuse_available("sighup_reopens_the_log_file_and_keeps_serving") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let m = v.mount("m", &[]);
     std::fs::write(m.path("a"), b"hello").unwrap();
@@ -42,9 +40,7 @@ fn sighup_reopens_the_log_file_and_keeps_serving() {
 
 #[test]
 fn log_file_is_0600_and_an_unwritable_one_fails_the_mount() {
-    if !fuse_available("log_file_is_0600_and_an_unwritable_one_fails_the_mount") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let mnt = v.tmp.path().join("m");
     std::fs::create_dir_all(&mnt).unwrap();
@@ -107,9 +103,7 @@ fn unit_prevents_restart_on_config_and_key_errors() {
 
 #[test]
 fn key_from_systemd_credentials_directory() {
-    if !fuse_available("key_from_systemd_credentials_directory") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let creds = v.tmp.path().join("creds");
     std::fs::create_dir(&creds).unwrap();
@@ -138,9 +132,7 @@ fn key_from_systemd_credentials_directory() {
 #[test]
 fn a_bad_block_is_logged_once_per_read_with_its_absolute_path() {
     use std::os::unix::fs::FileExt;
-    if !fuse_available("a_bad_block_is_logged_once_per_read_with_its_absolute_path") {
-        return;
-    }
+    require_mount!();
     let v = Volume::plain();
     let m = v.mount("m", &[]);
     std::fs::write(m.path("victim"), random_bytes(20_000, 5)).unwrap();

@@ -10,9 +10,7 @@ use common::*;
 
 #[test]
 fn round_trips_by_size() {
-    if !fuse_available("round_trips_by_size") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let m = v.mount("m", &[]);
     let sizes = [0usize, 1, 4095, 4096, 4097, 65_536 + 3, 1 << 20, (5 << 20) + 7, 20 << 20];
@@ -37,9 +35,7 @@ fn round_trips_by_size() {
 
 #[test]
 fn marker_never_reaches_backing_dir() {
-    if !fuse_available("marker_never_reaches_backing_dir") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let m = v.mount("m", &[]);
     let marker = b"KMSFS-MARKER-4f1c2a";
@@ -70,9 +66,7 @@ fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn random_io_matches_model() {
-    if !fuse_available("random_io_matches_model") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let m = v.mount("m", &[]);
     let p = m.path("model");
@@ -175,9 +169,7 @@ fn hammer_one_file(p: &std::path::Path, direct: bool) {
 
 #[test]
 fn concurrent_writers_and_readers() {
-    if !fuse_available("concurrent_writers_and_readers") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let m = v.mount("m", &[]);
     hammer_one_file(&m.path("cached"), false);
@@ -203,9 +195,7 @@ fn concurrent_writers_and_readers() {
 
 #[test]
 fn mmap_read_and_write() {
-    if !fuse_available("mmap_read_and_write") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let m = v.mount("m", &[]);
     let p = m.path("mm");
@@ -233,9 +223,7 @@ fn mmap_read_and_write() {
 
 #[test]
 fn rename_link_symlink() {
-    if !fuse_available("rename_link_symlink") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let m = v.mount("m", &[]);
     std::fs::create_dir_all(m.path("a/b")).unwrap();
@@ -279,9 +267,7 @@ fn rename_link_symlink() {
 
 #[test]
 fn sparse_file_stays_sparse() {
-    if !fuse_available("sparse_file_stays_sparse") {
-        return;
-    }
+    require_mount!();
     let v = Volume::plain();
     let m = v.mount("m", &[]);
     let mut f = std::fs::File::create(m.path("sparse")).unwrap();
@@ -301,9 +287,7 @@ fn sparse_file_stays_sparse() {
 
 #[test]
 fn corrupted_backing_file_gives_eio() {
-    if !fuse_available("corrupted_backing_file_gives_eio") {
-        return;
-    }
+    require_mount!();
     let v = Volume::plain();
     let m = v.mount("m", &[]);
     std::fs::write(m.path("victim"), random_bytes(20_000, 5)).unwrap();
@@ -327,9 +311,7 @@ fn corrupted_backing_file_gives_eio() {
 
 #[test]
 fn kill9_then_remount_keeps_fsynced_files() {
-    if !fuse_available("kill9_then_remount_keeps_fsynced_files") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let mut m = v.mount("m", &[]);
     let mut synced = vec![];
@@ -360,9 +342,7 @@ fn kill9_then_remount_keeps_fsynced_files() {
 
 #[test]
 fn two_mounts_share_one_cipher_dir() {
-    if !fuse_available("two_mounts_share_one_cipher_dir") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let a = v.mount("a", &[]);
     let b = v.mount("b", &[]);
@@ -375,9 +355,7 @@ fn two_mounts_share_one_cipher_dir() {
 
 #[test]
 fn ordinary_tools_work() {
-    if !fuse_available("ordinary_tools_work") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let m = v.mount("m", &[]);
     let mp = m.mnt.display().to_string();
@@ -421,9 +399,7 @@ fn ordinary_tools_work() {
 /// line, or a busy mount floods the journal.
 #[test]
 fn everyday_calls_keep_the_log_quiet() {
-    if !fuse_available("everyday_calls_keep_the_log_quiet") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let mut m = v.mount("m", &[]);
     for i in 0..20 {
@@ -447,9 +423,7 @@ fn everyday_calls_keep_the_log_quiet() {
 /// is still open keeps working.
 #[test]
 fn times_persist_and_unlinked_open_files_work() {
-    if !fuse_available("times_persist_and_unlinked_open_files_work") {
-        return;
-    }
+    require_mount!();
     use std::io::{Read, Seek, Write};
     use std::os::unix::fs::MetadataExt;
     let v = Volume::new();
@@ -478,9 +452,7 @@ fn times_persist_and_unlinked_open_files_work() {
 
 #[test]
 fn disabled_on_read_only_mount() {
-    if !fuse_available("disabled_on_read_only_mount") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let m = v.mount("m", &[]);
     std::fs::write(m.path("f"), b"data").unwrap();
@@ -493,9 +465,7 @@ fn disabled_on_read_only_mount() {
 
 #[test]
 fn copy_file_range_within_mount() {
-    if !fuse_available("copy_file_range_within_mount") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let m = v.mount("m", &[]);
     let data = random_bytes(3 << 20, 11);
@@ -517,9 +487,7 @@ fn copy_file_range_within_mount() {
 /// through the mount.
 #[test]
 fn unprivileged_writes_clear_set_id_bits() {
-    if !fuse_available("unprivileged_writes_clear_set_id_bits") {
-        return;
-    }
+    require_mount!();
     use std::os::unix::fs::PermissionsExt;
     let v = Volume::new();
     // nobody must be able to reach the mountpoint inside the temp dir.
@@ -574,9 +542,7 @@ fn unprivileged_writes_clear_set_id_bits() {
 /// the file, not after the LRU or the max age.
 #[test]
 fn deleting_a_file_drops_its_key_from_the_cache() {
-    if !fuse_available("deleting_a_file_drops_its_key_from_the_cache") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let m = v.mount("m", &[]);
     let cached = || {

@@ -25,9 +25,7 @@ fn all_backing_names(dir: &std::path::Path, out: &mut Vec<String>) {
 
 #[test]
 fn no_plaintext_name_target_or_xattr_in_backing_dir() {
-    if !fuse_available("no_plaintext_name_target_or_xattr_in_backing_dir") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let m = v.mount("m", &[]);
     std::fs::create_dir_all(m.path(&format!("{MARK}-dir/{MARK} sub"))).unwrap();
@@ -53,9 +51,7 @@ fn no_plaintext_name_target_or_xattr_in_backing_dir() {
 
 #[test]
 fn awkward_and_long_names_rename_link() {
-    if !fuse_available("awkward_and_long_names_rename_link") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let m = v.mount("m", &[]);
     let long = "é".repeat(127) + "x"; // 255 bytes
@@ -107,9 +103,7 @@ fn awkward_and_long_names_rename_link() {
 
 #[test]
 fn directory_rename_is_o1() {
-    if !fuse_available("directory_rename_is_o1") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let m = v.mount("m", &[]);
     std::fs::create_dir_all(m.path("big/inner")).unwrap();
@@ -144,9 +138,7 @@ fn directory_rename_is_o1() {
 
 #[test]
 fn directory_id_copies_survive_and_fsck_repairs() {
-    if !fuse_available("directory_id_copies_survive_and_fsck_repairs") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     {
         let m = v.mount("m", &[]);
@@ -184,9 +176,7 @@ fn directory_id_copies_survive_and_fsck_repairs() {
 
 #[test]
 fn kill9_during_mkdir_and_rename_loops() {
-    if !fuse_available("kill9_during_mkdir_and_rename_loops") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let mut m = v.mount("m", &[]);
     let root = m.mnt.clone();
@@ -230,9 +220,7 @@ fn kill9_during_mkdir_and_rename_loops() {
 /// the link's name or directory (docs/SECURITY.md says why).
 #[test]
 fn hard_links_to_symlinks_across_directories() {
-    if !fuse_available("hard_links_to_symlinks_across_directories") {
-        return;
-    }
+    require_mount!();
     use std::os::unix::fs::MetadataExt;
     let v = Volume::new();
     let check = |m: &Mounted, paths: &[&str]| {
@@ -260,9 +248,7 @@ fn hard_links_to_symlinks_across_directories() {
 /// again, the long name is always there after the remount.
 #[test]
 fn kill9_during_rename_over_a_long_name_keeps_it() {
-    if !fuse_available("kill9_during_rename_over_a_long_name_keeps_it") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let target = "t".repeat(220);
     for round in 0..5 {

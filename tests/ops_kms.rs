@@ -11,32 +11,14 @@ use std::process::{Command, Stdio};
 use common::kms::*;
 use common::*;
 
-fn total(key: &TestKey) -> u64 {
-    let c = proxy("GET", &format!("counts?key={}", key.id));
-    c.as_object().unwrap().values().filter_map(|v| v.as_u64()).sum()
-}
-
-fn kmsfs(args: &[&std::ffi::OsStr]) -> (i32, String, String) {
-    let out = Command::new(BIN).args(args).stdin(Stdio::null()).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
-
-macro_rules! k {
-    ($($a:expr),* $(,)?) => { kmsfs(&[$(std::ffi::OsStr::new(&$a)),*]) };
-}
-
 #[test]
 fn rewrap_dry_run_calls_no_kms_and_creates_nothing_then_fsck_and_rewrap_in_parallel() {
-    need_harness!("rewrap_dry_run_calls_no_kms_and_creates_nothing_then_fsck_and_rewrap_in_parallel");
+    require_kms!();
     let key = create_key("ops-dry");
     let to = create_key("ops-dry-to");
     let tmp = tempfile::tempdir().unwrap();
     let cipher = tmp.path().join("c");
-    let (c, _, err) = k!("init", cipher, "--kms-key", key.arn, "--plaintext-names");
+    let (c, _, err) = kmsfs!("init", cipher, "--kms-key", key.arn, "--plaintext-names");
     assert_eq!(c, 0, "{err}");
     const N: usize = 40;
     for i in 0..N {
@@ -44,18 +26,18 @@ fn rewrap_dry_run_calls_no_kms_and_creates_nothing_then_fsck_and_rewrap_in_paral
         std::fs::write(&src, random_bytes(3000 + i, i as u64)).unwrap();
         let sub = cipher.join(format!("d{}", i % 4));
         std::fs::create_dir_all(&sub).unwrap();
-        let (c, _, err) = k!("encrypt", "--volume", cipher, src, sub.join(format!("f{i}")));
+        let (c, _, err) = kmsfs!("encrypt", "--volume", cipher, src, sub.join(format!("f{i}")));
         assert_eq!(c, 0, "{err}");
     }
     let before_listing = sh(&format!("cd {} && ls -laR", cipher.display())).1;
     let (b_key, b_to) = (total(&key), total(&to));
     // Dry run to a KMS key (ARN) and to a key file that does not exist.
-    let (c, out, err) = k!("rewrap", cipher, "--to-key", to.arn, "--dry-run");
+    let (c, out, err) = kmsfs!("rewrap", cipher, "--to-key", to.arn, "--dry-run");
     assert_eq!(c, 0, "{err}");
     assert!(out.contains(&format!("{N} kmsfs files would be re-wrapped")), "{out}");
     assert!(out.contains("without verifying its MAC") && out.contains("no key-provider call"), "{out}");
     let newkey = tmp.path().join("new.key");
-    let (c, out, err) = k!("rewrap", cipher, "--to-key-file", newkey, "--dry-run");
+    let (c, out, err) = kmsfs!("rewrap", cipher, "--to-key-file", newkey, "--dry-run");
     assert_eq!(c, 0, "{err}");
     assert!(out.contains("would create it"), "{out}");
     assert!(!newkey.exists(), "dry run created the key file");
@@ -64,32 +46,30 @@ fn rewrap_dry_run_calls_no_kms_and_creates_nothing_then_fsck_and_rewrap_in_paral
 
     // fsck through the parallel driver: one Decrypt per file (+ the config's).
     let d0 = count(&key, "Decrypt");
-    let (c, out, err) = k!("fsck", cipher);
+    let (c, out, err) = kmsfs!("fsck", cipher);
     assert_eq!(c, 0, "{out}{err}");
     assert!(out.contains(&format!("{N} files")), "{out}");
     let calls = count(&key, "Decrypt") - d0;
     assert!((N as u64..=N as u64 + 2).contains(&calls), "Decrypt calls: {calls}");
     // A real rewrap, then every file names the new key.
-    let (c, out, err) = k!("rewrap", cipher, "--to-key", to.arn);
+    let (c, out, err) = kmsfs!("rewrap", cipher, "--to-key", to.arn);
     assert_eq!(c, 0, "{out}{err}");
     assert!(out.contains(&format!("{N} re-wrapped")), "{out}");
-    let (c, out, _) = k!("rewrap", cipher, "--to-key", to.arn, "--dry-run");
+    let (c, out, _) = kmsfs!("rewrap", cipher, "--to-key", to.arn, "--dry-run");
     assert_eq!(c, 0);
     assert!(out.contains(&format!("0 kmsfs files would be re-wrapped, {N} already")), "{out}");
-    let (c, out, err) = k!("fsck", cipher);
+    let (c, out, err) = kmsfs!("fsck", cipher);
     assert_eq!(c, 0, "{out}{err}");
 }
 
 #[test]
 fn disabled_key_is_exit_4_in_foreground_and_background() {
-    need_harness!("disabled_key_is_exit_4_in_foreground_and_background");
-    if !fuse_available("disabled_key_is_exit_4_in_foreground_and_background") {
-        return;
-    }
+    require_kms!();
+    require_mount!();
     let key = create_key("ops-disabled");
     let tmp = tempfile::tempdir().unwrap();
     let cipher = tmp.path().join("c");
-    assert_eq!(k!("init", cipher, "--kms-key", key.arn).0, 0);
+    assert_eq!(kmsfs!("init", cipher, "--kms-key", key.arn).0, 0);
     let mnt = tmp.path().join("m");
     std::fs::create_dir_all(&mnt).unwrap();
     disable(&key);
@@ -105,7 +85,7 @@ fn disabled_key_is_exit_4_in_foreground_and_background() {
         assert!(err.contains("disabled"), "{err}");
         assert!(!mounted(&mnt));
     }
-    let (c, _, err) = k!("fsck", cipher);
+    let (c, _, err) = kmsfs!("fsck", cipher);
     assert_eq!(c, 4, "{err}");
     enable(&key);
     // No credentials: 4 as well.

@@ -13,13 +13,8 @@ use common::*;
 
 #[test]
 fn unit_file_lints_clean() {
-    let Ok(v) = Command::new("systemd-analyze").arg("--version").output() else {
-        if std::env::var_os("KMSFS_SKIP_MOUNT_TESTS").is_some() {
-            eprintln!("SKIPPED unit_file_lints_clean: systemd-analyze not installed");
-            return;
-        }
-        panic!("systemd-analyze not installed (scripts/install-deps.sh installs it)");
-    };
+    require_tools!("systemd-analyze");
+    let v = Command::new("systemd-analyze").arg("--version").output().unwrap();
     assert!(v.status.success());
     let tmp = tempfile::tempdir().unwrap();
     // Lint a copy that points at the built binary (ExecStart must exist).
@@ -34,9 +29,7 @@ fn unit_file_lints_clean() {
 
 #[test]
 fn notify_ready_only_when_serving_and_sigterm_unmounts() {
-    if !fuse_available("notify_ready_only_when_serving_and_sigterm_unmounts") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let mnt = v.tmp.path().join("m");
     std::fs::create_dir_all(&mnt).unwrap();
@@ -95,9 +88,7 @@ impl Drop for InstalledBin {
 
 #[test]
 fn mount_t_fuse_kmsfs_and_fstab() {
-    if !fuse_available("mount_t_fuse_kmsfs_and_fstab") {
-        return;
-    }
+    require_mount!();
     let _bin = InstalledBin::ensure();
     let v = Volume::new();
     let mnt = v.tmp.path().join("m");

@@ -55,9 +55,7 @@ fn output(c: std::process::Child) -> String {
 
 #[test]
 fn close_to_open_reads_and_appends() {
-    if !fuse_available("close_to_open_reads_and_appends") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let (a, b) = two_mounts(&v);
     for round in 0..5u64 {
@@ -94,9 +92,7 @@ fn close_to_open_reads_and_appends() {
 
 #[test]
 fn truncate_and_rewrite_while_open_elsewhere() {
-    if !fuse_available("truncate_and_rewrite_while_open_elsewhere") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let (a, b) = two_mounts(&v);
     std::fs::write(a.path("f"), random_bytes(50_000, 1)).unwrap();
@@ -136,9 +132,7 @@ fn truncate_and_rewrite_while_open_elsewhere() {
 /// file (its header): nothing either side wrote is lost.
 #[test]
 fn concurrent_partial_block_writes_lose_nothing() {
-    if !fuse_available("concurrent_partial_block_writes_lose_nothing") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let (a, b) = two_mounts(&v);
     const ROUNDS: usize = 300;
@@ -237,9 +231,7 @@ print("ok")
 
 #[test]
 fn fcntl_and_flock_locks_conflict_across_mounts() {
-    if !fuse_available("fcntl_and_flock_locks_conflict_across_mounts") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let (a, b) = two_mounts(&v);
     let out = output(python(FCNTL, &[&a.path("lk"), &b.path("lk")]));
@@ -263,9 +255,7 @@ print("done", who)
 
 #[test]
 fn sqlite_writers_on_two_mounts_stay_consistent() {
-    if !fuse_available("sqlite_writers_on_two_mounts_stay_consistent") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let (a, b) = two_mounts(&v);
     const N: &str = "150";
@@ -291,9 +281,7 @@ print(c.execute("SELECT count(*), count(DISTINCT who || i) FROM t").fetchone())
 
 #[test]
 fn mkdir_races_end_with_one_directory() {
-    if !fuse_available("mkdir_races_end_with_one_directory") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let (a, b) = two_mounts(&v);
     const DIRS: usize = 40;
@@ -335,9 +323,7 @@ fn mkdir_races_end_with_one_directory() {
 
 #[test]
 fn concurrent_creates_renames_and_unlinks_in_one_directory() {
-    if !fuse_available("concurrent_creates_renames_and_unlinks_in_one_directory") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let (a, b) = two_mounts(&v);
     std::fs::create_dir(a.path("d")).unwrap();
@@ -392,9 +378,7 @@ fn concurrent_creates_renames_and_unlinks_in_one_directory() {
 
 #[test]
 fn shared_flag_and_option_both_mount() {
-    if !fuse_available("shared_flag_and_option_both_mount") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let log = v.tmp.path().join("s.log");
     let mnt = v.tmp.path().join("s");
@@ -433,9 +417,7 @@ fn shared_flag_and_option_both_mount() {
 /// shared; a plain check still runs.
 #[test]
 fn offline_commands_refuse_a_live_mount() {
-    if !fuse_available("offline_commands_refuse_a_live_mount") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let (mut a, b) = two_mounts(&v);
     std::fs::write(a.path("f"), b"x").unwrap();
@@ -458,9 +440,7 @@ fn offline_commands_refuse_a_live_mount() {
 /// header): every state either leaves reads whole, and fsck finds nothing.
 #[test]
 fn truncations_racing_writes_leave_no_bad_block() {
-    if !fuse_available("truncations_racing_writes_leave_no_bad_block") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let (mut a, mut b) = two_mounts(&v);
     std::fs::write(a.path("t"), random_bytes(40_000, 9)).unwrap();
@@ -516,9 +496,7 @@ fn truncations_racing_writes_leave_no_bad_block() {
 /// through the mapping once it is synced (msync) and the file reopened.
 #[test]
 fn mmap_writes_reach_the_other_mount_after_msync() {
-    if !fuse_available("mmap_writes_reach_the_other_mount_after_msync") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let (a, b) = two_mounts(&v);
     std::fs::write(a.path("m"), vec![0u8; 100_000]).unwrap();

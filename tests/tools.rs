@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -167,9 +167,7 @@ fn check_layout(m: &Mounted, cipher: &Path, bs: u64, name: &str, ops: &[Op]) {
 
 #[test]
 fn seek_data_hole_match_model() {
-    if !fuse_available("seek_data_hole_match_model") {
-        return;
-    }
+    require_mount!();
     // Plaintext names, so the test reads the backing extents directly.
     let v4 = Volume::with_args(&["--plaintext-names"]);
     let v64 = Volume::with_args(&["--plaintext-names", "--block-size", "65536"]);
@@ -217,18 +215,8 @@ fn timed(cmd: &str, bound: Duration) -> Duration {
 
 #[test]
 fn sparse_copy_tools_round_trip() {
-    if !fuse_available("sparse_copy_tools_round_trip") {
-        return;
-    }
-    for tool in ["rsync", "tar", "cmp"] {
-        if !sh(&format!("command -v {tool}")).0 {
-            if std::env::var_os("KMSFS_SKIP_MOUNT_TESTS").is_some() {
-                eprintln!("SKIPPED sparse_copy_tools_round_trip: {tool} not installed");
-                return;
-            }
-            panic!("{tool} not installed (scripts/install-deps.sh --for test installs it)");
-        }
-    }
+    require_mount!();
+    require_tools!("rsync", "tar", "cmp");
     let v = Volume::new();
     let m = v.mount("m", &[]);
     let out = v.tmp.path().join("out");
@@ -268,12 +256,6 @@ fn sparse_copy_tools_round_trip() {
         assert!(std::fs::metadata(m.path(copy)).unwrap().blocks() < 1024, "{copy} in the mount is not sparse");
     }
     eprintln!("sparse_copy_tools_round_trip: {took:?}");
-}
-
-fn backing_of(v: &Volume, rel: &str) -> PathBuf {
-    let o = Command::new(BIN).arg("path").arg(&v.cipher).arg(rel).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
 }
 
 fn fsck_clean(v: &Volume) {
@@ -360,17 +342,13 @@ fn rename_onto_empty_directories(v: &Volume) {
 
 #[test]
 fn rename_onto_empty_directory_encrypted_names() {
-    if !fuse_available("rename_onto_empty_directory_encrypted_names") {
-        return;
-    }
+    require_mount!();
     rename_onto_empty_directories(&Volume::new());
 }
 
 #[test]
 fn rename_onto_empty_directory_plaintext_names() {
-    if !fuse_available("rename_onto_empty_directory_plaintext_names") {
-        return;
-    }
+    require_mount!();
     rename_onto_empty_directories(&Volume::plain());
 }
 
@@ -379,16 +357,14 @@ fn rename_onto_empty_directory_plaintext_names() {
 /// even an entry the mount hides because it does not decrypt, does.
 #[test]
 fn bookkeeping_files_do_not_count_as_entries() {
-    if !fuse_available("bookkeeping_files_do_not_count_as_entries") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let m = v.mount("m", &[]);
     for d in ["t1", "t2", "t3", "src"] {
         std::fs::create_dir(m.path(d)).unwrap();
     }
     std::fs::write(m.path("src/data"), b"data").unwrap();
-    let (b1, b2, b3) = (backing_of(&v, "t1"), backing_of(&v, "t2"), backing_of(&v, "t3"));
+    let (b1, b2, b3) = (v.backing("t1"), v.backing("t2"), v.backing("t3"));
     for b in [&b1, &b2] {
         std::fs::write(b.join("L.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA.name"), b"").unwrap();
         std::fs::create_dir(b.join(".kmsfs.tmp.0123456789abcdef0123456789abcdef")).unwrap();
@@ -410,7 +386,7 @@ fn bookkeeping_files_do_not_count_as_entries() {
     // removable, and fsck --repair restores the file.
     std::fs::create_dir(m.path("t4")).unwrap();
     std::fs::write(m.path("t4/x"), b"x").unwrap();
-    let b4 = backing_of(&v, "t4");
+    let b4 = v.backing("t4");
     std::fs::remove_file(b4.join(".kmsfs.dirid")).unwrap();
     drop(m);
     let m = v.mount("m2", &[]);
@@ -516,9 +492,7 @@ fn stop_keeps_dirty_writes(stop: Stop, name: &str) {
 
 #[test]
 fn stop_with_dirty_pages_keeps_acknowledged_writes() {
-    if !fuse_available("stop_with_dirty_pages_keeps_acknowledged_writes") {
-        return;
-    }
+    require_mount!();
     stop_keeps_dirty_writes(Stop::Signal(libc::SIGTERM), "SIGTERM");
     stop_keeps_dirty_writes(Stop::Signal(libc::SIGINT), "SIGINT");
     stop_keeps_dirty_writes(Stop::Unmount, "kmsfs unmount");
@@ -528,9 +502,7 @@ fn stop_with_dirty_pages_keeps_acknowledged_writes() {
 /// with dirty pages and then idle.
 #[test]
 fn unmount_command_busy_and_idle() {
-    if !fuse_available("unmount_command_busy_and_idle") {
-        return;
-    }
+    require_mount!();
     let v = Volume::new();
     let mnt = v.tmp.path().join("m");
     std::fs::create_dir(&mnt).unwrap();

@@ -15,25 +15,10 @@ BIN=${KMSFS_BIN:-$ROOT/target/release/kmsfs}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/kmsfs-kmsbench.XXXXXX")
 MNT=$WORK/m
 mkdir -p "$MNT"
-cleanup() {
-    if grep -q " $MNT " /proc/mounts; then "$BIN" unmount "$MNT" || fusermount3 -uz "$MNT" || true; fi
-    scripts/kms-server.sh stop "$WORK/kms" >/dev/null 2>&1 || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-scripts/kms-server.sh start "$WORK/kms" >/dev/null
-# shellcheck disable=SC1091
-. "$WORK/kms/env"
+# shellcheck source=scripts/bench/kms-lib.sh
+. "$ROOT/scripts/bench/kms-lib.sh"
 
-kms() { # kms OPERATION JSON -> response (moto needs only a KMS-scoped Authorization header)
-    curl -sf -X POST "$AWS_ENDPOINT_URL_KMS/" -H "X-Amz-Target: TrentService.$1" \
-        -H 'Content-Type: application/x-amz-json-1.1' \
-        -H 'Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/kms/aws4_request, SignedHeaders=host, Signature=0' \
-        -d "$2"
-}
-proxy() { curl -sf "$KMSFS_TEST_KMS_PROXY/__proxy/$1"; }
-
-KEY=$(kms CreateKey '{}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["KeyMetadata"]["KeyId"])')
+KEY=$(new_key)
 
 run() { # run LATENCY -> prints seconds
     local lat=$1 vol=$WORK/vol-$1
@@ -44,15 +29,7 @@ run() { # run LATENCY -> prints seconds
     proxy reset-counts >/dev/null
     local t0 t1
     t0=$(date +%s.%N)
-    python3 - "$MNT" "$N" <<'PY'
-import os, sys
-d, n = sys.argv[1], int(sys.argv[2])
-data = b"x" * 1024
-for i in range(n):
-    with open(os.path.join(d, f"f{i}"), "wb") as f:
-        f.write(data)
-PY
-    sync
+    create_files "$MNT" "$N"
     t1=$(date +%s.%N)
     local gen
     gen=$(proxy counts | python3 -c 'import json,sys; print(json.load(sys.stdin).get("GenerateDataKey", 0))')

@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use aws_config::BehaviorVersion;
 use aws_sdk_kms::Client;
 
 pub const START_HINT: &str =
-    "start the harness: scripts/kms-server.sh start DIR && . DIR/env (scripts/test.sh does this)";
+    "start the harness: scripts/harness/kms-server.sh start DIR && . DIR/env (scripts/test.sh does this)";
 
 /// True if the harness is there; false (after a visible SKIPPED line) if the
 /// tests are switched off; panics otherwise so a missing server never passes.
@@ -22,17 +23,19 @@ pub fn harness(test: &str) -> bool {
         return true;
     }
     if std::env::var("KMSFS_SKIP_KMS_TESTS").as_deref() == Ok("1") {
-        // Straight to stderr: libtest captures eprintln! of passing tests.
-        let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: no KMS harness and KMSFS_SKIP_KMS_TESTS=1");
+        super::skipped(test, "no KMS harness and KMSFS_SKIP_KMS_TESTS=1");
         return false;
     }
     panic!("{START_HINT} (AWS_ENDPOINT_URL_KMS and KMSFS_TEST_KMS_PROXY must both be set)");
 }
 
+/// The first line of every test that calls KMS: without the harness it
+/// panics, or, with KMSFS_SKIP_KMS_TESTS=1, prints SKIPPED and returns.
+/// A test that also mounts follows it with `require_mount!()`.
 #[macro_export]
-macro_rules! need_harness {
-    ($name:expr) => {
-        if !$crate::common::kms::harness($name) {
+macro_rules! require_kms {
+    () => {
+        if !$crate::common::kms::harness($crate::fn_name!()) {
             return;
         }
     };
@@ -101,6 +104,43 @@ pub fn proxy(method: &str, path: &str) -> serde_json::Value {
 /// Calls per operation on one key, as the proxy saw them (retries included).
 pub fn count(key: &TestKey, op: &str) -> u64 {
     proxy("GET", &format!("counts?key={}", key.id))[op].as_u64().unwrap_or(0)
+}
+
+/// Every call the proxy saw on one key, whatever the operation.
+pub fn total(key: &TestKey) -> u64 {
+    let c = proxy("GET", &format!("counts?key={}", key.id));
+    c.as_object().expect("counts by operation").values().filter_map(|v| v.as_u64()).sum()
+}
+
+/// A KMS outage for one key (the proxy resets every call on it), so tests
+/// running alongside are not affected; ends when dropped.
+pub struct Outage(String);
+
+impl Outage {
+    pub fn start(key: &TestKey) -> Self {
+        proxy("POST", &format!("down?on=1&key={}", key.id));
+        Outage(key.id.clone())
+    }
+}
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        proxy("POST", &format!("down?on=0&key={}", self.0));
+    }
+}
+
+/// `kmsfs init CIPHER --kms-key KEY_REF EXTRA` in a fresh temporary directory.
+pub fn kms_volume_with(key_ref: &str, extra: &[&str]) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cipher = tmp.path().join("cipher");
+    let (code, out) = super::run(&[&["init", super::p(&cipher), "--kms-key", key_ref], extra].concat());
+    assert_eq!(code, 0, "init: {out}");
+    (tmp, cipher)
+}
+
+/// An aws-kms volume with plaintext names, so tests find backing files.
+pub fn kms_volume(key_ref: &str) -> (tempfile::TempDir, PathBuf) {
+    kms_volume_with(key_ref, &["--plaintext-names"])
 }
 
 /// Serialises tests that change the proxy's global fault settings.

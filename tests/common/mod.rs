@@ -3,6 +3,12 @@
 //! kmsfs binary and unmounts (and reaps the daemon) on drop.
 #![allow(dead_code)]
 
+pub mod cli;
+pub mod kms;
+
+pub use cli::*;
+
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,6 +17,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_kmsfs");
 
 /// Whether real mounts can run here; if not, the test must be explicitly
 /// allowed to skip (KMSFS_SKIP_MOUNT_TESTS=1), so it never passes silently.
+/// Tests call it through `require_mount!()` or `can_mount!()`.
 pub fn fuse_available(test: &str) -> bool {
     // SAFETY: geteuid cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
@@ -18,10 +25,75 @@ pub fn fuse_available(test: &str) -> bool {
         return true;
     }
     if std::env::var_os("KMSFS_SKIP_MOUNT_TESTS").is_some() {
-        eprintln!("SKIPPED {test}: needs root and /dev/fuse");
+        skipped(test, "needs root and /dev/fuse");
         return false;
     }
     panic!("{test} needs root and /dev/fuse; set KMSFS_SKIP_MOUNT_TESTS=1 to skip explicitly");
+}
+
+/// Whether every program in `tools` is installed; if one is not, the test
+/// must be explicitly allowed to skip (KMSFS_SKIP_MOUNT_TESTS=1).
+/// Tests call it through `require_tools!(...)`.
+pub fn tools_available(test: &str, tools: &[&str]) -> bool {
+    for tool in tools {
+        if sh(&format!("command -v {tool}")).0 {
+            continue;
+        }
+        if std::env::var_os("KMSFS_SKIP_MOUNT_TESTS").is_some() {
+            skipped(test, &format!("{tool} not installed"));
+            return false;
+        }
+        panic!("{test}: {tool} not installed (scripts/install-deps.sh --for test installs it)");
+    }
+    true
+}
+
+/// A visible SKIPPED line. Straight to stderr: libtest captures the
+/// `eprintln!` of passing tests, and a skip must not look like a pass.
+pub fn skipped(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}
+
+/// The name of the function it stands in (a test's name, for SKIPPED lines).
+#[macro_export]
+macro_rules! fn_name {
+    () => {{
+        fn here() {}
+        let full = std::any::type_name_of_val(&here);
+        let full = full.strip_suffix("::here").unwrap_or(full);
+        full.rsplit("::").next().unwrap_or(full)
+    }};
+}
+
+/// Whether this test can mount (see `fuse_available`), for a test whose
+/// offline part runs everywhere and whose mount part is optional.
+#[macro_export]
+macro_rules! can_mount {
+    () => {
+        $crate::common::fuse_available($crate::fn_name!())
+    };
+}
+
+/// The first line of every test that mounts: without root and /dev/fuse it
+/// panics, or, with KMSFS_SKIP_MOUNT_TESTS=1, prints SKIPPED and returns.
+#[macro_export]
+macro_rules! require_mount {
+    () => {
+        if !$crate::can_mount!() {
+            return;
+        }
+    };
+}
+
+/// Like `require_mount!`, for programs a test runs (rsync, systemd-analyze).
+#[macro_export]
+macro_rules! require_tools {
+    ($($tool:expr),+ $(,)?) => {
+        if !$crate::common::tools_available($crate::fn_name!(), &[$($tool),+]) {
+            return;
+        }
+    };
 }
 
 pub fn mounted(mnt: &Path) -> bool {
@@ -65,6 +137,33 @@ impl Volume {
     pub fn mount(&self, name: &str, opts: &[&str]) -> Mounted {
         Mounted::start(&self.cipher, &self.tmp.path().join(name), opts)
     }
+
+    /// kmsfs.conf as JSON.
+    pub fn config(&self) -> serde_json::Value {
+        config_of(&self.cipher)
+    }
+
+    /// Overwrites kmsfs.conf, as a writer of the cipher dir would.
+    pub fn set_config(&self, c: &serde_json::Value) {
+        set_config_of(&self.cipher, c)
+    }
+
+    /// The backing path of plaintext path `rel` (`kmsfs path`, offline).
+    pub fn backing(&self, rel: &str) -> PathBuf {
+        let o = Command::new(BIN).arg("path").arg(&self.cipher).arg(rel).output().unwrap();
+        assert!(o.status.success(), "kmsfs path {rel}: {}", String::from_utf8_lossy(&o.stderr));
+        PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
+    }
+}
+
+/// The kmsfs.conf of a cipher dir as JSON.
+pub fn config_of(cipher: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(cipher.join("kmsfs.conf")).unwrap()).unwrap()
+}
+
+/// Overwrites the kmsfs.conf of a cipher dir, as its writer would.
+pub fn set_config_of(cipher: &Path, c: &serde_json::Value) {
+    std::fs::write(cipher.join("kmsfs.conf"), serde_json::to_vec_pretty(c).unwrap()).unwrap();
 }
 
 pub struct Mounted {
@@ -74,24 +173,40 @@ pub struct Mounted {
 }
 
 impl Mounted {
+    /// `kmsfs mount CIPHER MNT -f -o OPTS`, up and serving.
     pub fn start(cipher: &Path, mnt: &Path, opts: &[&str]) -> Self {
+        let o = opts.join(",");
+        let args: &[&str] = if opts.is_empty() { &[] } else { &["-o", &o] };
+        Self::start_with(cipher, mnt, args, &[])
+    }
+
+    /// `kmsfs mount CIPHER MNT -f ARGS` with extra environment (another
+    /// host's trust store, say), up and serving.
+    pub fn start_with(cipher: &Path, mnt: &Path, args: &[&str], env: &[(&str, &OsStr)]) -> Self {
         std::fs::create_dir_all(mnt).expect("mkdir mountpoint");
         let log = mnt.with_extension("log");
-        let mut cmd = Command::new(BIN);
-        cmd.arg("mount").arg(cipher).arg(mnt).arg("-f").arg("--log-file").arg(&log);
-        if !opts.is_empty() {
-            cmd.arg("-o").arg(opts.join(","));
-        }
-        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn");
-        let t = Instant::now();
-        while !mounted(mnt) {
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!("mount exited with {st}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        let child = Command::new(BIN)
+            .arg("mount")
+            .arg(cipher)
+            .arg(mnt)
+            .arg("-f")
+            .arg("--log-file")
+            .arg(&log)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let mut m = Self { mnt: mnt.to_path_buf(), child: Some(child), log };
+        wait_until("the mount to come up", 20, || {
+            if let Some(Ok(Some(st))) = m.child.as_mut().map(Child::try_wait) {
+                panic!("mount exited with {st}: {}", m.log());
             }
-            assert!(t.elapsed() < Duration::from_secs(20), "mount did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { mnt: mnt.to_path_buf(), child: Some(child), log }
+            mounted(mnt)
+        });
+        m
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -170,10 +285,20 @@ pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     v
 }
 
+/// Polls `f` until it holds (every 20 ms for a second, then every 100 ms);
+/// fails the test after `secs`.
+pub fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(secs), "timed out after {secs} s waiting for {what}");
+        let pause = if t.elapsed() < Duration::from_secs(1) { 20 } else { 100 };
+        std::thread::sleep(Duration::from_millis(pause));
+    }
+}
+
 pub fn sh(cmd: &str) -> (bool, String) {
     let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
     let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
     s.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.success(), s)
 }
-pub mod kms;

@@ -22,10 +22,12 @@ request to moto and
                                                 all calls or those on one key
       POST /__proxy/reset-counts                zero the counts
       POST /__proxy/down?on=1|0[&key=ID]        outage: while on, every KMS call (on
-                                                key ID only, if given) is read, counted
-                                                and answered by a connection reset (no
-                                                response), as when KMS is unreachable;
-                                                on=0 without key ends every outage
+                                                key ID only, if given; a Decrypt that
+                                                names no key by the key moto finds) is
+                                                read, counted and answered by a
+                                                connection reset (no response), as when
+                                                KMS is unreachable; on=0 without key
+                                                ends every outage
       POST /__proxy/clear-faults                latency 0, pending faults dropped, up
       POST /__proxy/reset                       both of the above
       GET  /__proxy/keys                        tracked key states
@@ -79,11 +81,14 @@ class State:
         self.lock = threading.Lock()
         self.key_state = {}  # raw key id -> "Disabled" | "PendingDeletion"
         self.arns = {}  # raw key id -> key ARN, learned from traffic
+        self.clear_faults()
+        self.reset_counts()
+
+    def clear_faults(self):
         self.latency_ms = 0
         self.faults = []  # dicts: kind, count, op, key, status
         self.down = False
         self.down_keys = set()  # raw key ids whose calls fail as if KMS were down
-        self.reset_counts()
 
     def reset_counts(self):
         self.counts = {}
@@ -246,24 +251,12 @@ class Handler(BaseHTTPRequestHandler):
                         kid = raw_key_id(q["key"])
                         return self._send_json(200, dict(st.counts_by_key.get(kid, {})))
                     return self._send_json(200, dict(st.counts))
-            if what == "reset":
+            if what in ("reset", "reset-counts", "clear-faults"):
                 with st.lock:
-                    st.reset_counts()
-                    st.latency_ms = 0
-                    st.faults = []
-                    st.down = False
-                    st.down_keys.clear()
-                return self._send_json(200, {"ok": True})
-            if what == "reset-counts":
-                with st.lock:
-                    st.reset_counts()
-                return self._send_json(200, {"ok": True})
-            if what == "clear-faults":
-                with st.lock:
-                    st.latency_ms = 0
-                    st.faults = []
-                    st.down = False
-                    st.down_keys.clear()
+                    if what != "clear-faults":
+                        st.reset_counts()
+                    if what != "reset-counts":
+                        st.clear_faults()
                 return self._send_json(200, {"ok": True})
             if what == "keys":
                 with st.lock:
@@ -337,14 +330,8 @@ class Handler(BaseHTTPRequestHandler):
         with self.state.lock:
             down = self.state.down or req_kid in self.state.down_keys
         if down:
-            # Unreachable: the connection is reset (RST, no answer), which
-            # the SDK sees as an I/O error, as with a refused connection.
             self._count(op, req_kid)
-            self.close_connection = True
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            # Closed here: the server's own shutdown would send a FIN first.
-            self.connection.close()
-            return
+            return self._unreachable()
 
         fault = self._take_fault(op, req_kid)
         if fault is not None:
@@ -378,6 +365,13 @@ class Handler(BaseHTTPRequestHandler):
                                      raw_key_id(resp.get("KeyId"))) if k]
         self._count(op, (resp_kids[-1] if resp_kids else None) or req_kid)
 
+        # A Decrypt that names no key is known to be on a key that is down
+        # only from moto's answer: refused all the same.
+        with self.state.lock:
+            down = any(k in self.state.down_keys for k in resp_kids)
+        if down:
+            return self._unreachable()
+
         if op in STATE_OPS and status == 200 and req_kid:
             new = {"DisableKey": "Disabled", "EnableKey": None,
                    "ScheduleKeyDeletion": "PendingDeletion",
@@ -400,6 +394,14 @@ class Handler(BaseHTTPRequestHandler):
                     return self._kms_error(400, *refusal)
 
         return self._reply(status, headers, data)
+
+    def _unreachable(self):
+        """As when KMS is unreachable: the connection is reset (RST, no
+        answer), which the SDK sees as an I/O error."""
+        self.close_connection = True
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # Closed here: the server's own shutdown would send a FIN first.
+        self.connection.close()
 
     def _reply(self, status, headers, data):
         self.send_response(status)

@@ -2,7 +2,7 @@
 # Run the pjdfstest POSIX suite (crates.io Rust rewrite) against a directory
 # and compare its failures with tests/pjdfstest/expected-failures.txt.
 #
-#   scripts/run-pjdfstest.sh MOUNTDIR [SECOND_FS_DIR] [-- PJDFSTEST_PATTERNS...]
+#   scripts/harness/run-pjdfstest.sh MOUNTDIR [SECOND_FS_DIR] [-- PJDFSTEST_PATTERNS...]
 #
 # MOUNTDIR       directory on the file system under test (tests run in a
 #                temporary subdirectory, removed afterwards)
@@ -24,7 +24,7 @@
 # and exits 0 iff every failure is listed as expected (newly passing expected
 # failures are only reported as a hint).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 ROOT=$PWD
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 

@@ -2,7 +2,7 @@
 # Run fsx (crates.io Rust fsx) against a file on the file system under test,
 # once per profile, with a fixed seed so failures are reproducible.
 #
-#   scripts/run-fsx.sh FILE_IN_MOUNT [OPS] [SEED]
+#   scripts/harness/run-fsx.sh FILE_IN_MOUNT [OPS] [SEED]
 #
 # FILE_IN_MOUNT  test file path (its directory must exist); each profile uses
 #                FILE_IN_MOUNT.<profile>, removed after a passing run
@@ -25,7 +25,7 @@
 #   fsx[PROFILE]: PASS|FAIL ops=N seed=S time=Ts
 # and exits non-zero if any profile failed.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 ROOT=$PWD
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
