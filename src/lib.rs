@@ -16,7 +16,7 @@ pub mod fs;
 pub mod fuse;
 pub mod keys;
 pub mod names;
-pub mod ops;
+pub mod offline;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod trust;

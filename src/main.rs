@@ -60,9 +60,9 @@ mod exit {
         }
     }
 
-    impl Code for kmsfs::ops::OpError {
+    impl Code for kmsfs::offline::OpError {
         fn exit_code(&self) -> u8 {
-            use kmsfs::ops::OpError as O;
+            use kmsfs::offline::OpError as O;
             match self {
                 O::Key(_) => KEY,
                 O::Io { .. } => ERROR,
@@ -562,7 +562,7 @@ fn layout_of(cfg: &VolumeConfig) -> Result<Layout, Failure> {
 /// A progress bar on stderr for fsck and rewrap: files and bytes, with an
 /// ETA; indicatif throttles the redraw (at most 10 a second). Nothing at
 /// all when stderr is not a terminal.
-fn progress(label: &'static str) -> impl FnMut(kmsfs::ops::Progress) {
+fn progress(label: &'static str) -> impl FnMut(kmsfs::offline::Progress) {
     let bar = std::io::stderr().is_terminal().then(|| {
         let pb = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr_with_hz(10));
         if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -653,7 +653,7 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
         }
         Cmd::Unmount { mountpoint } => unmount(&mountpoint),
         Cmd::Inspect { file, json } => {
-            let v = kmsfs::ops::inspect(&file).map_err(|e| not_kmsfs(&file, fail(e)))?;
+            let v = kmsfs::offline::inspect(&file).map_err(|e| not_kmsfs(&file, fail(e)))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else if let Some(o) = v.as_object() {
@@ -683,7 +683,7 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
             };
             let mut i = byte_progress("encrypt", &input, open_in(&input)?);
             let mut o = open_out(&output)?;
-            kmsfs::ops::encrypt_stream(&mut i, &mut o, layout, vid, provider.as_ref()).map_err(fail)?;
+            kmsfs::offline::encrypt_stream(&mut i, &mut o, layout, vid, provider.as_ref()).map_err(fail)?;
             Ok(0)
         }
         Cmd::Decrypt { volume, key_file, kms_key, trust_header_key, input, output } => {
@@ -709,7 +709,8 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                 let hs = kmsfs::format::header::declared_size(&prefix).unwrap_or(0);
                 prefix.resize(hs.max(8), 0);
                 i.read_exact(&mut prefix[8..]).map_err(|e| Failure(exit::DAMAGED, format!("input: {e}")))?;
-                let h = kmsfs::ops::peek_header(&prefix).map_err(|e| Failure(exit::DAMAGED, format!("input: {e}")))?;
+                let h =
+                    kmsfs::offline::peek_header(&prefix).map_err(|e| Failure(exit::DAMAGED, format!("input: {e}")))?;
                 if h.wrapped.provider != "aws-kms" {
                     return Err(Failure(exit::USAGE, "a local-provider file needs --key-file or --volume".into()));
                 }
@@ -738,11 +739,11 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
             // never leaves partial plaintext under the output name.
             if output == Path::new("-") {
                 let mut o = open_out(&output)?;
-                kmsfs::ops::decrypt_stream(&mut i, &mut o, provider.as_ref()).map_err(fail)?;
+                kmsfs::offline::decrypt_stream(&mut i, &mut o, provider.as_ref()).map_err(fail)?;
             } else {
                 let tmp = output.with_extension("kmsfs-partial");
                 let mut o = open_out(&tmp)?;
-                let r = kmsfs::ops::decrypt_stream(&mut i, &mut o, provider.as_ref());
+                let r = kmsfs::offline::decrypt_stream(&mut i, &mut o, provider.as_ref());
                 drop(o);
                 if let Err(e) = r {
                     let _ = std::fs::remove_file(&tmp);
@@ -757,9 +758,9 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
             let OpenVolume { config: cfg, provider: p, .. } = open_volume(&cipherdir, key_file, kms_key)?;
             let names = cfg.names(p.as_ref()).map_err(fail)?;
             let out = if reverse {
-                kmsfs::ops::backing_to_plain(&cipherdir, &path, &names)
+                kmsfs::offline::backing_to_plain(&cipherdir, &path, &names)
             } else {
-                kmsfs::ops::plain_to_backing(&cipherdir, &path, &names)
+                kmsfs::offline::plain_to_backing(&cipherdir, &path, &names)
             }
             .map_err(fail)?;
             println!("{}", out.display());
@@ -781,7 +782,7 @@ fn run(cmd: Cmd) -> Result<u8, Failure> {
                 }));
             }
             let names = cfg.names(p.as_ref()).map_err(fail)?;
-            let r = kmsfs::ops::fsck(
+            let r = kmsfs::offline::fsck(
                 &cipherdir,
                 layout_of(&cfg)?,
                 cfg.volume_id(),
@@ -1473,8 +1474,9 @@ fn rewrap(
     };
     let new_name_key = cfg.name_key.as_ref().map(|sk| move_key(sk, "name key")).transpose()?;
     let new_auth_key = cfg.auth_key.as_ref().map(|sk| move_key(sk, "config key")).transpose()?;
-    let r = kmsfs::ops::rewrap(cipherdir, layout_of(&cfg)?, source.as_ref(), dest.as_ref(), &names, progress("rewrap"))
-        .map_err(fail)?;
+    let r =
+        kmsfs::offline::rewrap(cipherdir, layout_of(&cfg)?, source.as_ref(), dest.as_ref(), &names, progress("rewrap"))
+            .map_err(fail)?;
     for (p, e) in &r.failed {
         println!("FAILED {p}: {e}");
     }
@@ -1525,7 +1527,7 @@ fn rewrap_dry_run(cipherdir: &Path, to_key: Option<String>, to_key_file: Option<
         (None, Some(_)) => None,
         (None, None) => return Err(Failure(exit::USAGE, "rewrap needs --to-key or --to-key-file".into())),
     };
-    let r = kmsfs::ops::rewrap_plan(cipherdir, layout_of(&cfg)?, dest.as_deref()).map_err(fail)?;
+    let r = kmsfs::offline::rewrap_plan(cipherdir, layout_of(&cfg)?, dest.as_deref()).map_err(fail)?;
     println!("dry run: no key-provider call was made and nothing was written.");
     println!(
         "dry run: the volume config was read without verifying its MAC (that needs the key); it names key {}.",
@@ -1628,7 +1630,7 @@ fn upgrade(cipherdir: &Path, key_file: Option<PathBuf>, kms_key: Option<String>)
 /// Gives directories with legacy (unauthenticated) ID records bound ones.
 fn upgrade_dirs(cipherdir: &Path, cfg: &VolumeConfig, provider: &dyn KeyProvider) -> Result<u8, Failure> {
     let names = cfg.names(provider).map_err(volume_failure)?;
-    let r = kmsfs::ops::upgrade_dir_ids(cipherdir, &names).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
+    let r = kmsfs::offline::upgrade_dir_ids(cipherdir, &names).map_err(|e| Failure(exit::ERROR, e.to_string()))?;
     for (d, why) in &r.skipped {
         println!("SKIPPED {d}: {why}");
     }
@@ -2077,7 +2079,7 @@ fn rewrap_branch(
     }
     if all_files {
         let names = cfg.names(source.as_ref()).map_err(|e| Failure(exit::KEY, e.to_string()))?;
-        let r = kmsfs::ops::rewrap(
+        let r = kmsfs::offline::rewrap(
             cipherdir,
             layout_of(&cfg)?,
             source.as_ref(),
