@@ -15,6 +15,7 @@ pub mod format;
 pub mod fs;
 pub mod fuse;
 pub mod keys;
+pub mod mount;
 pub mod names;
 pub mod offline;
 #[allow(unsafe_code)]

@@ -467,6 +467,100 @@ pub fn ofd_lock(fd: std::os::fd::RawFd, cmd: i32, ty: i16, start: u64, len: u64)
     }
 }
 
+/// How many threads this process has (the entries of /proc/self/task).
+fn thread_count() -> io::Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/task")?.count())
+}
+
+/// Refuses unless this process has a single thread: the environment may
+/// only change then (glibc's getenv takes no lock, so a thread reading it
+/// while another writes can read freed memory).
+fn single_threaded() -> io::Result<()> {
+    match thread_count()? {
+        1 => Ok(()),
+        n => Err(io::Error::other(format!("the environment can only change with one thread running ({n} are)"))),
+    }
+}
+
+/// `std::env::set_var`, only while the process has a single thread (else
+/// an error and nothing set).
+pub fn set_env(var: &str, value: &OsStr) -> io::Result<()> {
+    single_threaded()?;
+    // SAFETY: the process has exactly one thread (counted just above), and
+    // only this thread could start another, which it does not during the
+    // call: nothing reads or writes the environment concurrently.
+    unsafe { std::env::set_var(var, value) };
+    Ok(())
+}
+
+/// Takes the descriptor whose number a parent process left in environment
+/// variable `var` (for a child it started), and removes the variable, so it
+/// is taken once. Only while the process has a single thread. `Ok(None)`
+/// without the variable. Refused: a number that is not a descriptor, one of
+/// stdin/stdout/stderr, or one with close-on-exec set (every descriptor std
+/// and this module open has it, so such a descriptor was opened here, not
+/// inherited, and has an owner already).
+pub fn take_inherited_fd(var: &str) -> io::Result<Option<OwnedFd>> {
+    let Some(v) = std::env::var_os(var) else { return Ok(None) };
+    single_threaded()?;
+    // SAFETY: one thread only (checked just above, and this thread starts
+    // none during the call): nothing reads the environment concurrently.
+    unsafe { std::env::remove_var(var) };
+    let fd: RawFd = v.to_str().and_then(|s| s.parse().ok()).ok_or_else(|| io_err(libc::EBADF))?;
+    if fd <= 2 {
+        return Err(io_err(libc::EBADF));
+    }
+    // SAFETY: F_GETFD takes integers only and touches no memory of ours.
+    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    if flags & libc::FD_CLOEXEC != 0 {
+        return Err(io_err(libc::EBADF));
+    }
+    // SAFETY: `fd` is open (F_GETFD succeeded) and has no owner in this
+    // process: it is not stdio, and it lacks close-on-exec, which every
+    // descriptor opened in this process by std or this module carries, so it
+    // was inherited across exec; the variable naming it is gone, so no second
+    // call can wrap the same number. The OwnedFd is its only owner.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_cloexec(&owned, true)?;
+    Ok(Some(owned))
+}
+
+/// Sets or clears close-on-exec on `fd`.
+pub fn set_cloexec(fd: &impl AsRawFd, on: bool) -> io::Result<()> {
+    let flag = if on { libc::FD_CLOEXEC } else { 0 };
+    // SAFETY: F_SETFD takes integers only and touches no memory of ours; the
+    // borrow of `fd` keeps the descriptor open, so the number names it.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flag) }).map(|_| ())
+}
+
+/// umask(2): sets the file-mode creation mask, returns the old one.
+pub fn umask(mask: u32) -> u32 {
+    // SAFETY: umask takes an integer only, touches no memory and cannot fail.
+    unsafe { libc::umask(mask as libc::mode_t) }
+}
+
+/// kill(2).
+pub fn kill(pid: i32, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: kill takes integers only and touches no memory of ours (which
+    // process gets the signal is the caller's concern, not memory safety).
+    check(unsafe { libc::kill(pid, sig) }).map(|_| ())
+}
+
+/// getxattr(2) on a path (symlinks followed), at most `cap` bytes of value.
+pub fn getxattr_path(path: &std::path::Path, name: &std::ffi::CStr, cap: usize) -> io::Result<Vec<u8>> {
+    let c = cstr(path.as_os_str())?;
+    let mut buf = vec![0u8; cap];
+    // SAFETY: `c` and `name` are NUL-terminated and alive for the call, and
+    // getxattr writes at most `buf.len()` bytes into `buf`, which we own
+    // exclusively: it never writes past the buffer it is given.
+    let n = unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -9,18 +9,28 @@ use std::path::{Path, PathBuf};
 
 use crate::keys::KeyError;
 
+mod admin;
 mod fsck;
+mod info;
 mod path;
+mod rekey;
 mod rewrap;
 mod stream;
 mod upgrade;
 mod walk;
 
+pub use admin::{
+    AdminError, InitOptions, Locked, NewVolume, init_finish, init_prepare, layout_of, legacy_error, load, open_locked,
+};
 pub use fsck::{Damage, FsckReport, Repaired, fsck};
+pub use info::{VolumeInfo, describe};
 pub use path::{backing_to_plain, plain_to_backing};
+pub use rekey::{BranchRekeyed, Rekey, branch_request, rekey_branch, rekey_finish, rekey_prepare, rotate_branch};
 pub use rewrap::{RewrapReport, rewrap, rewrap_plan};
 pub use stream::{decrypt_stream, encrypt_stream, inspect, peek_header};
-pub use upgrade::{UpgradeReport, upgrade_dir_ids};
+pub use upgrade::{
+    LegacyUpgrade, UpgradeReport, UpgradeStart, upgrade_authenticate, upgrade_dir_ids, upgrade_dirs, upgrade_start,
+};
 pub use walk::{DirProblems, walk};
 
 /// Errors of offline operations.

@@ -1,13 +1,15 @@
-//! Legacy (unauthenticated) directory-ID records upgraded to authenticated
-//! ones, for `kmsfs upgrade`.
+//! `kmsfs upgrade`: a legacy (unauthenticated) config signed, once, on a
+//! trusted host, and legacy directory-ID records made authenticated ones.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use super::admin::{AdminError, Locked, load, store};
 use super::walk::WalkDir;
 use super::{OpError, io_err};
 use crate::names::{DirKey, EntryKind, Names};
+use crate::volume::{KeyArgs, OpenVolume, ProviderKind, VolumeConfig};
 
 /// What [`upgrade_dir_ids`] did.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -122,4 +124,108 @@ fn upgrade_one(dir: &OwnedFd, legacy: &DirKey, parent: &crate::format::Id, names
     crate::sys::fsync_dir(dir)?;
     crate::names::dirid::store_dir_id(dir, &names.dir_record(&bound.id, &[parent]))?;
     Ok(renamed)
+}
+
+/// How `upgrade` starts, by the config it finds.
+pub enum UpgradeStart {
+    /// The config is authenticated already (and was verified, which also
+    /// recorded this host's trust): only directories may be left to do.
+    Authenticated(Locked),
+    /// A legacy config, checked and ready to be signed.
+    Legacy(LegacyUpgrade),
+}
+
+/// A legacy config checked for `upgrade`, under the exclusive lock.
+pub struct LegacyUpgrade {
+    vol: Locked,
+    /// The key reference the config named, when its ARN replaced it.
+    pub arn_replaced: Option<String>,
+}
+
+impl LegacyUpgrade {
+    /// The config that will be signed.
+    pub fn config(&self) -> &VolumeConfig {
+        &self.vol.config
+    }
+}
+
+/// `upgrade`, first step: locks the volume and reads its config. An
+/// authenticated one is verified as a mount would. A legacy one is refused
+/// when it cannot be the volume's own: this host trusts the volume already
+/// (so it saw the config authenticated, and the MAC was stripped), it lists
+/// previous keys (which only authenticated configs have), or it names a KMS
+/// key the user did not (the cipher dir cannot say which key is the
+/// volume's). Else the key is checked and its name key must unwrap.
+pub fn upgrade_start(cipherdir: &Path, keys: KeyArgs) -> Result<UpgradeStart, AdminError> {
+    let lock = crate::volume::lock(cipherdir, true)?;
+    let mut cfg = load(cipherdir)?;
+    if cfg.mac.is_some() {
+        let OpenVolume { config, provider, .. } = crate::volume::open(cipherdir, &keys)?;
+        return Ok(UpgradeStart::Authenticated(Locked { _lock: lock, config, provider }));
+    }
+    // Every config this kmsfs writes has a MAC, and this host records a pin
+    // only for a config it checked or signed. So a legacy config for a
+    // volume pinned here had its MAC stripped: signing it would accept
+    // whatever was changed with it (names mode, key, name key).
+    let conf = cipherdir.join(crate::volume::CONFIG_NAME);
+    match crate::trust::TrustStore::default_location().get(&cfg.volume_id()) {
+        Ok(None) => {}
+        Ok(Some(pin)) => {
+            return Err(AdminError::Config(format!(
+                "{}: this host already trusts volume {} (key {}) and saw its config authenticated; this copy \
+                 has no MAC, so it was modified: restore the config from a backup instead of upgrading it",
+                conf.display(),
+                cfg.volume_id,
+                pin.key_id
+            )));
+        }
+        Err(e) => return Err(AdminError::Config(format!("trust store: {e}"))),
+    }
+    // Earlier keys came with authenticated configs: a legacy one listing
+    // some was forged, to have them signed as trusted.
+    if !cfg.previous_keys.is_empty() {
+        return Err(AdminError::Config(format!(
+            "{}: lists previous_keys but has no MAC, which no kmsfs writes: it was modified",
+            conf.display()
+        )));
+    }
+    // The cipher dir cannot say which KMS key is the volume's (anyone with a
+    // key of their own could write a config under it): the user names it.
+    if cfg.provider == ProviderKind::AwsKms && keys.kms_key.is_none() {
+        return Err(AdminError::Config(format!(
+            "{}: the unauthenticated config names KMS key {}; if that is the volume's key, run upgrade again \
+             with --kms-key and its ARN",
+            conf.display(),
+            cfg.key_id.escape_debug()
+        )));
+    }
+    let provider = cfg.provider_unchecked(&keys)?;
+    provider.check()?;
+    let mut arn_replaced = None;
+    if cfg.provider == ProviderKind::AwsKms {
+        let arn = provider.key_id();
+        if arn.starts_with("arn:") && cfg.key_id != arn {
+            arn_replaced = Some(std::mem::replace(&mut cfg.key_id, arn));
+        }
+    }
+    // The name key unwraps under this key, or the config is not this volume's.
+    cfg.names(provider.as_ref())?;
+    Ok(UpgradeStart::Legacy(LegacyUpgrade { vol: Locked { _lock: lock, config: cfg, provider }, arn_replaced }))
+}
+
+/// `upgrade`, second step: signs the legacy config under a new config key,
+/// writes it and records its key as trusted on this host.
+pub fn upgrade_authenticate(cipherdir: &Path, u: LegacyUpgrade) -> Result<Locked, AdminError> {
+    let mut vol = u.vol;
+    vol.config.create_auth_key(vol.provider.as_ref())?;
+    store(&vol.config, cipherdir)?;
+    crate::volume::pin(&vol.config)?;
+    Ok(vol)
+}
+
+/// `upgrade`, last step: gives directories with legacy (unauthenticated)
+/// ID records authenticated ones ([`upgrade_dir_ids`]).
+pub fn upgrade_dirs(cipherdir: &Path, vol: &Locked) -> Result<UpgradeReport, AdminError> {
+    let names = vol.config.names(vol.provider.as_ref())?;
+    upgrade_dir_ids(cipherdir, &names).map_err(|e| AdminError::Other(e.to_string()))
 }
