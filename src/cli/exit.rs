@@ -62,15 +62,15 @@ impl Code for std::io::Error {
 
 /// Exit codes with what they mean, for `--help` and the man page.
 pub const TABLE: &str = "Exit codes:
-0  success
-1  other error (I/O on an input or output file)
-2  usage: bad command line or mount option
-3  volume: config missing, invalid or untrusted; input not a kmsfs file
-4  key provider: key file missing or too open, wrong key, KMS key disabled
-   or denied, no credentials, no region, unknown profile
-5  mount: already mounted, dead mount, mountpoint not empty or inside the
-   cipher dir, busy, cannot unmount
-6  damaged data: a kmsfs file or block fails authentication (fsck: damage found)";
+  0  success
+  1  other error (I/O on an input or output file)
+  2  usage: bad command line or mount option
+  3  volume: config missing, invalid or untrusted; input not a kmsfs file
+  4  key provider: key file missing or too open, wrong key, KMS key disabled
+     or denied, no credentials, no region, unknown profile
+  5  mount: already mounted, dead mount, mountpoint not empty or inside the
+     cipher dir, busy, cannot unmount
+  6  damaged data: a kmsfs file or block fails authentication (fsck: damage found)";
 
 impl Code for MountError {
     fn exit_code(&self) -> u8 {
