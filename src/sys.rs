@@ -39,8 +39,8 @@ pub fn proc_path(fd: &OwnedFd) -> PathBuf {
 /// openat(2).
 pub fn openat(dir: RawFd, name: &OsStr, flags: libc::c_int, mode: u32) -> io::Result<OwnedFd> {
     let c = cstr(name)?;
-    // SAFETY: `c` is a CString alive for the call, so openat reads a NUL-terminated
-    // name we own; it writes no memory of ours.
+    // SAFETY: the only pointer is `c`, a CString alive for the call, so openat
+    // reads a NUL-terminated name inside memory we own; it writes none of ours.
     let fd = check(unsafe { libc::openat(dir, c.as_ptr(), flags | libc::O_CLOEXEC, mode as libc::c_uint) })?;
     // SAFETY: `fd` was just returned by openat (checked non-negative) and no other
     // owner holds it, so the OwnedFd is its only owner.
@@ -85,8 +85,9 @@ pub fn open_beneath(dir: RawFd, path: &OsStr, flags: libc::c_int, mode: u32) -> 
         };
         if r >= 0 {
             OPENAT2.store(1, Ordering::Relaxed);
-            // SAFETY: r >= 0 is a descriptor openat2 just created for this call,
-            // owned by nothing else.
+            // SAFETY: r >= 0 is a descriptor openat2 just created for this call:
+            // nothing else in the process has seen its number, so the OwnedFd is
+            // its only owner.
             return Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) });
         }
         let e = io::Error::last_os_error();
@@ -186,8 +187,8 @@ pub fn replace_file(dir: RawFd, name: &OsStr, data: &[u8], mode: u32) -> io::Res
     let f = open_beneath(dir, &tmp, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, mode)?;
     let done = (|| {
         // The umask may have narrowed `mode`.
-        // SAFETY: fchmod takes integers only and touches no memory; `f` stays open
-        // across the call, so the number names our file.
+        // SAFETY: fchmod takes integers only, so no memory of ours is read or
+        // written; `f` stays open across the call, so the number names our file.
         check(unsafe { libc::fchmod(f.as_raw_fd(), mode as libc::mode_t) })?;
         let f = std::fs::File::from(f);
         use std::io::Write;
@@ -327,13 +328,16 @@ pub fn statvfs(path: &std::path::Path) -> io::Result<libc::statvfs> {
 
 /// fallocate(2) on a regular descriptor.
 pub fn fallocate(fd: RawFd, mode: libc::c_int, off: u64, len: u64) -> io::Result<()> {
-    // SAFETY: fallocate takes integers only and touches no memory of ours.
+    // SAFETY: fallocate takes integers only: no pointer, so no memory of ours
+    // is read or written whatever the arguments (a stale `fd` could only make
+    // it act on another file, an I/O concern, not memory safety).
     check(unsafe { libc::fallocate(fd, mode, off as libc::off_t, len as libc::off_t) }).map(|_| ())
 }
 
 /// lseek(2) for SEEK_DATA / SEEK_HOLE.
 pub fn lseek(fd: RawFd, off: u64, whence: libc::c_int) -> io::Result<u64> {
-    // SAFETY: lseek takes integers only and touches no memory of ours.
+    // SAFETY: lseek takes integers only: no pointer, so no memory of ours is
+    // read or written whatever the arguments.
     let r = unsafe { libc::lseek(fd, off as libc::off_t, whence) };
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as u64) }
 }
@@ -416,8 +420,10 @@ pub fn preadv_exact(fd: RawFd, mut bufs: &mut [io::IoSliceMut<'_>], mut off: u64
     while !bufs.is_empty() {
         let n = bufs.len().min(IOV_MAX) as libc::c_int;
         let at = libc::off_t::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: IoSliceMut is ABI-compatible with iovec, and each one
-        // borrows a live buffer exclusively for the call.
+        // SAFETY: IoSliceMut is guaranteed ABI-compatible with iovec; `n` is at
+        // most `bufs.len()`, so the kernel reads only iovecs we pass, and each
+        // one borrows a live buffer exclusively for the call, into which it
+        // writes at most that buffer's length.
         let r = unsafe { libc::preadv(fd, bufs.as_ptr().cast(), n, at) };
         match r {
             r if r < 0 => {
@@ -438,7 +444,8 @@ pub fn preadv_exact(fd: RawFd, mut bufs: &mut [io::IoSliceMut<'_>], mut off: u64
 
 /// The effective user ID.
 pub fn euid() -> u32 {
-    // SAFETY: geteuid takes no arguments, touches no memory and cannot fail.
+    // SAFETY: geteuid has no arguments and no pointer: it reads and writes no
+    // memory of ours, and it cannot fail.
     unsafe { libc::geteuid() }
 }
 
