@@ -509,19 +509,12 @@ pub fn set_env(var: &str, value: &OsStr) -> io::Result<()> {
 /// inherited, and has an owner already).
 pub fn take_inherited_fd(var: &str) -> io::Result<Option<OwnedFd>> {
     let Some(v) = std::env::var_os(var) else { return Ok(None) };
+    let fd: RawFd = v.to_str().and_then(|s| s.parse().ok()).ok_or_else(|| io_err(libc::EBADF))?;
+    looks_inherited(fd)?;
     single_threaded()?;
     // SAFETY: one thread only (checked just above, and this thread starts
     // none during the call): nothing reads the environment concurrently.
     unsafe { std::env::remove_var(var) };
-    let fd: RawFd = v.to_str().and_then(|s| s.parse().ok()).ok_or_else(|| io_err(libc::EBADF))?;
-    if fd <= 2 {
-        return Err(io_err(libc::EBADF));
-    }
-    // SAFETY: F_GETFD takes integers only and touches no memory of ours.
-    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
-    if flags & libc::FD_CLOEXEC != 0 {
-        return Err(io_err(libc::EBADF));
-    }
     // SAFETY: `fd` is open (F_GETFD succeeded) and has no owner in this
     // process: it is not stdio, and it lacks close-on-exec, which every
     // descriptor opened in this process by std or this module carries, so it
@@ -530,6 +523,21 @@ pub fn take_inherited_fd(var: &str) -> io::Result<Option<OwnedFd>> {
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     set_cloexec(&owned, true)?;
     Ok(Some(owned))
+}
+
+/// Refuses a descriptor number that cannot be one a parent passed down:
+/// stdin/stdout/stderr, a closed number, or one with close-on-exec set.
+fn looks_inherited(fd: RawFd) -> io::Result<()> {
+    if fd <= 2 {
+        return Err(io_err(libc::EBADF));
+    }
+    // SAFETY: F_GETFD takes integers only: no pointer, so no memory of ours
+    // is read or written whatever `fd` is.
+    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    if flags & libc::FD_CLOEXEC != 0 {
+        return Err(io_err(libc::EBADF));
+    }
+    Ok(())
 }
 
 /// Sets or clears close-on-exec on `fd`.
@@ -635,6 +643,32 @@ mod tests {
         assert_eq!(std::fs::read(t.path().join("name")).unwrap(), b"new");
         // No temporary file is left behind.
         assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn environment_changes_only_with_one_thread() {
+        // The test harness runs threads of its own; one more makes sure.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || rx.recv());
+        let e = set_env("KMSFS_SYS_TEST", OsStr::new("x")).unwrap_err();
+        assert!(e.to_string().contains("one thread"), "{e}");
+        assert!(std::env::var_os("KMSFS_SYS_TEST").is_none());
+        drop(tx);
+        let _ = t.join();
+    }
+
+    #[test]
+    fn only_descriptors_inherited_across_exec_are_taken() {
+        assert!(take_inherited_fd("KMSFS_SYS_TEST_UNSET").unwrap().is_none());
+        // Stdio, a closed number, and a descriptor opened here (std sets
+        // close-on-exec, so it has an owner already) are all refused.
+        let (_t, owned) = dir();
+        for fd in [0, 1, 2, 1_000_000, owned.as_raw_fd()] {
+            assert!(looks_inherited(fd).is_err(), "{fd}");
+        }
+        // What a parent passes down: close-on-exec clear.
+        set_cloexec(&owned, false).unwrap();
+        assert!(looks_inherited(owned.as_raw_fd()).is_ok());
     }
 
     #[test]
