@@ -98,33 +98,7 @@ pub fn serve(o: &ServeOptions, mut plan: MountPlan, log: Option<&daemon::LogFile
             sweeper_cache.sweep();
         }
     });
-    // The name key is unwrapped once per mount; re-check it every cache max
-    // age so that disabling the KMS key stops listings and lookups within
-    // one max age, as it does for file contents. Only a refusal blocks
-    // names: an unreachable KMS does not take a working mount down.
-    if let Some((ctx, wrapped)) = cfg.name_key.as_ref().and_then(|k| k.parts(cfg.volume_id())) {
-        let (names, provider) = (names.clone(), provider.clone());
-        let _ = std::thread::Builder::new().name("kmsfs-namekey".into()).spawn(move || {
-            loop {
-                std::thread::sleep(max_age);
-                match provider.unwrap(&wrapped, &ctx) {
-                    Ok(_) => {
-                        if names.revoked().is_some() {
-                            tracing::info!("the name key is usable again: names are back");
-                        }
-                        names.set_revoked(None);
-                    }
-                    Err(e) if e.is_denied() => {
-                        if names.revoked().is_none() {
-                            tracing::error!("the name key is refused ({e}): lookups and listings fail with EACCES");
-                        }
-                        names.set_revoked(Some(e));
-                    }
-                    Err(e) => tracing::warn!("cannot re-check the name key: {e}"),
-                }
-            }
-        });
-    }
+    watch_name_key(&cfg, &names, &provider, max_age);
     loop {
         match daemon::wait_signal(Duration::from_millis(500)) {
             Some(Sig::Stop) => {
@@ -153,6 +127,41 @@ pub fn serve(o: &ServeOptions, mut plan: MountPlan, log: Option<&daemon::LogFile
     }
     stop(session, &fs, &o.mountpoint, dev);
     Ok(())
+}
+
+/// The name key is unwrapped once per mount; this re-checks it every cache
+/// max age on a thread of its own, so that disabling the KMS key stops
+/// listings and lookups within one max age, as it does for file contents.
+/// Only a refusal blocks names: an unreachable KMS does not take a working
+/// mount down.
+fn watch_name_key(
+    cfg: &crate::volume::VolumeConfig,
+    names: &Arc<crate::names::Names>,
+    provider: &Arc<dyn crate::keys::KeyProvider>,
+    max_age: Duration,
+) {
+    let Some((ctx, wrapped)) = cfg.name_key.as_ref().and_then(|k| k.parts(cfg.volume_id())) else { return };
+    let (names, provider) = (names.clone(), provider.clone());
+    let _ = std::thread::Builder::new().name("kmsfs-namekey".into()).spawn(move || {
+        loop {
+            std::thread::sleep(max_age);
+            match provider.unwrap(&wrapped, &ctx) {
+                Ok(_) => {
+                    if names.revoked().is_some() {
+                        tracing::info!("the name key is usable again: names are back");
+                    }
+                    names.set_revoked(None);
+                }
+                Err(e) if e.is_denied() => {
+                    if names.revoked().is_none() {
+                        tracing::error!("the name key is refused ({e}): lookups and listings fail with EACCES");
+                    }
+                    names.set_revoked(Some(e));
+                }
+                Err(e) => tracing::warn!("cannot re-check the name key: {e}"),
+            }
+        }
+    });
 }
 
 /// Mounts with the fs type `fuse.kmsfs` (see `daemon::mount_typed`), or

@@ -1,7 +1,7 @@
 //! The volume-key side of rewrap and rotate-branch: which key the volume
 //! moves to, its own keys (name, config, branch keys) re-wrapped, and the
 //! config rewritten so that an interrupted run leaves every file readable.
-//! The files themselves are [`super::rewrap`]'s.
+//! The files themselves are `offline::rewrap`'s.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
