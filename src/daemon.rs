@@ -13,14 +13,16 @@ pub const READY_FD_ENV: &str = "KMSFS_READY_FD";
 /// A pipe: (read end, write end). The read end is close-on-exec.
 pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as RawFd; 2];
-    // SAFETY: pipe writes exactly two ints into `fds`, a local [c_int; 2].
+    // SAFETY: pipe(2) writes exactly two c_ints through its pointer, and `fds`
+    // is a local array of exactly two, borrowed only for this call.
     if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: pipe succeeded, so both are new descriptors no other owner holds.
+    // SAFETY: pipe succeeded, so both numbers are descriptors the kernel just
+    // made for this call; nothing else in the process has seen them, so each
+    // OwnedFd is the only owner of its descriptor.
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: fcntl(F_SETFD) takes integers only; `r` keeps fds[0] open.
-    unsafe { libc::fcntl(fds[0], libc::F_SETFD, libc::FD_CLOEXEC) };
+    let _ = crate::sys::set_cloexec(&r, true);
     Ok((r, w))
 }
 
@@ -40,19 +42,22 @@ pub fn wait_ready(read_end: OwnedFd) -> Result<(), String> {
 }
 
 /// Tells the parent (daemon mode) how the mount went, then closes the pipe.
+/// Once only: later calls (a failure after "ready") do nothing. The
+/// variable stays set (unsetting it with threads running is unsound); the
+/// flag below is what makes the descriptor taken once.
 pub fn report_ready(msg: &str) {
-    if let Some(fd) = std::env::var(READY_FD_ENV).ok().and_then(|v| v.parse::<RawFd>().ok()) {
-        // SAFETY: the parent opened this descriptor for this process alone and
-        // nothing else here uses its number; the variable is removed below, so
-        // the File is its only owner.
-        let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
-        let _ = f.write_all(msg.as_bytes());
-        // SAFETY: std serializes its own environment access under a lock, so the
-        // remaining hazard is C code calling getenv in another thread at this
-        // moment; kmsfs's threads (FUSE workers, key pool) do not. Unset so a
-        // second report cannot reuse the fd.
-        unsafe { std::env::remove_var(READY_FD_ENV) };
+    static REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let Some(fd) = std::env::var(READY_FD_ENV).ok().and_then(|v| v.parse::<RawFd>().ok()) else { return };
+    if fd <= 2 || REPORTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return;
     }
+    // SAFETY: the parent made this descriptor for this process alone (the
+    // write end of the readiness pipe, inherited across exec) and nothing
+    // else here wraps its number: it is not stdio (checked above), and the
+    // atomic swap above lets exactly one call in the process's life reach
+    // this line, so the File is its only owner and closes it once.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    let _ = f.write_all(msg.as_bytes());
 }
 
 /// Sends a state string to systemd when NOTIFY_SOCKET is set. Kept by hand
@@ -86,8 +91,10 @@ pub enum Sig {
 }
 
 fn sigset() -> libc::sigset_t {
-    // SAFETY: all-zero is a valid sigset_t (plain data), and the sigset calls
-    // only read and write `set`, a local we own exclusively.
+    // SAFETY: sigset_t is plain data, for which all-zero bits are a valid
+    // value; sigemptyset and sigaddset write only within the sigset_t they are
+    // given, here `set`, a local borrowed for each call alone, and the signal
+    // numbers are valid constants.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -102,8 +109,8 @@ fn sigset() -> libc::sigset_t {
 /// so only `wait_signal` sees them. Call first thing in `main`.
 pub fn block_signals() {
     let set = sigset();
-    // SAFETY: pthread_sigmask reads `set`, a live local; the old-mask pointer is
-    // null, so nothing is written.
+    // SAFETY: pthread_sigmask reads one sigset_t through its pointer, `set`, a
+    // live local; the old-mask pointer is null (allowed), so it writes nothing.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 }
 
@@ -111,8 +118,9 @@ pub fn block_signals() {
 pub fn wait_signal(timeout: Duration) -> Option<Sig> {
     let set = sigset();
     let ts = libc::timespec { tv_sec: timeout.as_secs() as i64, tv_nsec: timeout.subsec_nanos() as i64 };
-    // SAFETY: sigtimedwait reads `set` and `ts`, live locals; the info pointer is
-    // null (allowed), so nothing is written.
+    // SAFETY: sigtimedwait reads one sigset_t and one timespec through its
+    // pointers, `set` and `ts`, live locals; the info pointer is null
+    // (allowed), so it writes nothing.
     let s = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
     match s {
         libc::SIGUSR1 => Some(Sig::Stats),
@@ -179,7 +187,8 @@ pub fn flush_mount(root: &std::fs::File, open: Vec<std::path::PathBuf>, deadline
 pub fn unmount(mnt: &Path, lazy: bool) -> std::io::Result<()> {
     let c = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
     let flags = if lazy { libc::MNT_DETACH } else { 0 };
-    // SAFETY: `c` is a CString alive for the call; umount2 writes no memory.
+    // SAFETY: umount2 reads the NUL-terminated path `c`, a CString alive for
+    // the call, and writes no memory.
     if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
         return Ok(());
     }
@@ -200,9 +209,11 @@ pub fn unmount(mnt: &Path, lazy: bool) -> std::io::Result<()> {
 
 /// Detaches from the terminal: new session, stdio to /dev/null.
 pub fn detach() {
-    // SAFETY: these calls take integers and the static C string "/dev/null";
-    // none touches Rust-owned memory, and dup2 onto 0..2 only replaces the
-    // stdio descriptors, which Rust's stdio uses by number.
+    // SAFETY: the only pointer is the static C string "/dev/null", so no
+    // memory of ours is written. Replacing descriptors 0..2 breaks no owner:
+    // Rust's stdio uses them by number and never closes them, and no OwnedFd
+    // holds them (sys::take_inherited_fd refuses 0..2). `null` is closed only
+    // when it is a new descriptor above 2, which nothing else has seen.
     unsafe {
         libc::setsid();
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
@@ -219,18 +230,21 @@ pub fn detach() {
 
 /// Keeps key material out of core dumps and swap where the system allows.
 pub fn harden_memory() {
-    // SAFETY: prctl(PR_SET_DUMPABLE) takes integers only and touches no memory.
+    // SAFETY: prctl(PR_SET_DUMPABLE) takes integers only (no pointer is passed
+    // or read for this option), so no memory of ours is read or written.
     if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
         tracing::warn!("cannot disable core dumps: {}", std::io::Error::last_os_error());
     }
-    // SAFETY: libc::rlimit is plain integers; all-zero bits are valid.
+    // SAFETY: libc::rlimit is two integers, for which all-zero bits are valid.
     let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: getrlimit writes one rlimit into `lim`, a local we own exclusively.
+    // SAFETY: getrlimit writes exactly one rlimit through its pointer, `lim`, a
+    // local borrowed for the call alone.
     unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
     if lim.rlim_cur == libc::RLIM_INFINITY {
         // Only with an unlimited MEMLOCK: MCL_FUTURE under a finite limit
         // would make later allocations fail.
-        // SAFETY: mlockall takes flags only and touches no memory.
+        // SAFETY: mlockall takes flags only, no pointer: it changes how pages are
+        // kept, never their contents, so no Rust value is read or written.
         if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) } != 0 {
             tracing::warn!("cannot lock memory, keys may be swapped: {}", std::io::Error::last_os_error());
         }
@@ -245,9 +259,10 @@ pub fn harden_memory() {
 /// Raises the open-file limit to its hard maximum: each known inode holds
 /// one O_PATH descriptor.
 pub fn raise_nofile() {
-    // SAFETY: libc::rlimit is plain integers; all-zero bits are valid.
+    // SAFETY: libc::rlimit is two integers, for which all-zero bits are valid.
     let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: getrlimit/setrlimit read and write `lim` only, a local we own.
+    // SAFETY: getrlimit writes and setrlimit reads exactly one rlimit through
+    // their pointers, `lim`, a local borrowed for each call alone.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
@@ -325,10 +340,10 @@ impl LogFile {
 pub fn stderr_is_journal() -> bool {
     let Some(v) = std::env::var_os("JOURNAL_STREAM") else { return false };
     let Some((dev, ino)) = v.to_str().and_then(|v| v.split_once(':')) else { return false };
-    // SAFETY: libc::stat is plain integers; all-zero bits are valid.
+    // SAFETY: libc::stat is plain integers, for which all-zero bits are valid.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat writes one stat into `st`, a local we own exclusively; if fd 2
-    // is closed it fails and writes nothing.
+    // SAFETY: fstat writes exactly one stat through its pointer, `st`, a local
+    // borrowed for the call alone; if fd 2 is closed it fails and writes nothing.
     if unsafe { libc::fstat(2, &mut st) } != 0 {
         return false;
     }
@@ -470,7 +485,8 @@ pub fn mount_typed(
     use std::os::unix::fs::MetadataExt;
     let dev = std::fs::OpenOptions::new().read(true).write(true).custom_flags_cloexec().open("/dev/fuse")?;
     let mode = std::fs::metadata(mnt)?.mode() & libc::S_IFMT;
-    // SAFETY: getuid/getgid take no arguments, touch no memory and cannot fail.
+    // SAFETY: getuid and getgid have no arguments and no pointer: they read and
+    // write no memory of ours, and they cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let mut data = format!("fd={},rootmode={mode:o},user_id={uid},group_id={gid}", dev.as_raw_fd());
     let mut flags: libc::c_ulong = 0;

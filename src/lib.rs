@@ -15,8 +15,9 @@ pub mod format;
 pub mod fs;
 pub mod fuse;
 pub mod keys;
+pub mod mount;
 pub mod names;
-pub mod ops;
+pub mod offline;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod trust;

@@ -39,8 +39,8 @@ pub fn proc_path(fd: &OwnedFd) -> PathBuf {
 /// openat(2).
 pub fn openat(dir: RawFd, name: &OsStr, flags: libc::c_int, mode: u32) -> io::Result<OwnedFd> {
     let c = cstr(name)?;
-    // SAFETY: `c` is a CString alive for the call, so openat reads a NUL-terminated
-    // name we own; it writes no memory of ours.
+    // SAFETY: the only pointer is `c`, a CString alive for the call, so openat
+    // reads a NUL-terminated name inside memory we own; it writes none of ours.
     let fd = check(unsafe { libc::openat(dir, c.as_ptr(), flags | libc::O_CLOEXEC, mode as libc::c_uint) })?;
     // SAFETY: `fd` was just returned by openat (checked non-negative) and no other
     // owner holds it, so the OwnedFd is its only owner.
@@ -85,8 +85,9 @@ pub fn open_beneath(dir: RawFd, path: &OsStr, flags: libc::c_int, mode: u32) -> 
         };
         if r >= 0 {
             OPENAT2.store(1, Ordering::Relaxed);
-            // SAFETY: r >= 0 is a descriptor openat2 just created for this call,
-            // owned by nothing else.
+            // SAFETY: r >= 0 is a descriptor openat2 just created for this call:
+            // nothing else in the process has seen its number, so the OwnedFd is
+            // its only owner.
             return Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) });
         }
         let e = io::Error::last_os_error();
@@ -186,8 +187,8 @@ pub fn replace_file(dir: RawFd, name: &OsStr, data: &[u8], mode: u32) -> io::Res
     let f = open_beneath(dir, &tmp, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, mode)?;
     let done = (|| {
         // The umask may have narrowed `mode`.
-        // SAFETY: fchmod takes integers only and touches no memory; `f` stays open
-        // across the call, so the number names our file.
+        // SAFETY: fchmod takes integers only, so no memory of ours is read or
+        // written; `f` stays open across the call, so the number names our file.
         check(unsafe { libc::fchmod(f.as_raw_fd(), mode as libc::mode_t) })?;
         let f = std::fs::File::from(f);
         use std::io::Write;
@@ -327,13 +328,16 @@ pub fn statvfs(path: &std::path::Path) -> io::Result<libc::statvfs> {
 
 /// fallocate(2) on a regular descriptor.
 pub fn fallocate(fd: RawFd, mode: libc::c_int, off: u64, len: u64) -> io::Result<()> {
-    // SAFETY: fallocate takes integers only and touches no memory of ours.
+    // SAFETY: fallocate takes integers only: no pointer, so no memory of ours
+    // is read or written whatever the arguments (a stale `fd` could only make
+    // it act on another file, an I/O concern, not memory safety).
     check(unsafe { libc::fallocate(fd, mode, off as libc::off_t, len as libc::off_t) }).map(|_| ())
 }
 
 /// lseek(2) for SEEK_DATA / SEEK_HOLE.
 pub fn lseek(fd: RawFd, off: u64, whence: libc::c_int) -> io::Result<u64> {
-    // SAFETY: lseek takes integers only and touches no memory of ours.
+    // SAFETY: lseek takes integers only: no pointer, so no memory of ours is
+    // read or written whatever the arguments.
     let r = unsafe { libc::lseek(fd, off as libc::off_t, whence) };
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as u64) }
 }
@@ -416,8 +420,10 @@ pub fn preadv_exact(fd: RawFd, mut bufs: &mut [io::IoSliceMut<'_>], mut off: u64
     while !bufs.is_empty() {
         let n = bufs.len().min(IOV_MAX) as libc::c_int;
         let at = libc::off_t::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: IoSliceMut is ABI-compatible with iovec, and each one
-        // borrows a live buffer exclusively for the call.
+        // SAFETY: IoSliceMut is guaranteed ABI-compatible with iovec; `n` is at
+        // most `bufs.len()`, so the kernel reads only iovecs we pass, and each
+        // one borrows a live buffer exclusively for the call, into which it
+        // writes at most that buffer's length.
         let r = unsafe { libc::preadv(fd, bufs.as_ptr().cast(), n, at) };
         match r {
             r if r < 0 => {
@@ -438,7 +444,8 @@ pub fn preadv_exact(fd: RawFd, mut bufs: &mut [io::IoSliceMut<'_>], mut off: u64
 
 /// The effective user ID.
 pub fn euid() -> u32 {
-    // SAFETY: geteuid takes no arguments, touches no memory and cannot fail.
+    // SAFETY: geteuid has no arguments and no pointer: it reads and writes no
+    // memory of ours, and it cannot fail.
     unsafe { libc::geteuid() }
 }
 
@@ -465,6 +472,108 @@ pub fn ofd_lock(fd: std::os::fd::RawFd, cmd: i32, ty: i16, start: u64, len: u64)
             return Err(e);
         }
     }
+}
+
+/// How many threads this process has (the entries of /proc/self/task).
+fn thread_count() -> io::Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/task")?.count())
+}
+
+/// Refuses unless this process has a single thread: the environment may
+/// only change then (glibc's getenv takes no lock, so a thread reading it
+/// while another writes can read freed memory).
+fn single_threaded() -> io::Result<()> {
+    match thread_count()? {
+        1 => Ok(()),
+        n => Err(io::Error::other(format!("the environment can only change with one thread running ({n} are)"))),
+    }
+}
+
+/// `std::env::set_var`, only while the process has a single thread (else
+/// an error and nothing set).
+pub fn set_env(var: &str, value: &OsStr) -> io::Result<()> {
+    single_threaded()?;
+    // SAFETY: the process has exactly one thread (counted just above), and
+    // only this thread could start another, which it does not during the
+    // call: nothing reads or writes the environment concurrently.
+    unsafe { std::env::set_var(var, value) };
+    Ok(())
+}
+
+/// Takes the descriptor whose number a parent process left in environment
+/// variable `var` (for a child it started), and removes the variable, so it
+/// is taken once. Only while the process has a single thread. `Ok(None)`
+/// without the variable. Refused: a number that is not a descriptor, one of
+/// stdin/stdout/stderr, or one with close-on-exec set (every descriptor std
+/// and this module open has it, so such a descriptor was opened here, not
+/// inherited, and has an owner already).
+pub fn take_inherited_fd(var: &str) -> io::Result<Option<OwnedFd>> {
+    let Some(v) = std::env::var_os(var) else { return Ok(None) };
+    let fd: RawFd = v.to_str().and_then(|s| s.parse().ok()).ok_or_else(|| io_err(libc::EBADF))?;
+    looks_inherited(fd)?;
+    single_threaded()?;
+    // SAFETY: one thread only (checked just above, and this thread starts
+    // none during the call): nothing reads the environment concurrently.
+    unsafe { std::env::remove_var(var) };
+    // SAFETY: `fd` is open (F_GETFD succeeded) and has no owner in this
+    // process: it is not stdio, and it lacks close-on-exec, which every
+    // descriptor opened in this process by std or this module carries, so it
+    // was inherited across exec; the variable naming it is gone, so no second
+    // call can wrap the same number. The OwnedFd is its only owner.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_cloexec(&owned, true)?;
+    Ok(Some(owned))
+}
+
+/// Refuses a descriptor number that cannot be one a parent passed down:
+/// stdin/stdout/stderr, a closed number, or one with close-on-exec set.
+fn looks_inherited(fd: RawFd) -> io::Result<()> {
+    if fd <= 2 {
+        return Err(io_err(libc::EBADF));
+    }
+    // SAFETY: F_GETFD takes integers only: no pointer, so no memory of ours
+    // is read or written whatever `fd` is.
+    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    if flags & libc::FD_CLOEXEC != 0 {
+        return Err(io_err(libc::EBADF));
+    }
+    Ok(())
+}
+
+/// Sets or clears close-on-exec on `fd`.
+pub fn set_cloexec(fd: &impl AsRawFd, on: bool) -> io::Result<()> {
+    let flag = if on { libc::FD_CLOEXEC } else { 0 };
+    // SAFETY: F_SETFD takes integers only and touches no memory of ours; the
+    // borrow of `fd` keeps the descriptor open, so the number names it.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flag) }).map(|_| ())
+}
+
+/// umask(2): sets the file-mode creation mask, returns the old one.
+pub fn umask(mask: u32) -> u32 {
+    // SAFETY: umask takes an integer only, touches no memory and cannot fail.
+    unsafe { libc::umask(mask as libc::mode_t) }
+}
+
+/// kill(2).
+pub fn kill(pid: i32, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: kill takes integers only and touches no memory of ours (which
+    // process gets the signal is the caller's concern, not memory safety).
+    check(unsafe { libc::kill(pid, sig) }).map(|_| ())
+}
+
+/// getxattr(2) on a path (symlinks followed), at most `cap` bytes of value.
+pub fn getxattr_path(path: &std::path::Path, name: &std::ffi::CStr, cap: usize) -> io::Result<Vec<u8>> {
+    let c = cstr(path.as_os_str())?;
+    let mut buf = vec![0u8; cap];
+    // SAFETY: `c` and `name` are NUL-terminated and alive for the call, and
+    // getxattr writes at most `buf.len()` bytes into `buf`, which we own
+    // exclusively: it never writes past the buffer it is given.
+    let n = unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
 }
 
 #[cfg(test)]
@@ -534,6 +643,32 @@ mod tests {
         assert_eq!(std::fs::read(t.path().join("name")).unwrap(), b"new");
         // No temporary file is left behind.
         assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn environment_changes_only_with_one_thread() {
+        // The test harness runs threads of its own; one more makes sure.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || rx.recv());
+        let e = set_env("KMSFS_SYS_TEST", OsStr::new("x")).unwrap_err();
+        assert!(e.to_string().contains("one thread"), "{e}");
+        assert!(std::env::var_os("KMSFS_SYS_TEST").is_none());
+        drop(tx);
+        let _ = t.join();
+    }
+
+    #[test]
+    fn only_descriptors_inherited_across_exec_are_taken() {
+        assert!(take_inherited_fd("KMSFS_SYS_TEST_UNSET").unwrap().is_none());
+        // Stdio, a closed number, and a descriptor opened here (std sets
+        // close-on-exec, so it has an owner already) are all refused.
+        let (_t, owned) = dir();
+        for fd in [0, 1, 2, 1_000_000, owned.as_raw_fd()] {
+            assert!(looks_inherited(fd).is_err(), "{fd}");
+        }
+        // What a parent passes down: close-on-exec clear.
+        set_cloexec(&owned, false).unwrap();
+        assert!(looks_inherited(owned.as_raw_fd()).is_ok());
     }
 
     #[test]

@@ -126,7 +126,7 @@ fn fsck_reports_damage_and_zeroed_blocks() {
     // A block zeroed by someone else is damage, named by its index.
     let g = std::fs::OpenOptions::new().write(true).open(v.cipher.join("d/good")).unwrap();
     g.write_all_at(&[0u8; 4124], 256 + 4124 * 2).unwrap();
-    let (code, out, _) = run(&["fsck", p(&v.cipher), "--json"]);
+    let (code, out, _) = run_split(&["fsck", p(&v.cipher), "--json"]);
     assert_eq!(code, 6, "{out}");
     let j: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(j["damaged"][0]["path"], "/d/good");

@@ -305,18 +305,18 @@ fn legacy_directories_are_upgraded_offline() {
     file(&docs, &dk, &long);
     let (inner, ik) = legacy_dir(&docs, &dk, "inner", [0x22; 16]);
     file(&inner, &ik, "b");
-    let (old_files, before) = kmsfs::ops::walk(&cipher, &names, false).unwrap();
+    let (old_files, before) = kmsfs::offline::walk(&cipher, &names, false).unwrap();
     assert_eq!(before.legacy_ids.len(), 2);
     let mut old_plain: Vec<_> = old_files.iter().map(|e| e.plain.clone()).collect();
     old_plain.sort();
-    let r = kmsfs::ops::upgrade_dir_ids(&cipher, &names).unwrap();
+    let r = kmsfs::offline::upgrade_dir_ids(&cipher, &names).unwrap();
     assert_eq!((r.upgraded.len(), r.renamed, r.skipped.len()), (2, 4, 0), "{r:?}");
-    let (files, after) = kmsfs::ops::walk(&cipher, &names, false).unwrap();
+    let (files, after) = kmsfs::offline::walk(&cipher, &names, false).unwrap();
     let mut plain: Vec<_> = files.iter().map(|e| e.plain.clone()).collect();
     plain.sort();
     assert_eq!(plain, vec!["/docs/a.txt".to_string(), "/docs/inner/b".into(), format!("/docs/{long}")]);
     assert_eq!(plain, old_plain, "legacy directories read before the upgrade too");
     assert!(after.legacy_ids.is_empty() && after.bad_ids.is_empty() && after.undecryptable.is_empty(), "{after:?}");
-    let again = kmsfs::ops::upgrade_dir_ids(&cipher, &names).unwrap();
+    let again = kmsfs::offline::upgrade_dir_ids(&cipher, &names).unwrap();
     assert_eq!((again.upgraded.len(), again.renamed), (0, 0));
 }

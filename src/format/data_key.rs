@@ -54,7 +54,10 @@ impl DataKey {
 
     /// The prepared AEAD key.
     pub(crate) fn aead(&self) -> &LessSafeKey {
-        // SAFETY: initialized in `from_bytes`; only `drop` de-initializes it.
+        // SAFETY: `from_bytes`, the only constructor, writes a valid key into
+        // the slot, and only `wipe` overwrites it, which runs in `drop` (and in
+        // a test, on a `ManuallyDrop` key never used again): while `&self` is
+        // alive the slot holds an initialized `LessSafeKey`.
         unsafe { self.aead.assume_init_ref() }
     }
 
@@ -100,7 +103,10 @@ mod tests {
         assert_eq!(*k.bytes, [0u8; DEK_LEN]);
         let n = std::mem::size_of::<LessSafeKey>();
         assert!(n >= 15 * 16, "holds the 15 AES-256 round keys inline");
-        // SAFETY: after `wipe` every byte of the slot is initialized (zero).
+        // SAFETY: `k.aead` is a live heap slot of exactly `n` bytes (the size of
+        // a `LessSafeKey`), and `wipe` has just written zeros over all of it, so
+        // every byte is initialized and valid as a `u8`; `k` is neither moved
+        // nor dropped (ManuallyDrop) while the slice is borrowed.
         let schedule = unsafe { std::slice::from_raw_parts(k.aead.as_ptr().cast::<u8>(), n) };
         assert!(schedule.iter().all(|&b| b == 0));
     }

@@ -1,0 +1,301 @@
+//! fsck's side: verifying every block, repairing what a crash leaves,
+//! and converting a v1 file to v2.
+
+use super::*;
+
+impl EncryptedFile {
+    /// Checks the header and every block; for fsck.
+    pub fn verify(&self, key: &DataKey) -> Result<VerifyReport, FileError> {
+        let mut r = VerifyReport { bad_size: !self.size_ok, ..Default::default() };
+        if self.header.is_none() {
+            return Ok(r);
+        }
+        let h = self.check_key(key)?;
+        if !self.size_ok {
+            r.torn_bytes = self.file.metadata()?.len().saturating_sub(self.valid_backing());
+        }
+        if h.version == v2::VERSION {
+            return self.verify_v2(h, r);
+        }
+        let sb = self.layout.stored_block() as usize;
+        let mut buf = vec![0u8; 2 * sb];
+        let (stored, work) = buf.split_at_mut(sb);
+        let count = self.layout.block_count(self.size);
+        for i in 0..count {
+            let s = &mut stored[..self.layout.plain_len(self.size, i) as usize + BLOCK_OVERHEAD];
+            if read_exact_at(&self.file, s, self.layout.block_offset(i)).is_err() {
+                r.bad_blocks.push(i);
+                continue;
+            }
+            let is_last = Some(i) == self.last_index();
+            if !is_last && is_hole(s) {
+                r.zero_blocks.push(i);
+                continue;
+            }
+            let w = &mut work[..s.len()];
+            w.copy_from_slice(s);
+            if open_in_place(key, &self.aad(h, i, is_last), w).is_ok() {
+                continue;
+            }
+            if open_stale_slot(key, &self.aad(h, i, true), FORMAT_VERSION, s, work).is_some() {
+                r.stale_blocks.push(i);
+            } else {
+                r.bad_blocks.push(i);
+            }
+        }
+        Ok(r)
+    }
+
+    /// `verify` for a v2 file: proven holes and markers are fine; a stale
+    /// last block counts only while a length change is pending.
+    pub(super) fn verify_v2(&self, h: &FileHeader, mut r: VerifyReport) -> Result<VerifyReport, FileError> {
+        let keys = self.keys.get().ok_or(FileError::NeedKey)?;
+        let sb = self.layout.stored_block() as usize;
+        let mut buf = vec![0u8; 2 * sb];
+        let (stored, work) = buf.split_at_mut(sb);
+        for i in 0..self.layout.block_count(self.size) {
+            let is_last = Some(i) == self.last_index();
+            let Ok(s) = self.read_slot(i, self.slot_len(i), stored) else {
+                r.bad_blocks.push(i);
+                continue;
+            };
+            if !is_last && is_hole(s) {
+                if !(self.st.holes() && self.hole_proven(h, i)?) {
+                    r.bad_blocks.push(i);
+                }
+                continue;
+            }
+            let w = &mut work[..s.len()];
+            w.copy_from_slice(s);
+            if open_in_place_v(keys.block(), &self.aad(h, i, is_last), v2::VERSION, w).is_ok() {
+                if self.check_gen(i, s, is_last).is_err() {
+                    r.bad_blocks.push(i);
+                }
+                continue;
+            }
+            if v2::open_marker(keys, &self.aad(h, i, is_last), s).is_some_and(|(_, g)| self.st.accepts(g, is_last)) {
+                continue;
+            }
+            if self.st.pending()
+                && open_stale_slot(keys.block(), &self.aad(h, i, true), v2::VERSION, s, work).is_some()
+                && self.st.accepts(v2::nonce_parts(s).0, true)
+            {
+                r.stale_blocks.push(i);
+            } else {
+                r.bad_blocks.push(i);
+            }
+        }
+        Ok(r)
+    }
+
+    /// Opens a slot as read (`stored`, up to one stored block) in any way a
+    /// crash can leave it: as the last block, as a full not-last block, as
+    /// a hole, or as a stale last block. Returns the plaintext length (at
+    /// `work[NONCE_LEN..]`) and whether the block must be re-sealed to be
+    /// the file's last.
+    pub(super) fn open_lenient(
+        &self,
+        h: &FileHeader,
+        key: &DataKey,
+        index: u64,
+        stored: &[u8],
+        work: &mut [u8],
+    ) -> Option<(usize, bool)> {
+        let (n, full) = (stored.len(), stored.len() == self.layout.stored_block() as usize);
+        if n <= BLOCK_OVERHEAD {
+            return None;
+        }
+        let (v, bkey) = (h.version, self.bkey(key));
+        // A v2 repair takes a block of any earlier generation (a power loss
+        // may have kept an older last block) and re-seals it as current.
+        let gen_ok = |s: &[u8]| v != v2::VERSION || v2::nonce_parts(s).0 <= self.st.lgen;
+        let attempt = |last: bool, work: &mut [u8]| {
+            work[..n].copy_from_slice(stored);
+            open_in_place_v(bkey, &self.aad(h, index, last), v, &mut work[..n]).is_ok() && gen_ok(stored)
+        };
+        if attempt(true, work) {
+            return Some((n - BLOCK_OVERHEAD, false));
+        }
+        if full && attempt(false, work) {
+            return Some((n - BLOCK_OVERHEAD, true));
+        }
+        if full && is_hole(stored) {
+            work[..n].fill(0);
+            return Some((n - BLOCK_OVERHEAD, true));
+        }
+        if let Some(keys) = self.keys.get().filter(|_| v == v2::VERSION)
+            && [true, false].iter().any(|&l| v2::open_marker(keys, &self.aad(h, index, l), stored).is_some())
+        {
+            work[..n].fill(0);
+            return Some((n - BLOCK_OVERHEAD, true));
+        }
+        open_stale_slot(bkey, &self.aad(h, index, true), v, stored, work).filter(|_| gen_ok(stored)).map(|p| (p, true))
+    }
+
+    /// Repairs what a torn write or an interrupted update leaves, for
+    /// `fsck --repair`; `found` is this file's `verify` report. Cuts a torn
+    /// tail back to the last block that authenticates (the final slot, or
+    /// the one before it: a torn write leaves at most one partial block),
+    /// re-seals that block as the last one, and re-seals stale last blocks
+    /// inside the file as full blocks. Other failing blocks are left as
+    /// they are. Each step is ordered as in `set_len`, so a crash during a
+    /// repair leaves a file that a second run repairs.
+    pub fn repair(&mut self, key: &DataKey, found: &VerifyReport) -> Result<RepairReport, FileError> {
+        let mut r = RepairReport::default();
+        let Some(h) = self.header.clone() else { return Ok(r) };
+        self.check_key(key)?;
+        self.forget_proofs();
+        let v = h.version;
+        let backing = self.file.metadata()?.len();
+        let sb = self.layout.stored_block();
+        let bs = self.layout.block_size() as usize;
+        let slots = backing.saturating_sub(self.layout.header_size()).div_ceil(sb);
+        let mut buf = vec![0u8; 2 * sb as usize];
+        let (stored, work) = buf.split_at_mut(sb as usize);
+        let mut keep = None;
+        for i in (slots.saturating_sub(2)..slots).rev() {
+            let off = self.layout.block_offset(i);
+            let s = &mut stored[..(backing - off).min(sb) as usize];
+            read_exact_at(&self.file, s, off)?;
+            if let Some((n, reseal)) = self.open_lenient(&h, key, i, s, work) {
+                keep = Some((i, n, reseal, s.len()));
+                break;
+            }
+        }
+        let Some((last, n, reseal, slot_len)) = keep else {
+            if slots > 1 {
+                return Err(FileError::Block { index: slots - 2, what: "fails, and so does the block after it" });
+            }
+            // A header and at most one torn block: nothing authentic.
+            self.file.set_len(0)?;
+            self.file.sync_all()?;
+            (r.cut_bytes, r.cut_blocks) = (backing, slots);
+            self.header = None;
+            self.header_raw.clear();
+            self.verified.store(false, Ordering::Relaxed);
+            (self.size, self.size_ok) = (0, true);
+            return Ok(r);
+        };
+        let off = self.layout.block_offset(last);
+        // A kept v2 slot that reads as zeros (a hole or a marker) closes
+        // the run of holes before it as its marker.
+        let run = self.run_start_before(&h, last, &stored[..slot_len])?;
+        if v == v2::VERSION {
+            // The kept block becomes the last of a new generation.
+            self.begin_length_change(run.is_some())?;
+        }
+        if reseal || v == v2::VERSION {
+            match run {
+                Some(start) => self.seal_marker(last, true, start, &mut work[..n + BLOCK_OVERHEAD])?,
+                None => {
+                    let nonce = self.repair_nonce()?;
+                    let w = &mut work[..n + BLOCK_OVERHEAD];
+                    seal_in_place_v(self.bkey(key), &self.aad(&h, last, true), v, nonce, w)?;
+                }
+            }
+            work[n + BLOCK_OVERHEAD..slot_len].fill(0);
+            self.file.write_all_at(&work[..slot_len], off)?;
+            r.resealed.push(last);
+        }
+        let end = off + (n + BLOCK_OVERHEAD) as u64;
+        if end < backing {
+            self.file.set_len(end)?;
+            (r.cut_bytes, r.cut_blocks) = (backing - end, slots - 1 - last);
+        }
+        (self.size, self.size_ok) = (last * bs as u64 + n as u64, true);
+        for &i in found.stale_blocks.iter().filter(|&&i| i < last) {
+            let off = self.layout.block_offset(i);
+            read_exact_at(&self.file, stored, off)?;
+            let Some(n) = open_stale_slot(self.bkey(key), &self.aad(&h, i, true), v, stored, work) else { continue };
+            work[NONCE_LEN + n..NONCE_LEN + bs].fill(0);
+            let nonce = self.repair_nonce()?;
+            seal_in_place_v(self.bkey(key), &self.aad(&h, i, false), v, nonce, work)?;
+            self.file.write_all_at(work, off)?;
+            r.resealed.push(i);
+        }
+        self.file.sync_all()?;
+        self.commit()?;
+        self.file.sync_all()?;
+        Ok(r)
+    }
+
+    /// For `repair` (v2): if slot `index` (stored bytes `slot`) is a hole or
+    /// a marker, where its run starts: a marker's own start, or the first
+    /// of the zero slots right before it.
+    pub(super) fn run_start_before(&self, h: &FileHeader, index: u64, slot: &[u8]) -> Result<Option<u64>, FileError> {
+        let Some(keys) = self.keys.get().filter(|_| h.version == v2::VERSION) else { return Ok(None) };
+        if let Some((s, _)) = [true, false].iter().find_map(|&l| v2::open_marker(keys, &self.aad(h, index, l), slot)) {
+            return Ok(Some(s));
+        }
+        if !is_hole(slot) {
+            return Ok(None);
+        }
+        let sb = self.layout.stored_block() as usize;
+        let mut buf = vec![0u8; sb];
+        let mut j = index;
+        while j > 0 && read_exact_at(&self.file, &mut buf, self.layout.block_offset(j - 1)).is_ok() && is_hole(&buf) {
+            j -= 1;
+        }
+        Ok(Some(j))
+    }
+
+    /// A nonce for a block `repair` re-seals: random (v1) or the next
+    /// counter at the current generation (v2).
+    pub(super) fn repair_nonce(&mut self) -> Result<[u8; NONCE_LEN], FileError> {
+        if self.is_v2() {
+            let c = self.take_ctrs(1)?;
+            return Ok(v2::nonce(self.st.lgen, c));
+        }
+        let mut n = [0u8; NONCE_LEN];
+        random_fill(&mut n).map_err(|_| FileError::Random)?;
+        Ok(n)
+    }
+
+    /// Writes this v1 file's plaintext into `out` (an empty file) as a v2
+    /// file under the same file ID and wrapped key, so the DEK and the
+    /// provider's binding stay and no KMS call is needed beyond the unwrap
+    /// the caller made. Holes of the v1 file (all-zero slots) stay holes.
+    /// The result is committed and fsynced; the caller renames it into
+    /// place. `progress` is told the bytes done.
+    pub fn convert_to_v2(
+        &self,
+        key: &DataKey,
+        out: File,
+        mut progress: impl FnMut(u64),
+    ) -> Result<EncryptedFile, FileError> {
+        let h = self.check_key(key)?;
+        if h.version != FORMAT_VERSION {
+            return Err(FileError::Header(HeaderError::UnsupportedVersion(h.version)));
+        }
+        let mut dst = EncryptedFile::open(out, self.layout, self.volume_id)?;
+        if self.size == 0 {
+            return Ok(dst);
+        }
+        let dek = DataKey::from_slice(key.expose_secret()).ok_or(FileError::NeedKey)?;
+        let fresh = FreshKey { file_id: h.file_id, key: dek, wrapped: h.wrapped.clone() };
+        let bs = self.layout.block_size();
+        let chunk = 256 * bs;
+        let fd = self.file.as_raw_fd();
+        let mut buf = Vec::new();
+        let mut off = 0u64;
+        while off < self.size {
+            let len = chunk.min(self.size - off);
+            // Skip ranges the backing file holds as holes (SEEK_DATA).
+            let start = self.layout.block_offset(off / bs);
+            let has_data = match crate::sys::lseek(fd, start, libc::SEEK_DATA) {
+                Ok(d) => d < self.layout.block_offset((off + len).div_ceil(bs)),
+                Err(e) => e.raw_os_error() != Some(libc::ENXIO),
+            };
+            if has_data || off + len == self.size {
+                let n = self.read_into(Some(key), off, len as usize, &mut buf)?;
+                let arg = if dst.header.is_none() { KeyArg::Fresh(&fresh) } else { KeyArg::Existing(&fresh.key) };
+                dst.write_at(arg, off, &buf[..n])?;
+            }
+            off += len;
+            progress(off);
+        }
+        dst.commit()?;
+        dst.sync(false)?;
+        Ok(dst)
+    }
+}

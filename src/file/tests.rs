@@ -1,0 +1,348 @@
+//! Every step of every multi-step update, failed or crashed: data that
+//! was there before stays readable (docs/FORMAT.md, "Interrupted updates").
+
+use super::fault::{self, Fault};
+use super::*;
+use crate::keys::KeyProvider;
+use crate::keys::local::LocalProvider;
+
+const B: u64 = 4096;
+const VOL: Id = [3; 16];
+
+struct Fx {
+    dir: tempfile::TempDir,
+    key: FreshKey,
+}
+
+impl Fx {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let p = LocalProvider::create_key_file(&dir.path().join("k")).unwrap();
+        let file_id = crate::format::random_id().unwrap();
+        let (key, wrapped) = p.generate(&KeyContext::file(VOL, file_id)).unwrap();
+        Self { dir, key: FreshKey { file_id, key, wrapped } }
+    }
+    fn open(&self) -> EncryptedFile {
+        let path = self.dir.path().join("f");
+        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).unwrap();
+        EncryptedFile::open(f, Layout::new(256, 12).unwrap(), VOL).unwrap()
+    }
+    /// A fresh file holding `data`.
+    fn file(&self, data: &[u8]) -> EncryptedFile {
+        let _ = std::fs::remove_file(self.dir.path().join("f"));
+        let mut f = self.open();
+        if !data.is_empty() {
+            f.write_at(KeyArg::Fresh(&self.key), 0, data).unwrap();
+        }
+        f
+    }
+    fn arg(&self, f: &EncryptedFile) -> KeyArg<'_> {
+        if f.header().is_some() { KeyArg::Existing(&self.key.key) } else { KeyArg::Fresh(&self.key) }
+    }
+}
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n).map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed) | 1).collect()
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write(u64, usize),
+    SetLen(u64),
+}
+
+impl Op {
+    fn apply(&self, fx: &Fx, f: &mut EncryptedFile) -> Result<(), FileError> {
+        match *self {
+            Op::Write(off, n) => f.write_at(fx.arg(f), off, &pattern(n, 0x40)),
+            Op::SetLen(n) => f.set_len(Some(fx.arg(f)), n),
+        }
+    }
+    fn model(&self, old: &[u8]) -> Vec<u8> {
+        let mut m = old.to_vec();
+        match *self {
+            Op::Write(off, n) => {
+                let end = off as usize + n;
+                if m.len() < end {
+                    m.resize(end, 0);
+                }
+                m[off as usize..end].copy_from_slice(&pattern(n, 0x40));
+            }
+            Op::SetLen(n) => m.resize(n as usize, 0),
+        }
+        m
+    }
+    fn grows(&self, old: usize) -> bool {
+        match *self {
+            Op::Write(off, n) => off as usize + n > old,
+            Op::SetLen(n) => n as usize != old,
+        }
+    }
+}
+
+/// The updates to attack, from each starting size.
+fn ops(size: u64) -> Vec<Op> {
+    let mut v = vec![
+        Op::Write(size, 1),
+        Op::Write(size, 50),
+        Op::Write(size, 10_000),
+        Op::Write(size + 20_000, 100),
+        Op::Write(size.saturating_sub(50), 9_000),
+        Op::Write(size.saturating_sub(50), 50),
+        Op::Write(size.saturating_sub(B + 10), B as usize + 100),
+        Op::Write(0, 3),
+        Op::SetLen(size + 10),
+        Op::SetLen(size + 30_000),
+    ];
+    for cut in [1, 10, B, 5_000] {
+        if size > cut {
+            v.push(Op::SetLen(size - cut));
+        }
+    }
+    v
+}
+
+/// The faults to inject into `op` on a file of `old` bytes. A write that
+/// fails part way (ENOSPC) stops where the file needs new space: past
+/// its old end, or inside its old last block when that grows in place,
+/// never inside blocks already allocated before it.
+fn faults(op: &Op, old: usize) -> Vec<Fault> {
+    let mut v = vec![Fault::Fail, Fault::Crash];
+    if !op.grows(old) {
+        return v;
+    }
+    let first = match *op {
+        Op::Write(off, _) => off / B,
+        Op::SetLen(n) => n.saturating_sub(1) / B,
+    };
+    let old_last = (old as u64).saturating_sub(1) / B;
+    for n in [1, 100, 3_000, 4_124, 4_200, 9_000] {
+        if first >= old_last || old == 0 {
+            v.push(Fault::FailAfter(n));
+        }
+        v.push(Fault::CrashAfter(n));
+    }
+    v
+}
+
+/// Reads each block on its own; `None` for a block that fails.
+fn blocks(fx: &Fx) -> (u64, Vec<Option<Vec<u8>>>) {
+    let f = fx.open();
+    let n = f.size().div_ceil(B);
+    let key = f.header().map(|_| &fx.key.key);
+    (f.size(), (0..n).map(|i| f.read_at(key, i * B, B as usize).ok()).collect())
+}
+
+/// After a crash: every byte below both the old and the new size is the
+/// old or the new value (the same outside the update), in a block that
+/// reads, unless it is the one block rewritten in place by a torn write;
+/// bytes past either size may also be zeros.
+fn check_after_crash(fx: &Fx, old: &[u8], new: &[u8], torn_in_place: bool, what: &str) {
+    let (size, got) = blocks(fx);
+    let keep = old.len().min(new.len()) as u64;
+    // A torn in-place write loses that block (and repair then cuts it).
+    assert!(size >= keep || torn_in_place, "{what}: size {size} lost acknowledged bytes below {keep}");
+    let mut failed = 0;
+    for (i, b) in got.iter().enumerate() {
+        let Some(b) = b else {
+            if (i as u64) * B < keep {
+                failed += 1;
+            }
+            continue;
+        };
+        for (j, &x) in b.iter().enumerate() {
+            let at = i * B as usize + j;
+            let ok = old.get(at) == Some(&x) || new.get(at) == Some(&x) || (x == 0 && at as u64 >= keep);
+            assert!(ok, "{what}: byte {at} is {x}");
+        }
+    }
+    let allowed = usize::from(torn_in_place);
+    assert!(failed <= allowed, "{what}: {failed} blocks below the old size fail");
+}
+
+/// Format v2 nonces: with the counter reservation lowered to 4, many
+/// write sessions (each a new `EncryptedFile`, as after a remount),
+/// rewrites of one block and appends never seal two blocks under one
+/// (generation, counter) pair, every counter lies below the header's
+/// reservation, and a failed or crashed state write hands out nothing
+/// twice. Every nonce ever written is collected from the backing file
+/// after each write.
+#[test]
+fn v2_nonces_never_repeat_across_sessions_and_reservations() {
+    TEST_CTR_CHUNK.with(|c| c.set(4));
+    let fx = Fx::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut f = fx.file(&pattern(3 * B as usize, 1));
+    let collect = |seen: &mut std::collections::HashSet<[u8; 12]>, f: &EncryptedFile, fresh: &[u64]| {
+        let top = f.state().ctr_top;
+        for &i in fresh {
+            let mut n = [0u8; 12];
+            f.backing().read_exact_at(&mut n, 256 + i * (B + 28)).unwrap();
+            assert!(v2::nonce_parts(&n).1 < top, "counter below the reservation");
+            assert!(seen.insert(n), "nonce {n:?} sealed twice (block {i})");
+        }
+    };
+    collect(&mut seen, &f, &[0, 1, 2]);
+    let mut reserved = f.state().ctr_top;
+    for session in 0..60u64 {
+        if session % 3 == 0 {
+            f = fx.open(); // a new session: a new reservation
+        }
+        let i = session % 4;
+        let k = &fx.key.key;
+        let armed = session % 7 == 3;
+        if armed {
+            // A state write that fails: the next one must not reuse.
+            fault::arm(Step::State, Fault::Fail);
+        }
+        let r = f.write_at(KeyArg::Existing(k), i * B + 10, &pattern(100 + session as usize, session as u8));
+        if armed && fault::fired() {
+            assert!(r.is_err());
+            continue;
+        }
+        r.unwrap();
+        collect(&mut seen, &f, &[i]);
+        assert!(f.state().ctr_top >= reserved);
+        reserved = f.state().ctr_top;
+    }
+    assert!(reserved > 60, "reservations crossed many times: top {reserved}");
+    TEST_CTR_CHUNK.with(|c| c.set(CTR_CHUNK));
+}
+
+/// A v1 file (written through the v1 codec by hand) converts to v2
+/// with the same content, holes kept as holes, same file ID and key.
+#[test]
+fn v1_files_convert_to_v2() {
+    let fx = Fx::new();
+    let h = FileHeader::new(12, 256, VOL, fx.key.file_id, fx.key.wrapped.clone());
+    let mut hh = h.clone();
+    hh.seal(&fx.key.key).unwrap();
+    let mut bytes = hh.to_bytes().unwrap();
+    let data = pattern(5 * B as usize + 77, 3);
+    let blocks = data.len().div_ceil(B as usize);
+    for (i, c) in data.chunks(B as usize).enumerate() {
+        let aad = BlockAad { file_id: &fx.key.file_id, block_log2: 12, index: i as u64, last: i + 1 == blocks };
+        if i == 2 {
+            bytes.extend(std::iter::repeat_n(0u8, c.len() + 28)); // a v1 hole
+            continue;
+        }
+        bytes.extend(crate::format::block::seal_block(&fx.key.key, &aad, c).unwrap());
+    }
+    let mut want = data.clone();
+    want[2 * B as usize..3 * B as usize].fill(0);
+    std::fs::write(fx.dir.path().join("f"), &bytes).unwrap();
+    let v1 = fx.open();
+    assert!(!v1.is_v2());
+    assert_eq!(v1.read_at(Some(&fx.key.key), 0, 1 << 20).unwrap(), want);
+    let out = fx.dir.path().join("g");
+    let o = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&out).unwrap();
+    let mut seen = 0;
+    let v2f = v1.convert_to_v2(&fx.key.key, o, |n| seen = n).unwrap();
+    assert_eq!(seen, want.len() as u64);
+    assert!(v2f.is_v2());
+    assert_eq!(v2f.header().unwrap().file_id, fx.key.file_id);
+    drop(v2f);
+    let o = std::fs::OpenOptions::new().read(true).write(true).open(&out).unwrap();
+    let f = EncryptedFile::open(o, Layout::new(256, 12).unwrap(), VOL).unwrap();
+    assert!(f.is_v2());
+    assert_eq!(f.read_at(Some(&fx.key.key), 0, 1 << 20).unwrap(), want);
+    assert_eq!(f.verify(&fx.key.key).unwrap(), VerifyReport::default());
+}
+
+/// `-o shared`: a second open of the backing file (another mount) sees
+/// growth, and a file emptied and rewritten under a new file ID and key,
+/// after `refresh`; the update lock excludes across open files.
+#[test]
+fn refresh_follows_another_writer_and_update_lock_excludes() {
+    let fx = Fx::new();
+    let mut w = fx.file(&pattern(5000, 1));
+    let mut r = fx.open();
+    assert!(!r.refresh().unwrap(), "same header");
+    w.write_at(KeyArg::Existing(&fx.key.key), 5000, &pattern(3000, 2)).unwrap();
+    assert_eq!(r.size(), 5000);
+    assert!(!r.refresh().unwrap());
+    assert_eq!(r.size(), 8000);
+    assert_eq!(r.read_at(Some(&fx.key.key), 5000, 3000).unwrap(), pattern(3000, 2));
+    // Emptied and rewritten with another key: a new header.
+    let other = Fx::new();
+    w.set_len(None, 0).unwrap();
+    assert!(r.refresh().unwrap(), "emptied");
+    assert!(r.header().is_none());
+    w.write_at(KeyArg::Fresh(&other.key), 0, &pattern(100, 3)).unwrap();
+    assert!(r.refresh().unwrap(), "new header");
+    assert_eq!(r.header().unwrap().file_id, other.key.file_id);
+    assert_eq!(r.read_at(Some(&other.key.key), 0, 100).unwrap(), pattern(100, 3));
+    // Exclusive against any other open file description, shared with readers.
+    let g = UpdateLock::take(w.backing(), true).unwrap();
+    let busy = ofd_lock(r.backing().as_raw_fd(), libc::F_OFD_SETLK, libc::F_RDLCK as i16, APP_LOCK_END, 1);
+    assert!(busy.is_err());
+    drop(g);
+    let g1 = UpdateLock::take(w.backing(), false).unwrap();
+    let g2 = UpdateLock::take(r.backing(), false).unwrap();
+    drop((g1, g2));
+    // Application locks (below APP_LOCK_END) never meet the update lock.
+    ofd_lock(r.backing().as_raw_fd(), libc::F_OFD_SETLK, libc::F_WRLCK as i16, 0, APP_LOCK_END).unwrap();
+    drop(UpdateLock::take(w.backing(), true).unwrap());
+}
+
+#[test]
+fn failed_or_crashed_updates_keep_earlier_data() {
+    let fx = Fx::new();
+    let steps = [Step::Reserve, Step::WriteNew, Step::WriteOld, Step::Truncate, Step::State];
+    let mut fired = 0;
+    for size in [0u64, 1, 100, B - 1, B, B + 100, 3 * B - 5, 3 * B] {
+        let old = pattern(size as usize, size as u8);
+        for op in ops(size) {
+            for step in steps {
+                // The 28-byte state write lies in the first sector and
+                // the first page: it is never torn, only done or not.
+                let fs = faults(&op, old.len());
+                for f in fs.into_iter().filter(|f| step != Step::State || matches!(f, Fault::Fail | Fault::Crash)) {
+                    let what = format!("size {size}, {op:?}, {f:?} at {step:?}");
+                    let mut file = fx.file(&old);
+                    fault::arm(step, f);
+                    let res = op.apply(&fx, &mut file);
+                    if !fault::fired() {
+                        res.unwrap_or_else(|e| panic!("{what}: not hit, yet {e}"));
+                        continue;
+                    }
+                    fired += 1;
+                    assert!(res.is_err(), "{what}: a failed step must fail the update");
+                    drop(file);
+                    let new = op.model(&old);
+                    match f {
+                        Fault::Fail | Fault::FailAfter(_) => {
+                            // Undone: the file is exactly as before, with
+                            // no stale or torn block left behind.
+                            let file = fx.open();
+                            assert_eq!(file.size(), size, "{what}");
+                            let key = file.header().map(|_| &fx.key.key);
+                            assert_eq!(file.read_at(key, 0, 1 << 20).unwrap(), old, "{what}");
+                            if let Some(k) = key {
+                                let v = file.verify(k).unwrap();
+                                assert_eq!(v, VerifyReport::default(), "{what}");
+                            }
+                        }
+                        Fault::Crash | Fault::CrashAfter(_) => {
+                            let torn = matches!(f, Fault::CrashAfter(_)) && step == Step::WriteOld;
+                            check_after_crash(&fx, &old, &new, torn, &what);
+                            // fsck --repair leaves a file that reads whole.
+                            let mut file = fx.open();
+                            if file.header().is_some() {
+                                let v = file.verify(&fx.key.key).unwrap();
+                                if file.repair(&fx.key.key, &v).is_ok() {
+                                    let v = file.verify(&fx.key.key).unwrap();
+                                    assert!(!v.bad_size && v.stale_blocks.is_empty(), "{what}: {v:?}");
+                                    assert!(torn || v.bad_blocks.is_empty(), "{what}: {v:?}");
+                                }
+                            }
+                            check_after_crash(&fx, &old, &new, torn, &format!("{what}, repaired"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("{fired} faults fired");
+    assert!(fired > 500, "only {fired} faults fired");
+}
