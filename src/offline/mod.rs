@@ -17,6 +17,7 @@ mod rekey;
 mod rewrap;
 mod stream;
 mod upgrade;
+mod upgrade_files;
 mod walk;
 
 pub use admin::{
@@ -29,8 +30,10 @@ pub use rekey::{BranchRekeyed, Rekey, branch_request, rekey_branch, rekey_finish
 pub use rewrap::{RewrapReport, rewrap, rewrap_plan};
 pub use stream::{decrypt_stream, encrypt_stream, inspect, peek_header};
 pub use upgrade::{
-    LegacyUpgrade, UpgradeReport, UpgradeStart, upgrade_authenticate, upgrade_dir_ids, upgrade_dirs, upgrade_start,
+    LegacyUpgrade, UpgradeReport, UpgradeStart, upgrade_authenticate, upgrade_contents, upgrade_dir_ids, upgrade_dirs,
+    upgrade_start,
 };
+pub use upgrade_files::{FilesReport, upgrade_files};
 pub use walk::{DirProblems, walk};
 
 /// Errors of offline operations.

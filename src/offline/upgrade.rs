@@ -229,3 +229,17 @@ pub fn upgrade_dirs(cipherdir: &Path, vol: &Locked) -> Result<UpgradeReport, Adm
     let names = vol.config.names(vol.provider.as_ref())?;
     upgrade_dir_ids(cipherdir, &names).map_err(|e| AdminError::Other(e.to_string()))
 }
+
+/// `upgrade`, file contents: rewrites every format v1 file as v2
+/// ([`super::upgrade_files`]); files already v2 are skipped, so a run that
+/// was interrupted is finished by the next.
+pub fn upgrade_contents(
+    cipherdir: &Path,
+    vol: &Locked,
+    progress: impl FnMut(super::Progress),
+) -> Result<super::FilesReport, AdminError> {
+    let names = vol.config.names(vol.provider.as_ref())?;
+    let layout = vol.config.layout().ok_or_else(|| AdminError::Other("bad block or header size".into()))?;
+    super::upgrade_files(cipherdir, layout, vol.config.volume_id(), &names, vol.provider.as_ref(), progress)
+        .map_err(|e| AdminError::Other(e.to_string()))
+}
