@@ -5,7 +5,7 @@
 
 use std::io::{Read, Write};
 
-use super::block::{BlockAad, is_hole, open_in_place_v, seal_in_place_v};
+use super::block::{BlockAad, is_hole, open_in_place, open_in_place_v, seal_in_place_v};
 use super::header::FileHeader;
 use super::keys::{DataKey, WrappedKey};
 use super::layout::Layout;
@@ -27,7 +27,8 @@ pub enum StreamError {
     Corrupt(String),
 }
 
-fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+/// Reads until `buf` is full or the input ends; returns the bytes read.
+pub fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match r.read(&mut buf[n..]) {
@@ -91,11 +92,12 @@ pub fn encrypt(
     Ok(total)
 }
 
-/// Streams the blocks of a v2 file whose header `h` was read and whose DEK
-/// is `key` to plaintext. Every block is authenticated before its
-/// plaintext is written; a run of zero slots is written only once the
-/// marker after it proves it. A stale block that an interrupted update
-/// left is refused (`kmsfs fsck --repair` settles it first).
+/// Streams the blocks of a file whose header `h` was read (v1 or v2) and
+/// whose DEK is `key` to plaintext. Every block is authenticated before its
+/// plaintext is written. In v2, a run of zero slots is written only once
+/// the marker after it proves it, and a stale block that an interrupted
+/// update left is refused (`kmsfs fsck --repair` settles it first); in v1
+/// a zero slot before the last reads as zeros, as v1 holes do.
 pub fn decrypt(
     h: &FileHeader,
     key: &DataKey,
@@ -103,34 +105,37 @@ pub fn decrypt(
     output: &mut dyn Write,
 ) -> Result<u64, StreamError> {
     let bad = |s: String| StreamError::Corrupt(s);
-    let keys = FileKeys::derive(key, &h.file_id);
-    h.verify_state(&keys).map_err(|e| bad(e.to_string()))?;
-    let st = h.state().ok_or_else(|| bad("header state".into()))?;
-    let layout = Layout::new(h.header_size, h.block_log2).ok_or_else(|| bad("bad geometry".into()))?;
-    let sb = layout.stored_block() as usize;
-    let bs = layout.block_size() as usize;
-    let mut cur = vec![0u8; sb];
-    let mut next = vec![0u8; sb];
-    let mut n = read_full(input, &mut cur)?;
-    if n == 0 {
-        return Err(bad("block 0: missing (header without blocks: truncated)".into()));
+    let keys = (h.version == v2::VERSION).then(|| FileKeys::derive(key, &h.file_id));
+    match &keys {
+        Some(k) => h.verify_state(k),
+        None => h.verify(key),
     }
-    let (mut index, mut total) = (0u64, 0u64);
-    // A run of zero slots not yet proven: (first index, count).
-    let mut zeros: Option<(u64, u64)> = None;
+    .map_err(|e| bad(e.to_string()))?;
+    let st = h.state().unwrap_or_default();
+    let layout = Layout::new(h.header_size, h.block_log2).ok_or_else(|| bad("bad geometry".into()))?;
+    let bs = layout.block_size() as usize;
     let zero_block = vec![0u8; bs];
-    loop {
-        let m = if n == sb { read_full(input, &mut next)? } else { 0 };
-        let last = m == 0;
-        if n <= BLOCK_OVERHEAD {
-            return Err(bad(format!("block {index}: truncated")));
-        }
-        let chunk = &mut cur[..n];
+    let mut total = 0u64;
+    // v2: a run of zero slots not yet proven: (first index, count).
+    let mut zeros: Option<(u64, u64)> = None;
+    each_slot(input, layout.stored_block() as usize, |index, last, chunk| {
+        let n = chunk.len();
         let aad = BlockAad { file_id: &h.file_id, block_log2: h.block_log2, index, last };
+        let Some(keys) = &keys else {
+            // v1: a zero slot before the last is a hole.
+            let plain = match !last && is_hole(chunk) {
+                true => &zero_block[..n - BLOCK_OVERHEAD],
+                false => &*open_in_place(key, &aad, chunk)
+                    .map_err(|_| bad(format!("block {index}: authentication failed")))?,
+            };
+            output.write_all(plain)?;
+            total += plain.len() as u64;
+            return Ok(());
+        };
         if !last && is_hole(chunk) {
             let (start, count) = zeros.unwrap_or((index, 0));
             zeros = Some((start, count + 1));
-        } else if let Some((run_start, g)) = v2::open_marker(&keys, &aad, chunk) {
+        } else if let Some((run_start, g)) = v2::open_marker(keys, &aad, chunk) {
             if !st.accepts(g, last) || zeros.is_some_and(|(s, _)| run_start > s) {
                 return Err(bad(format!("block {index}: a marker that does not cover the holes before it")));
             }
@@ -153,13 +158,37 @@ pub fn decrypt(
             output.write_all(plain)?;
             total += plain.len() as u64;
         }
-        if last {
-            break;
+        Ok(())
+    })?;
+    output.flush()?;
+    Ok(total)
+}
+
+/// Calls `f(index, last, slot)` for each stored slot of `input` (`sb`
+/// bytes, the last one shorter), reading one slot ahead to know the last.
+fn each_slot(
+    input: &mut dyn Read,
+    sb: usize,
+    mut f: impl FnMut(u64, bool, &mut [u8]) -> Result<(), StreamError>,
+) -> Result<(), StreamError> {
+    let mut cur = vec![0u8; sb];
+    let mut next = vec![0u8; sb];
+    let mut n = read_full(input, &mut cur)?;
+    if n == 0 {
+        return Err(StreamError::Corrupt("block 0: missing (header without blocks: truncated)".into()));
+    }
+    let mut index = 0u64;
+    loop {
+        let m = if n == sb { read_full(input, &mut next)? } else { 0 };
+        if n <= BLOCK_OVERHEAD {
+            return Err(StreamError::Corrupt(format!("block {index}: truncated")));
+        }
+        f(index, m == 0, &mut cur[..n])?;
+        if m == 0 {
+            return Ok(());
         }
         std::mem::swap(&mut cur, &mut next);
         n = m;
         index += 1;
     }
-    output.flush()?;
-    Ok(total)
 }

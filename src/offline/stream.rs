@@ -7,24 +7,11 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::{OpError, io_err};
-use crate::format::block::{BlockAad, is_hole, open_in_place};
 use crate::format::header::FileHeader;
 use crate::format::layout::Layout;
+use crate::format::stream::read_full;
 use crate::format::{BLOCK_OVERHEAD, Id, NONCE_LEN, hex};
 use crate::keys::{KeyContext, KeyError, KeyProvider};
-
-fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
 
 /// Streams `input` into the per-file format in constant memory.
 pub fn encrypt_stream(
@@ -86,50 +73,10 @@ pub fn decrypt_stream(
     let h = peek_header(&head).map_err(corrupt)?;
     let ctx = KeyContext::file(h.volume_id, h.file_id);
     let key = provider.unwrap(&h.wrapped, &ctx)?;
-    if h.version == crate::format::v2::VERSION {
-        return crate::format::stream::decrypt(&h, &key, input, output).map_err(|e| match e {
-            crate::format::stream::StreamError::Io(source) => io(source),
-            crate::format::stream::StreamError::Corrupt(d) => corrupt(d),
-        });
-    }
-    h.verify(&key).map_err(|e| corrupt(e.to_string()))?;
-    let layout = Layout::new(h.header_size, h.block_log2).ok_or_else(|| corrupt("bad geometry".into()))?;
-    let sb = layout.stored_block() as usize;
-    let mut cur = vec![0u8; sb];
-    let mut next = vec![0u8; sb];
-    let mut n = read_full(input, &mut cur).map_err(io)?;
-    let mut index = 0u64;
-    let mut total = 0u64;
-    if n == 0 {
-        return Err(corrupt("block 0: missing (header without blocks: truncated)".into()));
-    }
-    loop {
-        let m = if n == sb { read_full(input, &mut next).map_err(io)? } else { 0 };
-        let last = m == 0;
-        if n <= BLOCK_OVERHEAD {
-            return Err(corrupt(format!("block {index}: truncated")));
-        }
-        let chunk = &mut cur[..n];
-        if !last && is_hole(chunk) {
-            let zeros = vec![0u8; n - BLOCK_OVERHEAD];
-            output.write_all(&zeros).map_err(io)?;
-            total += zeros.len() as u64;
-        } else {
-            let aad = BlockAad { file_id: &h.file_id, block_log2: h.block_log2, index, last };
-            let plain = open_in_place(&key, &aad, chunk)
-                .map_err(|_| corrupt(format!("block {index}: authentication failed")))?;
-            output.write_all(plain).map_err(io)?;
-            total += plain.len() as u64;
-        }
-        if last {
-            break;
-        }
-        std::mem::swap(&mut cur, &mut next);
-        n = m;
-        index += 1;
-    }
-    output.flush().map_err(io)?;
-    Ok(total)
+    crate::format::stream::decrypt(&h, &key, input, output).map_err(|e| match e {
+        crate::format::stream::StreamError::Io(source) => io(source),
+        crate::format::stream::StreamError::Corrupt(d) => corrupt(d),
+    })
 }
 
 /// `kmsfs inspect`: the header as JSON, no key needed.
