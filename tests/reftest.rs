@@ -72,10 +72,20 @@ fn name_idx() -> impl Strategy<Value = u8> {
     prop_oneof![12 => 0..6u8, 1 => 6..8u8]
 }
 
-fn path_sel() -> impl Strategy<Value = PathSel> {
+/// A path that names an existing entry more often than not.
+fn old_path() -> impl Strategy<Value = PathSel> {
+    path_sel(8, 2)
+}
+
+/// A path that names a free name more often than not.
+fn new_path() -> impl Strategy<Value = PathSel> {
+    path_sel(3, 6)
+}
+
+fn path_sel(existing: u32, in_dir: u32) -> impl Strategy<Value = PathSel> {
     prop_oneof![
-        4 => any::<usize>().prop_map(PathSel::Existing),
-        4 => (any::<usize>(), name_idx()).prop_map(|(d, n)| PathSel::InDir(d, n)),
+        existing => any::<usize>().prop_map(PathSel::Existing),
+        in_dir => (any::<usize>(), name_idx()).prop_map(|(d, n)| PathSel::InDir(d, n)),
         1 => prop::collection::vec(name_idx(), 1..4).prop_map(PathSel::Raw),
     ]
 }
@@ -98,25 +108,25 @@ fn op() -> impl Strategy<Value = Op> {
     let rename_flags = prop_oneof![4 => Just(0u32), 1 => Just(libc::RENAME_NOREPLACE), 1 => Just(libc::RENAME_EXCHANGE)];
     let xattr_flags = prop_oneof![2 => Just(0), 1 => Just(libc::XATTR_CREATE), 1 => Just(libc::XATTR_REPLACE)];
     prop_oneof![
-        4 => (path_sel(), any::<bool>(), any::<bool>()).prop_map(|(path, excl, trunc)| Op::Create { path, excl, trunc }),
-        2 => (path_sel(), any::<bool>(), prop::bool::weighted(0.2))
+        4 => (new_path(), any::<bool>(), any::<bool>()).prop_map(|(path, excl, trunc)| Op::Create { path, excl, trunc }),
+        2 => (old_path(), any::<bool>(), prop::bool::weighted(0.2))
             .prop_map(|(path, write, trunc)| Op::Open { path, write, trunc }),
         2 => any::<usize>().prop_map(|h| Op::Close { h }),
         5 => (any::<usize>(), offset(), length(), any::<u8>())
             .prop_map(|(h, off, len, seed)| Op::Write { h, off, len, seed }),
-        2 => (path_sel(), offset(), length(), any::<u8>())
+        2 => (old_path(), offset(), length(), any::<u8>())
             .prop_map(|(path, off, len, seed)| Op::WritePath { path, off, len, seed }),
         2 => (any::<usize>(), offset(), 0..9000u32).prop_map(|(h, off, len)| Op::Read { h, off, len }),
-        3 => (path_sel(), offset()).prop_map(|(path, size)| Op::Truncate { path, size }),
-        3 => path_sel().prop_map(|path| Op::Mkdir { path }),
-        2 => path_sel().prop_map(|path| Op::Rmdir { path }),
-        2 => path_sel().prop_map(|path| Op::Unlink { path }),
-        1 => (path_sel(), any::<u8>()).prop_map(|(path, target)| Op::Symlink { path, target }),
-        2 => (path_sel(), path_sel()).prop_map(|(from, to)| Op::Link { from, to }),
-        4 => (path_sel(), path_sel(), rename_flags).prop_map(|(from, to, flags)| Op::Rename { from, to, flags }),
-        2 => (path_sel(), 0..3u8, 0..300usize, any::<u8>(), xattr_flags)
+        3 => (old_path(), offset()).prop_map(|(path, size)| Op::Truncate { path, size }),
+        3 => new_path().prop_map(|path| Op::Mkdir { path }),
+        2 => old_path().prop_map(|path| Op::Rmdir { path }),
+        2 => old_path().prop_map(|path| Op::Unlink { path }),
+        1 => (new_path(), any::<u8>()).prop_map(|(path, target)| Op::Symlink { path, target }),
+        2 => (old_path(), new_path()).prop_map(|(from, to)| Op::Link { from, to }),
+        4 => (old_path(), new_path(), rename_flags).prop_map(|(from, to, flags)| Op::Rename { from, to, flags }),
+        2 => (old_path(), 0..3u8, 0..300usize, any::<u8>(), xattr_flags)
             .prop_map(|(path, name, len, seed, flags)| Op::SetXattr { path, name, len, seed, flags }),
-        1 => (path_sel(), 0..3u8).prop_map(|(path, name)| Op::RemoveXattr { path, name }),
+        1 => (old_path(), 0..3u8).prop_map(|(path, name)| Op::RemoveXattr { path, name }),
         2 => (any::<usize>(), offset(), any::<bool>()).prop_map(|(h, off, data)| Op::Lseek { h, off, data }),
     ]
 }
@@ -151,8 +161,18 @@ fn errno_name(e: i32) -> String {
     std::io::Error::from_raw_os_error(e).to_string()
 }
 
+/// Outcomes seen, per operation (`REFTEST_STATS=1` prints them): the
+/// generator must reach both successes and each errno.
+static OUTCOMES: std::sync::Mutex<BTreeMap<String, usize>> = std::sync::Mutex::new(BTreeMap::new());
+
 /// Both sides must agree: both fine, or the same errno.
 fn same<A: std::fmt::Debug, B: std::fmt::Debug>(what: &str, m: &Result<A, i32>, f: &Result<B, i32>) {
+    let op = what.split(' ').next().unwrap_or(what);
+    let outcome = match m {
+        Ok(_) => "ok".to_string(),
+        Err(e) => errno_name(*e).split(" (").next().unwrap_or_default().to_string(),
+    };
+    *OUTCOMES.lock().unwrap_or_else(|p| p.into_inner()).entry(format!("{op}: {outcome}")).or_default() += 1;
     match (m, f) {
         (Ok(_), Ok(_)) => {}
         (Err(a), Err(b)) if a == b => {}
@@ -484,8 +504,29 @@ fn run(ops: &[Op], encrypted_names: bool) {
     f.finish();
 }
 
+#[test]
+#[ignore = "prints what the generator reaches: REFTEST_STATS=1 cargo test --release --test reftest -- --ignored"]
+fn outcomes() {
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: cases(), ..Default::default() });
+    for enc in [false, true] {
+        runner.run(&prop::collection::vec(op(), 1..60), |ops| {
+            run(&ops, enc);
+            Ok(())
+        }).unwrap();
+    }
+    print_outcomes();
+}
+
 fn cases() -> u32 {
-    std::env::var("REFTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(64)
+    std::env::var("REFTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(256)
+}
+
+fn print_outcomes() {
+    if std::env::var_os("REFTEST_STATS").is_some() {
+        for (k, n) in OUTCOMES.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            eprintln!("{k}: {n}");
+        }
+    }
 }
 
 proptest! {
