@@ -2,14 +2,15 @@
 //! Reference-model tests of the filesystem core, as mountpoint-s3's
 //! reftests: proptest generates sequences of operations (create, open,
 //! write, read, truncate, rename with its flags, link, unlink, mkdir, rmdir,
-//! symlink, setxattr, removexattr, lseek SEEK_DATA/SEEK_HOLE, close), runs
-//! each on `EncFs` in-process and on a simple in-memory model, and after
-//! every operation compares the result (errno included) and the whole tree:
-//! directory listings, kinds, sizes, link counts, inode identity of hard
-//! links, contents, symlink targets and xattrs, plus the files still open
-//! (unlinked ones too), and the cipher dir's bookkeeping (no stray long-name
-//! side files or temporaries). Both name modes. No mount and no root: the
-//! core is called as `fuse.rs` calls it.
+//! symlink, setxattr, removexattr, lseek SEEK_DATA/SEEK_HOLE, close, and
+//! unmount then mount again), runs each on `EncFs` in-process and on a
+//! simple in-memory model, and after every operation compares the result
+//! (errno included) and the whole tree: directory listings, kinds, sizes,
+//! link counts, inode identity of hard links, contents, symlink targets and
+//! xattrs, plus the files still open (unlinked ones too), and the cipher
+//! dir's bookkeeping (no stray long-name side files or temporaries). Both
+//! name modes. No mount, no /dev/fuse and no root: the core is called as
+//! `fuse.rs` calls it. `REFTEST_CASES=N` sets the cases per name mode.
 
 #[path = "reftest/driver.rs"]
 mod driver;
@@ -66,6 +67,7 @@ enum Op {
     SetXattr { path: PathSel, name: u8, len: usize, seed: u8, flags: i32 },
     RemoveXattr { path: PathSel, name: u8 },
     Lseek { h: usize, off: u64, data: bool },
+    Remount,
 }
 
 fn name_idx() -> impl Strategy<Value = u8> {
@@ -105,7 +107,8 @@ fn length() -> impl Strategy<Value = usize> {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let rename_flags = prop_oneof![4 => Just(0u32), 1 => Just(libc::RENAME_NOREPLACE), 1 => Just(libc::RENAME_EXCHANGE)];
+    let rename_flags =
+        prop_oneof![4 => Just(0u32), 1 => Just(libc::RENAME_NOREPLACE), 1 => Just(libc::RENAME_EXCHANGE)];
     let xattr_flags = prop_oneof![2 => Just(0), 1 => Just(libc::XATTR_CREATE), 1 => Just(libc::XATTR_REPLACE)];
     prop_oneof![
         4 => (new_path(), any::<bool>(), any::<bool>()).prop_map(|(path, excl, trunc)| Op::Create { path, excl, trunc }),
@@ -128,6 +131,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(path, name, len, seed, flags)| Op::SetXattr { path, name, len, seed, flags }),
         1 => (old_path(), 0..3u8).prop_map(|(path, name)| Op::RemoveXattr { path, name }),
         2 => (any::<usize>(), offset(), any::<bool>()).prop_map(|(h, off, data)| Op::Lseek { h, off, data }),
+        1 => Just(Op::Remount),
     ]
 }
 
@@ -153,7 +157,8 @@ fn bytes(len: usize, seed: u8) -> Vec<u8> {
 }
 
 fn show(p: &[String]) -> String {
-    let short: Vec<String> = p.iter().map(|c| if c.len() > 8 { format!("{}x{}", &c[..1], c.len()) } else { c.clone() }).collect();
+    let short: Vec<String> =
+        p.iter().map(|c| if c.len() > 8 { format!("{}x{}", &c[..1], c.len()) } else { c.clone() }).collect();
     format!("/{}", short.join("/"))
 }
 
@@ -337,6 +342,13 @@ fn apply(m: &mut Model, f: &mut Driver, op: &Op) -> String {
             check_lseek(&w, m.data(m.handles[h].ino), *off, *data, f.block_size, f.lseek(h, *off, whence));
             w
         }
+        Op::Remount => {
+            while !m.handles.is_empty() {
+                m.close(0);
+            }
+            f.remount();
+            "remount".into()
+        }
     }
 }
 
@@ -426,7 +438,13 @@ fn check(m: &Model, f: &mut Driver, inos: &mut Inos, after: &str) {
                 Body::File(d) => {
                     assert_eq!(a.size, d.len() as u64, "{at}: size");
                     let back = f.read_all(a.ino, a.size).unwrap_or_else(|e| panic!("{at}: read: {}", errno_name(e)));
-                    assert!(back == *d, "{at}: contents differ (len {} vs {}, first at {:?})", back.len(), d.len(), first_diff(&back, d));
+                    assert!(
+                        back == *d,
+                        "{at}: contents differ (len {} vs {}, first at {:?})",
+                        back.len(),
+                        d.len(),
+                        first_diff(&back, d)
+                    );
                     xattrs_match(m, f, &at, c, a.ino);
                 }
                 Body::Symlink(t) => {
@@ -509,10 +527,12 @@ fn run(ops: &[Op], encrypted_names: bool) {
 fn outcomes() {
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: cases(), ..Default::default() });
     for enc in [false, true] {
-        runner.run(&prop::collection::vec(op(), 1..60), |ops| {
-            run(&ops, enc);
-            Ok(())
-        }).unwrap();
+        runner
+            .run(&prop::collection::vec(op(), 1..60), |ops| {
+                run(&ops, enc);
+                Ok(())
+            })
+            .unwrap();
     }
     print_outcomes();
 }

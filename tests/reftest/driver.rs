@@ -30,6 +30,7 @@ pub struct Driver {
     pub cipher: PathBuf,
     pub block_size: u64,
     caller: Caller,
+    provider: Arc<dyn KeyProvider>,
     /// Lookups handed out and not yet forgotten, per inode.
     lookups: HashMap<u64, u64>,
     /// Open files: (fh, ino), in the model's handle order.
@@ -45,34 +46,30 @@ impl Driver {
         let cipher = tmp.path().join("cipher");
         std::fs::create_dir(&cipher).expect("cipher dir");
         let key_file = tmp.path().join("volume.key");
-        let provider: Arc<dyn KeyProvider> =
-            Arc::new(LocalProvider::create_key_file(&key_file).expect("key file"));
+        let provider: Arc<dyn KeyProvider> = Arc::new(LocalProvider::create_key_file(&key_file).expect("key file"));
         let mut cfg = VolumeConfig::new(ProviderKind::Local, provider.key_id(), Some(key_file), 4096).expect("config");
         if encrypted_names {
             cfg.create_name_key(provider.as_ref()).expect("name key");
         }
         cfg.create_auth_key(provider.as_ref()).expect("auth key");
         cfg.store(&cipher).expect("store config");
-        let layout = cfg.layout().expect("layout");
-        let stats = Arc::new(KeyStats::default());
-        let age = Duration::from_secs(600);
-        let cache = Arc::new(KeyCache::new(provider.clone(), 64, age, stats.clone()));
-        let pool = KeyPool::start(provider.clone(), cfg.volume_id(), 0, 0, age, stats);
-        let names = Arc::new(cfg.names(provider.as_ref()).expect("names"));
-        let fs = EncFs::new(&cipher, layout, cfg.volume_id(), cache, pool, names, FsOptions { read_only: false })
-            .expect("EncFs");
+        let (fs, block_size) = mount(&cipher, &provider);
         // Whoever runs the test creates entries as itself (root or not).
         let md = std::fs::metadata(&cipher).expect("stat");
         let caller = Caller { uid: md.uid(), gid: md.gid() };
-        Self {
-            fs,
-            cipher,
-            block_size: layout.block_size(),
-            caller,
-            lookups: HashMap::new(),
-            handles: Vec::new(),
-            _tmp: tmp,
+        Self { fs, cipher, block_size, caller, provider, lookups: HashMap::new(), handles: Vec::new(), _tmp: tmp }
+    }
+
+    /// Unmounts (every handle closed, every lookup forgotten, keys dropped)
+    /// and mounts again from the config on disk: nothing may live only in
+    /// the old filesystem's memory.
+    pub fn remount(&mut self) {
+        while !self.handles.is_empty() {
+            self.close(0).expect("close");
         }
+        self.forget_all();
+        self.fs.shutdown();
+        self.fs = mount(&self.cipher, &self.provider).0;
     }
 
     fn counted(&mut self, a: Attr) -> Attr {
@@ -260,6 +257,21 @@ impl Driver {
         self.forget_all();
         self.fs.shutdown();
     }
+}
+
+/// The filesystem over `cipher`, as `kmsfs mount` builds it from the
+/// volume's config (no look-ahead pool: local keys are generated inline).
+fn mount(cipher: &Path, provider: &Arc<dyn KeyProvider>) -> (EncFs, u64) {
+    let cfg = VolumeConfig::load(cipher).expect("load config");
+    let layout = cfg.layout().expect("layout");
+    let stats = Arc::new(KeyStats::default());
+    let age = Duration::from_secs(600);
+    let cache = Arc::new(KeyCache::new(provider.clone(), 64, age, stats.clone()));
+    let pool = KeyPool::start(provider.clone(), cfg.volume_id(), 0, 0, age, stats);
+    let names = Arc::new(cfg.names(provider.as_ref()).expect("names"));
+    let fs =
+        EncFs::new(cipher, layout, cfg.volume_id(), cache, pool, names, FsOptions { read_only: false }).expect("EncFs");
+    (fs, layout.block_size())
 }
 
 pub fn last(path: &[String]) -> &str {
