@@ -34,7 +34,7 @@ const MAX_HANDLES: usize = 6;
 
 fn name(i: u8) -> String {
     match NAMES[i as usize % NAMES.len()] {
-        "" if i % 2 == 0 => "L".repeat(200),
+        "" if i.is_multiple_of(2) => "L".repeat(200),
         "" => "M".repeat(255),
         s => s.to_string(),
     }
@@ -428,7 +428,7 @@ fn check(m: &Model, f: &mut Driver, inos: &mut Inos, after: &str) {
         assert_eq!(got_names, want, "{at}: listing");
         xattrs_match(m, f, &at, mi, fi);
         for (n, &c) in m.entries(mi) {
-            let at = format!("{at}/{}", show(&[n.clone()]).trim_start_matches('/'));
+            let at = format!("{at}/{}", show(std::slice::from_ref(n)).trim_start_matches('/'));
             let a = f.lookup_in(fi, n).unwrap_or_else(|e| panic!("{at}: lookup: {}", errno_name(e)));
             inos.bind(&at, c, a.ino);
             assert_eq!(got[n].1, a.ino, "{at}: readdir and lookup disagree on the inode");
