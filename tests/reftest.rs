@@ -2,8 +2,8 @@
 //! Reference-model tests of the filesystem core, as mountpoint-s3's
 //! reftests: proptest generates sequences of operations (create, open,
 //! write, read, truncate, rename with its flags, link, unlink, mkdir, rmdir,
-//! symlink, setxattr, removexattr, lseek SEEK_DATA/SEEK_HOLE, close, and
-//! unmount then mount again), runs each on `EncFs` in-process and on a
+//! symlink, setxattr, removexattr, lseek SEEK_DATA/SEEK_HOLE, fallocate,
+//! copy_file_range, close, and unmount then mount again), runs each on `EncFs` in-process and on a
 //! simple in-memory model, and after every operation compares the result
 //! (errno included) and the whole tree: directory listings, kinds, sizes,
 //! link counts, inode identity of hard links, contents, symlink targets and
@@ -67,6 +67,8 @@ enum Op {
     SetXattr { path: PathSel, name: u8, len: usize, seed: u8, flags: i32 },
     RemoveXattr { path: PathSel, name: u8 },
     Lseek { h: usize, off: u64, data: bool },
+    Fallocate { h: usize, off: u64, len: u64, mode: i32 },
+    CopyRange { from: usize, off_in: u64, to: usize, off_out: u64, len: usize },
     Remount,
 }
 
@@ -106,6 +108,11 @@ fn length() -> impl Strategy<Value = usize> {
     prop_oneof![3 => 0..6000usize, 1 => Just(4096), 1 => 1..16usize]
 }
 
+fn falloc_mode() -> impl Strategy<Value = i32> {
+    use libc::{FALLOC_FL_KEEP_SIZE as KEEP, FALLOC_FL_PUNCH_HOLE as PUNCH, FALLOC_FL_ZERO_RANGE as ZERO};
+    prop_oneof![Just(0), Just(KEEP), Just(PUNCH | KEEP), Just(ZERO), Just(ZERO | KEEP)]
+}
+
 fn op() -> impl Strategy<Value = Op> {
     let rename_flags =
         prop_oneof![4 => Just(0u32), 1 => Just(libc::RENAME_NOREPLACE), 1 => Just(libc::RENAME_EXCHANGE)];
@@ -131,6 +138,10 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(path, name, len, seed, flags)| Op::SetXattr { path, name, len, seed, flags }),
         1 => (old_path(), 0..3u8).prop_map(|(path, name)| Op::RemoveXattr { path, name }),
         2 => (any::<usize>(), offset(), any::<bool>()).prop_map(|(h, off, data)| Op::Lseek { h, off, data }),
+        1 => (any::<usize>(), offset(), 1..9000u64, falloc_mode())
+            .prop_map(|(h, off, len, mode)| Op::Fallocate { h, off, len, mode }),
+        1 => (any::<usize>(), offset(), any::<usize>(), offset(), length())
+            .prop_map(|(from, off_in, to, off_out, len)| Op::CopyRange { from, off_in, to, off_out, len }),
         1 => Just(Op::Remount),
     ]
 }
@@ -340,6 +351,30 @@ fn apply(m: &mut Model, f: &mut Driver, op: &Op) -> String {
             let whence = if *data { libc::SEEK_DATA } else { libc::SEEK_HOLE };
             let w = format!("lseek #{h} {off} {}", if *data { "SEEK_DATA" } else { "SEEK_HOLE" });
             check_lseek(&w, m.data(m.handles[h].ino), *off, *data, f.block_size, f.lseek(h, *off, whence));
+            w
+        }
+        Op::Fallocate { h, off, len, mode } => {
+            let ws: Vec<usize> = (0..m.handles.len()).filter(|&i| m.handles[i].write).collect();
+            if ws.is_empty() {
+                return "fallocate (no writable handle)".into();
+            }
+            let h = ws[h % ws.len()];
+            let w = format!("fallocate #{h} {off}+{len} mode={mode:#x}");
+            m.fallocate(h, *off, *len, *mode);
+            same(&w, &Ok(()), &f.fallocate(h, *off, *len, *mode));
+            w
+        }
+        Op::CopyRange { from, off_in, to, off_out, len } => {
+            let ws: Vec<usize> = (0..m.handles.len()).filter(|&i| m.handles[i].write).collect();
+            if ws.is_empty() {
+                return "copy_file_range (no writable handle)".into();
+            }
+            let (from, to) = (from % m.handles.len(), ws[to % ws.len()]);
+            let w = format!("copy_file_range #{from} {off_in} -> #{to} {off_out} len={len}");
+            let n = m.copy_range(from, *off_in, to, *off_out, *len);
+            let r = f.copy_range(from, *off_in, to, *off_out, *len as u64);
+            same(&w, &Ok(()), &r);
+            assert_eq!(r, Ok(n as u32), "{w}: bytes copied");
             w
         }
         Op::Remount => {

@@ -211,6 +211,14 @@ impl Driver {
         self.fs.removexattr(a.ino, OsStr::new(name)).map_err(en)
     }
 
+    pub fn fallocate(&self, h: usize, off: u64, len: u64, mode: i32) -> R<()> {
+        self.fs.fallocate(self.handles[h].0, off, len, mode, self.caller).map_err(en)
+    }
+
+    pub fn copy_range(&self, from: usize, off_in: u64, to: usize, off_out: u64, len: u64) -> R<u32> {
+        self.fs.copy_range(self.handles[from].0, off_in, self.handles[to].0, off_out, len, self.caller).map_err(en)
+    }
+
     pub fn lseek(&self, h: usize, off: u64, whence: i32) -> R<u64> {
         self.fs.lseek(self.handles[h].0, off, whence).map_err(en)
     }

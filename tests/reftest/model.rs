@@ -273,6 +273,37 @@ impl Model {
         d[off as usize..end].copy_from_slice(data);
     }
 
+    /// fallocate(2) with mode 0, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE,
+    /// ZERO_RANGE, or ZERO_RANGE|KEEP_SIZE; `len` > 0.
+    pub fn fallocate(&mut self, h: usize, off: u64, len: u64, mode: i32) {
+        let d = self.data_mut(self.handles[h].ino);
+        let (size, end) = (d.len() as u64, off + len);
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        if mode == 0 {
+            if end > size {
+                d.resize(end as usize, 0);
+            }
+            return;
+        }
+        if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) == 0 {
+            return; // KEEP_SIZE alone preallocates: nothing to see
+        }
+        let stop = if keep { end.min(size) } else { end };
+        if stop > off {
+            if stop > size {
+                d.resize(stop as usize, 0);
+            }
+            d[off as usize..stop as usize].fill(0);
+        }
+    }
+
+    /// copy_file_range(2): what reading `from` gives, written to `to`.
+    pub fn copy_range(&mut self, from: usize, off_in: u64, to: usize, off_out: u64, len: usize) -> usize {
+        let data = self.read(from, off_in, len.min(1 << 20));
+        self.write(to, off_out, &data);
+        data.len()
+    }
+
     pub fn read(&self, h: usize, off: u64, len: usize) -> Vec<u8> {
         let d = self.data(self.handles[h].ino);
         let s = (off as usize).min(d.len());
