@@ -31,6 +31,8 @@ pub struct Driver {
     pub block_size: u64,
     caller: Caller,
     provider: Arc<dyn KeyProvider>,
+    /// `-o shared`: sizes and headers re-read from the backing files.
+    shared: bool,
     /// Lookups handed out and not yet forgotten, per inode.
     lookups: HashMap<u64, u64>,
     /// Open files: (fh, ino), in the model's handle order.
@@ -40,8 +42,9 @@ pub struct Driver {
 
 impl Driver {
     /// A fresh volume (local key file, 4 KiB blocks) with plaintext or
-    /// encrypted names, as `kmsfs init` makes it, and its filesystem.
-    pub fn new(encrypted_names: bool) -> Self {
+    /// encrypted names, as `kmsfs init` makes it, and its filesystem
+    /// (`-o shared` if `shared`).
+    pub fn new(encrypted_names: bool, shared: bool) -> Self {
         let tmp = tempfile::tempdir().expect("tempdir");
         let cipher = tmp.path().join("cipher");
         std::fs::create_dir(&cipher).expect("cipher dir");
@@ -53,11 +56,21 @@ impl Driver {
         }
         cfg.create_auth_key(provider.as_ref()).expect("auth key");
         cfg.store(&cipher).expect("store config");
-        let (fs, block_size) = mount(&cipher, &provider);
+        let (fs, block_size) = mount(&cipher, &provider, shared);
         // Whoever runs the test creates entries as itself (root or not).
         let md = std::fs::metadata(&cipher).expect("stat");
         let caller = Caller { uid: md.uid(), gid: md.gid() };
-        Self { fs, cipher, block_size, caller, provider, lookups: HashMap::new(), handles: Vec::new(), _tmp: tmp }
+        Self {
+            fs,
+            cipher,
+            block_size,
+            caller,
+            provider,
+            shared,
+            lookups: HashMap::new(),
+            handles: Vec::new(),
+            _tmp: tmp,
+        }
     }
 
     /// Unmounts (every handle closed, every lookup forgotten, keys dropped)
@@ -69,7 +82,7 @@ impl Driver {
         }
         self.forget_all();
         self.fs.shutdown();
-        self.fs = mount(&self.cipher, &self.provider).0;
+        self.fs = mount(&self.cipher, &self.provider, self.shared).0;
     }
 
     fn counted(&mut self, a: Attr) -> Attr {
@@ -269,7 +282,7 @@ impl Driver {
 
 /// The filesystem over `cipher`, as `kmsfs mount` builds it from the
 /// volume's config (no look-ahead pool: local keys are generated inline).
-fn mount(cipher: &Path, provider: &Arc<dyn KeyProvider>) -> (EncFs, u64) {
+fn mount(cipher: &Path, provider: &Arc<dyn KeyProvider>, shared: bool) -> (EncFs, u64) {
     let cfg = VolumeConfig::load(cipher).expect("load config");
     let layout = cfg.layout().expect("layout");
     let stats = Arc::new(KeyStats::default());
@@ -277,8 +290,9 @@ fn mount(cipher: &Path, provider: &Arc<dyn KeyProvider>) -> (EncFs, u64) {
     let cache = Arc::new(KeyCache::new(provider.clone(), 64, age, stats.clone()));
     let pool = KeyPool::start(provider.clone(), cfg.volume_id(), 0, 0, age, stats);
     let names = Arc::new(cfg.names(provider.as_ref()).expect("names"));
-    let fs =
-        EncFs::new(cipher, layout, cfg.volume_id(), cache, pool, names, FsOptions { read_only: false }).expect("EncFs");
+    let fs = EncFs::new(cipher, layout, cfg.volume_id(), cache, pool, names, FsOptions { read_only: false })
+        .expect("EncFs")
+        .with_shared(shared);
     (fs, layout.block_size())
 }
 
