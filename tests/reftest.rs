@@ -558,6 +558,39 @@ fn run(ops: &[Op], encrypted_names: bool, shared: bool) {
     f.finish();
 }
 
+/// Found by this test: rename(2) of one hard link over another of the
+/// same inode succeeds and changes nothing, but the core removed the
+/// source's long-name side file, so that name vanished from its directory.
+#[test]
+fn rename_of_a_hard_link_over_its_twin_keeps_both_names() {
+    let (d, long) = (PathSel::Raw(vec![3]), PathSel::Raw(vec![4]));
+    let ops = [
+        Op::Create { path: d.clone(), excl: false, trunc: false },
+        Op::Link { from: d.clone(), to: long.clone() },
+        Op::Rename { from: long.clone(), to: d.clone(), flags: 0 },
+        Op::Remount,
+        Op::Rename { from: long, to: d, flags: 0 },
+    ];
+    run(&ops, true, false);
+}
+
+/// Found by this test: fallocate(FALLOC_FL_ZERO_RANGE) on a new, empty
+/// file (or from past the end of one) failed with EIO for want of a key.
+#[test]
+fn zero_range_extends_an_empty_file() {
+    let path = PathSel::Raw(vec![0]);
+    let ops = [
+        Op::Create { path, excl: false, trunc: false },
+        Op::Fallocate { h: 0, off: 0, len: 1, mode: libc::FALLOC_FL_ZERO_RANGE },
+        Op::Write { h: 0, off: 0, len: 10, seed: 1 },
+        Op::Fallocate { h: 0, off: 5000, len: 100, mode: libc::FALLOC_FL_ZERO_RANGE },
+        Op::Fallocate { h: 0, off: 3, len: 9000, mode: libc::FALLOC_FL_ZERO_RANGE },
+    ];
+    for (enc, shared) in [(false, false), (true, false), (true, true)] {
+        run(&ops, enc, shared);
+    }
+}
+
 #[test]
 #[ignore = "prints what the generator reaches: REFTEST_STATS=1 cargo test --release --test reftest -- --ignored"]
 fn outcomes() {
