@@ -148,37 +148,36 @@ impl EncFs {
         }
         let end = off.checked_add(len).ok_or(FsError::TooLarge)?;
         const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // Only ZERO_RANGE without KEEP_SIZE grows the file, and an empty
+        // file then needs its first key, as a write would.
+        let grows = mode == libc::FALLOC_FL_ZERO_RANGE;
         match mode {
             0 => self.with_key_mut(&n, true, |enc, key| if end > enc.size() { enc.set_len(key, end) } else { Ok(()) }),
             libc::FALLOC_FL_KEEP_SIZE => Ok(()),
-            // Only ZERO_RANGE without KEEP_SIZE grows the file, and an empty
-            // file then needs its first key, as a write would.
-            PUNCH | libc::FALLOC_FL_ZERO_RANGE | 0x11 => {
-                self.with_key_mut(&n, mode == libc::FALLOC_FL_ZERO_RANGE, |enc, key| {
-                    let size = enc.size();
-                    let stop = if mode & libc::FALLOC_FL_KEEP_SIZE != 0 { end.min(size) } else { end };
-                    if stop <= off {
-                        return Ok(());
-                    }
-                    // Past the end, zeros are what an extension reads as.
-                    if off >= size {
-                        return enc.set_len(key, stop);
-                    }
-                    let Some(key) = key else { return if stop > size { Err(FileError::NeedKey) } else { Ok(()) } };
-                    let zeros = vec![0u8; (stop - off).min(1 << 20) as usize];
-                    let mut pos = off;
-                    let k = match key {
-                        KeyArg::Existing(k) => k,
-                        KeyArg::Fresh(_) => return Err(FileError::NeedKey),
-                    };
-                    while pos < stop {
-                        let l = (stop - pos).min(zeros.len() as u64) as usize;
-                        enc.write_at(KeyArg::Existing(k), pos, &zeros[..l])?;
-                        pos += l as u64;
-                    }
-                    Ok(())
-                })
-            }
+            PUNCH | libc::FALLOC_FL_ZERO_RANGE | 0x11 => self.with_key_mut(&n, grows, |enc, key| {
+                let size = enc.size();
+                let stop = if mode & libc::FALLOC_FL_KEEP_SIZE != 0 { end.min(size) } else { end };
+                if stop <= off {
+                    return Ok(());
+                }
+                // Past the end, zeros are what an extension reads as.
+                if off >= size {
+                    return enc.set_len(key, stop);
+                }
+                let Some(key) = key else { return if stop > size { Err(FileError::NeedKey) } else { Ok(()) } };
+                let zeros = vec![0u8; (stop - off).min(1 << 20) as usize];
+                let mut pos = off;
+                let k = match key {
+                    KeyArg::Existing(k) => k,
+                    KeyArg::Fresh(_) => return Err(FileError::NeedKey),
+                };
+                while pos < stop {
+                    let l = (stop - pos).min(zeros.len() as u64) as usize;
+                    enc.write_at(KeyArg::Existing(k), pos, &zeros[..l])?;
+                    pos += l as u64;
+                }
+                Ok(())
+            }),
             _ => Err(FsError::Unsupported),
         }
     }
