@@ -2,14 +2,14 @@
 //! Reference-model tests of the filesystem core, as mountpoint-s3's
 //! reftests: proptest generates sequences of operations (create, open,
 //! write, read, truncate, rename with its flags, link, unlink, mkdir, rmdir,
-//! symlink, setxattr, removexattr, lseek SEEK_DATA/SEEK_HOLE, fallocate,
-//! copy_file_range, close, and unmount then mount again), runs each on `EncFs` in-process and on a
-//! simple in-memory model, and after every operation compares the result
-//! (errno included) and the whole tree: directory listings, kinds, sizes,
-//! link counts, inode identity of hard links, contents, symlink targets and
-//! xattrs, plus the files still open (unlinked ones too), and the cipher
-//! dir's bookkeeping (no stray long-name side files or temporaries). Both
-//! name modes, and `-o shared`. No mount, no /dev/fuse and no root: the
+//! symlink, mknod of a FIFO, setxattr, removexattr, lseek SEEK_DATA and
+//! SEEK_HOLE, fallocate, copy_file_range, close, and unmount then mount
+//! again), runs each on `EncFs` in-process and on a simple in-memory model,
+//! and after every operation compares the result (errno included) and the
+//! whole tree: directory listings, kinds, sizes, link counts, inode identity
+//! of hard links, contents, symlink targets and xattrs, plus the files still
+//! open (unlinked ones too), and the cipher dir's bookkeeping (no stray
+//! long-name side files or temporaries). Both name modes, and `-o shared`. No mount, no /dev/fuse and no root: the
 //! core is called as `fuse.rs` calls it. `REFTEST_CASES=N` sets the cases
 //! per mode (192 by default: about 20 s in release on two cores).
 
@@ -63,6 +63,7 @@ enum Op {
     Rmdir { path: PathSel },
     Unlink { path: PathSel },
     Symlink { path: PathSel, target: u8 },
+    Mkfifo { path: PathSel },
     Link { from: PathSel, to: PathSel },
     Rename { from: PathSel, to: PathSel, flags: u32 },
     SetXattr { path: PathSel, name: u8, len: usize, seed: u8, flags: i32 },
@@ -133,6 +134,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => old_path().prop_map(|path| Op::Rmdir { path }),
         2 => old_path().prop_map(|path| Op::Unlink { path }),
         1 => (new_path(), any::<u8>()).prop_map(|(path, target)| Op::Symlink { path, target }),
+        1 => new_path().prop_map(|path| Op::Mkfifo { path }),
         2 => (old_path(), new_path()).prop_map(|(from, to)| Op::Link { from, to }),
         4 => (old_path(), new_path(), rename_flags).prop_map(|(from, to, flags)| Op::Rename { from, to, flags }),
         2 => (old_path(), 0..3u8, 0..300usize, any::<u8>(), xattr_flags)
@@ -210,7 +212,10 @@ fn make_room(m: &mut Model, f: &mut Driver) {
 }
 
 fn apply(m: &mut Model, f: &mut Driver, op: &Op) -> String {
-    let is_symlink = |m: &Model, p: &[String]| m.lookup(p).is_ok_and(|i| m.kind(i) == Kind::Symlink);
+    // The kernel follows a symlink before open or truncate, and refuses to
+    // truncate a FIFO; neither reaches the core as such.
+    let not_openable =
+        |m: &Model, p: &[String]| m.lookup(p).is_ok_and(|i| matches!(m.kind(i), Kind::Symlink | Kind::Fifo));
     match op {
         Op::Create { path, excl, trunc } => {
             let p = resolve(m, path);
@@ -223,8 +228,8 @@ fn apply(m: &mut Model, f: &mut Driver, op: &Op) -> String {
         Op::Open { path, write, trunc } => {
             let p = resolve(m, path);
             let w = format!("open {} write={write} trunc={trunc}", show(&p));
-            if is_symlink(m, &p) {
-                return w + " (symlink: the kernel would follow it; skipped)";
+            if not_openable(m, &p) {
+                return w + " (symlink or FIFO: skipped)";
             }
             make_room(m, f);
             same(&w, &m.open(&p, *write, *trunc), &f.open(&p, *write, *trunc));
@@ -256,8 +261,8 @@ fn apply(m: &mut Model, f: &mut Driver, op: &Op) -> String {
         Op::WritePath { path, off, len, seed } => {
             let p = resolve(m, path);
             let w = format!("write {} {off}+{len}", show(&p));
-            if is_symlink(m, &p) {
-                return w + " (symlink: skipped)";
+            if not_openable(m, &p) {
+                return w + " (symlink or FIFO: skipped)";
             }
             let data = bytes(*len, *seed);
             let a = m.lookup(&p).and_then(|i| match m.kind(i) {
@@ -287,8 +292,8 @@ fn apply(m: &mut Model, f: &mut Driver, op: &Op) -> String {
         Op::Truncate { path, size } => {
             let p = resolve(m, path);
             let w = format!("truncate {} {size}", show(&p));
-            if is_symlink(m, &p) {
-                return w + " (symlink: skipped)";
+            if not_openable(m, &p) {
+                return w + " (symlink or FIFO: skipped)";
             }
             same(&w, &m.truncate(&p, *size), &f.truncate(&p, *size));
             w
@@ -309,6 +314,12 @@ fn apply(m: &mut Model, f: &mut Driver, op: &Op) -> String {
             let p = resolve(m, path);
             let w = format!("unlink {}", show(&p));
             same(&w, &m.unlink(&p), &f.unlink(&p));
+            w
+        }
+        Op::Mkfifo { path } => {
+            let p = resolve(m, path);
+            let w = format!("mkfifo {}", show(&p));
+            same(&w, &m.mkfifo(&p), &f.mkfifo(&p));
             w
         }
         Op::Symlink { path, target } => {
@@ -445,6 +456,7 @@ fn fs_kind(k: Kind) -> FsKind {
         Kind::File => FsKind::File,
         Kind::Dir => FsKind::Dir,
         Kind::Symlink => FsKind::Symlink,
+        Kind::Fifo => FsKind::Fifo,
     }
 }
 
@@ -483,6 +495,7 @@ fn check(m: &Model, f: &mut Driver, inos: &mut Inos, after: &str) {
                     );
                     xattrs_match(m, f, &at, c, a.ino);
                 }
+                Body::Fifo => assert_eq!(a.size, 0, "{at}: FIFO size"),
                 Body::Symlink(t) => {
                     assert_eq!(a.size, t.len() as u64, "{at}: symlink size");
                     assert_eq!(f.fs.readlink(a.ino).map_err(|e| e.errno()).as_ref(), Ok(t), "{at}: target");

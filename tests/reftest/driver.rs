@@ -190,6 +190,13 @@ impl Driver {
         Ok(())
     }
 
+    pub fn mkfifo(&mut self, path: &[String]) -> R<()> {
+        let p = self.parent(path)?;
+        let a = self.fs.mknod(p, OsStr::new(last(path)), libc::S_IFIFO | 0o644, 0, self.caller).map_err(en)?;
+        self.counted(a);
+        Ok(())
+    }
+
     pub fn unlink(&mut self, path: &[String]) -> R<()> {
         let p = self.parent(path)?;
         self.fs.unlink(p, OsStr::new(last(path))).map_err(en)

@@ -15,6 +15,7 @@ pub enum Kind {
     File,
     Dir,
     Symlink,
+    Fifo,
 }
 
 #[derive(Clone, Debug)]
@@ -22,6 +23,7 @@ pub enum Body {
     File(Vec<u8>),
     Dir(BTreeMap<String, Ino>),
     Symlink(Vec<u8>),
+    Fifo,
 }
 
 #[derive(Clone, Debug)]
@@ -40,6 +42,7 @@ impl Inode {
             Body::File(_) => Kind::File,
             Body::Dir(_) => Kind::Dir,
             Body::Symlink(_) => Kind::Symlink,
+            Body::Fifo => Kind::Fifo,
         }
     }
 }
@@ -230,7 +233,7 @@ impl Model {
             Some(_) if excl => Err(libc::EEXIST),
             Some(i) => match self.kind(i) {
                 Kind::Dir => Err(libc::EISDIR),
-                Kind::Symlink => Err(libc::EEXIST),
+                Kind::Symlink | Kind::Fifo => Err(libc::EEXIST),
                 Kind::File => {
                     if trunc {
                         self.data_mut(i).clear();
@@ -246,7 +249,7 @@ impl Model {
         let i = self.lookup(path)?;
         match self.kind(i) {
             Kind::Dir => Err(libc::EISDIR),
-            Kind::Symlink => unreachable!("symlinks are not opened"),
+            Kind::Symlink | Kind::Fifo => unreachable!("symlinks and FIFOs are not opened"),
             Kind::File => {
                 if trunc && write {
                     self.data_mut(i).clear();
@@ -314,7 +317,7 @@ impl Model {
         let i = self.lookup(path)?;
         match self.kind(i) {
             Kind::Dir => Err(libc::EISDIR),
-            Kind::Symlink => unreachable!("symlinks are not truncated"),
+            Kind::Symlink | Kind::Fifo => unreachable!("symlinks and FIFOs are not truncated"),
             Kind::File => {
                 self.data_mut(i).resize(size as usize, 0);
                 Ok(())
@@ -340,6 +343,10 @@ impl Model {
 
     pub fn symlink(&mut self, path: &[String], target: &[u8]) -> R<()> {
         self.make(path, Body::Symlink(target.to_vec()))
+    }
+
+    pub fn mkfifo(&mut self, path: &[String]) -> R<()> {
+        self.make(path, Body::Fifo)
     }
 
     pub fn unlink(&mut self, path: &[String]) -> R<()> {
@@ -464,8 +471,8 @@ impl Model {
 
     pub fn setxattr(&mut self, path: &[String], name: &str, value: &[u8], flags: i32) -> R<()> {
         let i = self.lookup(path)?;
-        if self.kind(i) == Kind::Symlink {
-            return Err(libc::EPERM);
+        if matches!(self.kind(i), Kind::Symlink | Kind::Fifo) {
+            return Err(libc::EPERM); // user.* xattrs live on files and directories only
         }
         let exists = self.inode(i).xattrs.contains_key(name);
         if flags == libc::XATTR_CREATE && exists {
@@ -480,8 +487,8 @@ impl Model {
 
     pub fn removexattr(&mut self, path: &[String], name: &str) -> R<()> {
         let i = self.lookup(path)?;
-        if self.kind(i) == Kind::Symlink {
-            return Err(libc::EPERM);
+        if matches!(self.kind(i), Kind::Symlink | Kind::Fifo) {
+            return Err(libc::EPERM); // user.* xattrs live on files and directories only
         }
         self.inode_mut(i).xattrs.remove(name).map(|_| ()).ok_or(libc::ENODATA)
     }
