@@ -48,6 +48,8 @@ enum PathSel {
     Existing(usize),
     InDir(usize, u8),
     Raw(Vec<u8>),
+    /// An entry that has xattrs, if any does.
+    WithXattrs(usize),
 }
 
 #[derive(Clone, Debug)]
@@ -139,7 +141,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (old_path(), new_path(), rename_flags).prop_map(|(from, to, flags)| Op::Rename { from, to, flags }),
         2 => (old_path(), 0..3u8, 0..300usize, any::<u8>(), xattr_flags)
             .prop_map(|(path, name, len, seed, flags)| Op::SetXattr { path, name, len, seed, flags }),
-        1 => (old_path(), 0..3u8).prop_map(|(path, name)| Op::RemoveXattr { path, name }),
+        2 => (prop_oneof![3 => any::<usize>().prop_map(PathSel::WithXattrs), 1 => old_path()], 0..3u8)
+            .prop_map(|(path, name)| Op::RemoveXattr { path, name }),
         2 => (any::<usize>(), offset(), any::<bool>()).prop_map(|(h, off, data)| Op::Lseek { h, off, data }),
         1 => (any::<usize>(), offset(), 1..9000u64, falloc_mode())
             .prop_map(|(h, off, len, mode)| Op::Fallocate { h, off, len, mode }),
@@ -162,6 +165,10 @@ fn resolve(m: &Model, p: &PathSel) -> Vec<String> {
             p
         }
         PathSel::Raw(v) => v.iter().map(|&n| name(n)).collect(),
+        PathSel::WithXattrs(i) => {
+            let with: Vec<_> = m.all_paths().into_iter().filter(|(_, c)| !m.inode(*c).xattrs.is_empty()).collect();
+            if with.is_empty() { resolve(m, &PathSel::Existing(*i)) } else { with[i % with.len()].0.clone() }
+        }
     }
 }
 
@@ -350,7 +357,15 @@ fn apply(m: &mut Model, f: &mut Driver, op: &Op) -> String {
         }
         Op::RemoveXattr { path, name } => {
             let p = resolve(m, path);
-            let n = XATTRS[*name as usize % XATTRS.len()];
+            // Of an entry picked for its xattrs, one it has.
+            let has: Vec<String> = match (path, m.lookup(&p)) {
+                (PathSel::WithXattrs(_), Ok(i)) => m.inode(i).xattrs.keys().cloned().collect(),
+                _ => Vec::new(),
+            };
+            let n = match has.is_empty() {
+                true => XATTRS[*name as usize % XATTRS.len()],
+                false => has[*name as usize % has.len()].as_str(),
+            };
             let w = format!("removexattr {} {n}", show(&p));
             same(&w, &m.removexattr(&p, n), &f.removexattr(&p, n));
             w
