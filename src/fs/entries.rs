@@ -222,7 +222,14 @@ impl EncFs {
             return Err(e.into());
         }
         self.dirs_moved(moving, true);
-        if !exchange && (parent != newparent || from != to) {
+        // rename(2) of one hard link over another of the same inode succeeds
+        // and leaves both names: the source's side file goes only if its
+        // entry did (one stat, for long names only).
+        if !exchange
+            && (parent != newparent || from != to)
+            && from.side_file().is_some()
+            && sys::statat(pfd, &from.on_disk).is_err_and(|e| e.raw_os_error() == Some(libc::ENOENT))
+        {
             self.remove_side(&p, &from);
         }
         // Keep log names current; the O_PATH descriptors follow the inode.

@@ -153,14 +153,21 @@ impl EncFs {
         }
         let end = off.checked_add(len).ok_or(FsError::TooLarge)?;
         const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // Only ZERO_RANGE without KEEP_SIZE grows the file, and an empty
+        // file then needs its first key, as a write would.
+        let grows = mode == libc::FALLOC_FL_ZERO_RANGE;
         match mode {
             0 => self.with_key_mut(&n, true, |enc, key| if end > enc.size() { enc.set_len(key, end) } else { Ok(()) }),
             libc::FALLOC_FL_KEEP_SIZE => Ok(()),
-            PUNCH | libc::FALLOC_FL_ZERO_RANGE | 0x11 => self.with_key_mut(&n, false, |enc, key| {
+            PUNCH | libc::FALLOC_FL_ZERO_RANGE | 0x11 => self.with_key_mut(&n, grows, |enc, key| {
                 let size = enc.size();
                 let stop = if mode & libc::FALLOC_FL_KEEP_SIZE != 0 { end.min(size) } else { end };
                 if stop <= off {
                     return Ok(());
+                }
+                // Past the end, zeros are what an extension reads as.
+                if off >= size {
+                    return enc.set_len(key, stop);
                 }
                 let Some(key) = key else { return if stop > size { Err(FileError::NeedKey) } else { Ok(()) } };
                 let k = match key {

@@ -8,6 +8,8 @@
 pub mod aws_kms;
 pub mod branch;
 pub mod cache;
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod local;
 pub mod pool;
 pub mod stats;

@@ -257,7 +257,7 @@ impl KeyPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::cache::tests::MemProvider;
+    use crate::keys::fake::MemProvider;
     use std::sync::atomic::Ordering::SeqCst;
 
     #[test]
