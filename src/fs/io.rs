@@ -144,7 +144,8 @@ impl EncFs {
     }
 
     /// fallocate: mode 0 extends, KEEP_SIZE alone is a no-op (blocks are
-    /// written on demand), PUNCH_HOLE zeroes a range.
+    /// written on demand), PUNCH_HOLE and ZERO_RANGE make holes (format v2)
+    /// or zeros.
     pub fn fallocate(&self, fh: u64, off: u64, len: u64, mode: i32, caller: Caller) -> Result<(), FsError> {
         self.writable()?;
         let n = self.file_handle(fh)?;
@@ -175,14 +176,10 @@ impl EncFs {
                     KeyArg::Fresh(_) => return Err(FileError::NeedKey),
                 };
                 // Inside the file: holes (format v2) or sealed zeros; past
-                // its end (ZERO_RANGE without KEEP_SIZE): zeros that extend it.
+                // its end (ZERO_RANGE without KEEP_SIZE): an extension.
                 enc.punch(k, off, stop.min(size))?;
-                let zeros = vec![0u8; stop.saturating_sub(size).min(1 << 20) as usize];
-                let mut pos = size.max(off);
-                while pos < stop {
-                    let l = (stop - pos).min(zeros.len() as u64) as usize;
-                    enc.write_at(KeyArg::Existing(k), pos, &zeros[..l])?;
-                    pos += l as u64;
+                if stop > size {
+                    enc.set_len(Some(KeyArg::Existing(k)), stop)?;
                 }
                 Ok(())
             }),
