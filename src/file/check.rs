@@ -214,6 +214,8 @@ impl EncryptedFile {
             r.resealed.push(i);
         }
         self.file.sync_all()?;
+        // Repaired: the pending change is settled, whoever began it.
+        self.inherited = false;
         self.commit()?;
         self.file.sync_all()?;
         Ok(r)
@@ -237,6 +239,22 @@ impl EncryptedFile {
             j -= 1;
         }
         Ok(Some(j))
+    }
+
+    /// Before the first update of a v2 file whose pending length change
+    /// this object did not begin (a crash left it, or another mount): the
+    /// file is checked and repaired as `fsck --repair` would (stale last
+    /// blocks re-sealed as full ones, the last block re-sealed at a new
+    /// generation, the state committed), so the next length change starts
+    /// from a state with no leftovers. Reads the whole file once.
+    pub(super) fn settle(&mut self, key: &DataKey) -> Result<(), FileError> {
+        if !self.inherited || !self.is_v2() {
+            return Ok(());
+        }
+        let found = self.verify(key)?;
+        self.repair(key, &found)?;
+        self.inherited = false;
+        Ok(())
     }
 
     /// A nonce for a block `repair` re-seals: random (v1) or the next

@@ -193,6 +193,11 @@ pub struct EncryptedFile {
     size: u64,
     size_ok: bool,
     verified: AtomicBool,
+    /// v2: the header says a length change is pending, and not one this
+    /// object began: a crash (or another mount) left it. The first update
+    /// settles it (`settle`) before it changes anything, and only a pending
+    /// change of this object's own is ever committed.
+    inherited: bool,
     /// v2: the header state as this object last wrote or verified it.
     st: v2::State,
     /// v2: the subkeys, derived once the DEK is known.
@@ -230,6 +235,7 @@ impl EncryptedFile {
             size,
             size_ok,
             verified: AtomicBool::new(false),
+            inherited: st.pending(),
             st,
             keys: std::sync::OnceLock::new(),
             ctr_next: 0,
@@ -258,6 +264,7 @@ impl EncryptedFile {
     fn reset_file_state(&mut self) {
         self.keys = std::sync::OnceLock::new();
         self.st = self.header.as_ref().and_then(|h| h.state()).unwrap_or_default();
+        self.inherited = self.st.pending();
         (self.ctr_next, self.ctr_end) = (0, 0);
         self.forget_proofs();
     }
@@ -319,6 +326,7 @@ impl EncryptedFile {
             // The header keeps its identity (a key fetched for it still
             // fits); the new state is verified before its next use.
             self.st = h.state().unwrap_or_default();
+            self.inherited = self.st.pending();
             return Ok(false);
         }
         self.header = Some(std::sync::Arc::new(h));

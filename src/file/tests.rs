@@ -346,3 +346,35 @@ fn failed_or_crashed_updates_keep_earlier_data() {
     eprintln!("{fired} faults fired");
     assert!(fired > 500, "only {fired} faults fired");
 }
+
+/// A length change left pending by a crash is not this object's to
+/// commit: the next update settles it first (checks and repairs the file),
+/// so an overwrite and a commit after such a crash leave a file that reads
+/// whole. (Found by the kill -9 harness: the commit after an overwrite made
+/// the strict rule apply to a last block one generation behind.)
+#[test]
+fn a_pending_change_left_by_a_crash_is_settled_before_the_next_update() {
+    let fx = Fx::new();
+    let old = pattern(3 * B as usize + 100, 5);
+    for step in [Step::Reserve, Step::WriteNew, Step::WriteOld] {
+        let mut f = fx.file(&old);
+        f.commit().unwrap();
+        fault::arm(step, Fault::Crash);
+        assert!(f.write_at(KeyArg::Existing(&fx.key.key), old.len() as u64, &pattern(2 * B as usize, 6)).is_err());
+        assert!(fault::fired());
+        drop(f);
+        let mut f = fx.open();
+        assert!(f.state().pending(), "{step:?}: the crash left the change pending");
+        let got = f.read_at(Some(&fx.key.key), 0, 1 << 20).unwrap();
+        assert_eq!(&got[..old.len()], &old[..], "{step:?}");
+        f.write_at(KeyArg::Existing(&fx.key.key), 10, b"overwrite").unwrap();
+        f.commit().unwrap();
+        drop(f);
+        let f = fx.open();
+        assert!(!f.state().pending(), "{step:?}");
+        let got = f.read_at(Some(&fx.key.key), 0, 1 << 20).unwrap();
+        assert_eq!(&got[10..19], b"overwrite", "{step:?}");
+        assert_eq!(&got[19..old.len()], &old[19..], "{step:?}");
+        assert_eq!(f.verify(&fx.key.key).unwrap(), VerifyReport::default(), "{step:?}");
+    }
+}

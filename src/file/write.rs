@@ -139,7 +139,7 @@ impl EncryptedFile {
     /// generation's last block reads. Called at fsync, when the last writer
     /// closes, and after a truncate; cheap when nothing is pending.
     pub fn commit(&mut self) -> Result<(), FileError> {
-        if self.is_v2() && self.st.pending() && self.keys.get().is_some() {
+        if self.is_v2() && self.st.pending() && !self.inherited && self.keys.get().is_some() {
             self.st.flags &= !v2::FLAG_PENDING;
             self.write_state()?;
         }
@@ -238,6 +238,9 @@ impl EncryptedFile {
     /// last, or longer), is written last and on its own. A failed step puts
     /// the old last block's bytes and the old size back.
     pub fn write_at(&mut self, key: KeyArg<'_>, off: u64, data: &[u8]) -> Result<(), FileError> {
+        if let KeyArg::Existing(k) = key {
+            self.settle(k)?;
+        }
         let old = self.st;
         let fresh = self.header.is_none();
         self.forget_proofs();
@@ -516,6 +519,9 @@ impl EncryptedFile {
             return Ok(());
         }
         let key = key.ok_or(FileError::NeedKey)?;
+        if let KeyArg::Existing(k) = key {
+            self.settle(k)?;
+        }
         if new_size > self.size {
             return self.write_at(key, new_size - 1, &[0]);
         }
@@ -600,6 +606,7 @@ impl EncryptedFile {
     /// backing range is punched, so a crash in between leaves data or
     /// zeros, both readable. v1 files get sealed zero blocks.
     pub fn punch(&mut self, key: &DataKey, off: u64, end: u64) -> Result<(), FileError> {
+        self.settle(key)?;
         let end = end.min(self.size);
         if off >= end {
             return Ok(());
