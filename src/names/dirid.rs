@@ -1,7 +1,7 @@
 //! Directory IDs on disk: the two copies (xattr and `.kmsfs.dirid` file) of
 //! a directory's ID record, how they are read, checked, repaired and removed.
 //!
-//! Used by the mount (`fs`) and the offline tools (`ops`) alike, so neither
+//! Used by the mount (`fs`) and the offline tools (`offline`) alike, so neither
 //! needs the other.
 
 use std::ffi::OsStr;
