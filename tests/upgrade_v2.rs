@@ -1,8 +1,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! `kmsfs upgrade` rewrites format v1 files as v2: content, holes, mode,
-//! times and xattrs kept; hard-linked files reported and left v1; a second
-//! run finds nothing left to do (resume). The v1 files are written here
-//! with the v1 codec, as an older kmsfs wrote them.
+//! times and xattrs kept; a hard-linked file converted in place; a second
+//! run finds nothing left to do (resume). And a v1 file written through a
+//! mount becomes v2 at its first write. The v1 files are written here with
+//! the v1 codec, as an older kmsfs wrote them.
 
 mod common;
 
@@ -69,13 +70,12 @@ fn upgrade_rewrites_v1_files_as_v2_and_resumes() {
     let before = std::fs::metadata(v.cipher.join("a")).unwrap();
     assert_eq!(version(&v.cipher.join("a")), 1);
     let (code, out, err) = run_split(&["upgrade", p(&v.cipher), "--key-file", p(&v.key)]);
-    assert_eq!(code, 1, "a skipped file makes the exit code 1: {out}{err}");
-    assert!(out.contains("2 files rewritten in format v2"), "{out}");
-    assert!(out.contains("SKIPPED /linked") || out.contains("SKIPPED /linked2"), "{out}");
-    for f in ["a", "sparse"] {
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("3 files rewritten in format v2"), "{out}");
+    for f in ["a", "sparse", "linked"] {
         assert_eq!(version(&v.cipher.join(f)), 2, "{f} is v2 now");
     }
-    assert_eq!(version(&v.cipher.join("linked")), 1, "hard-linked: left v1");
+    assert_eq!(std::fs::metadata(v.cipher.join("linked2")).unwrap().nlink(), 2, "still one inode");
     let after = std::fs::metadata(v.cipher.join("a")).unwrap();
     assert_eq!(
         (after.mode(), after.uid(), after.mtime(), after.mtime_nsec()),
@@ -88,10 +88,10 @@ fn upgrade_rewrites_v1_files_as_v2_and_resumes() {
         assert!(std::fs::read(m.path("linked2")).unwrap() == a);
         assert_eq!(xattr_get(&m.path("a"), "user.note"), b"kept");
     }
-    // A second run (after an interrupted one, say) has nothing left but the link.
+    // A second run (after an interrupted one, say) has nothing left to do.
     let (code, out, _) = run_split(&["upgrade", p(&v.cipher), "--key-file", p(&v.key)]);
-    assert_eq!(code, 1);
-    assert!(out.contains("0 files rewritten in format v2, 2 already current, 2 skipped"), "{out}");
+    assert_eq!(code, 0);
+    assert!(out.contains("0 files rewritten in format v2, 4 already current, 0 skipped"), "{out}");
     let (code, out, err) = run_split(&["fsck", p(&v.cipher), "--key-file", p(&v.key)]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(!out.contains("ZEROED  /sparse"), "v2 holes are proven: {out}");
@@ -114,4 +114,35 @@ fn xattr_get(path: &Path, name: &str) -> Vec<u8> {
     assert!(r >= 0, "getxattr: {}", std::io::Error::last_os_error());
     buf.truncate(r as usize);
     buf
+}
+
+/// A v1 file written through a mount becomes v2 at its first write, with
+/// its old content and the new bytes; one that is only read stays v1.
+#[test]
+fn a_v1_file_becomes_v2_at_its_first_write() {
+    require_mount!();
+    let v = Volume::plain();
+    let data = pattern(5 * B + 9, 3);
+    write_v1(&v, &v.cipher.join("w"), &data, &[1]);
+    write_v1(&v, &v.cipher.join("r"), &data, &[]);
+    let mut want = data.clone();
+    want[B..2 * B].fill(0);
+    {
+        let m = v.mount("m", &[]);
+        assert!(std::fs::read(m.path("r")).unwrap() == data);
+        let f = std::fs::OpenOptions::new().write(true).open(m.path("w")).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(b"new", 3 * B as u64).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        want[3 * B..3 * B + 3].copy_from_slice(b"new");
+        assert!(std::fs::read(m.path("w")).unwrap() == want);
+    }
+    assert_eq!(version(&v.cipher.join("w")), 2, "written: v2");
+    assert_eq!(version(&v.cipher.join("r")), 1, "only read: still v1");
+    let m = v.mount("m", &[]);
+    assert!(std::fs::read(m.path("w")).unwrap() == want);
+    drop(m);
+    let (code, out, err) = run_split(&["fsck", p(&v.cipher), "--key-file", p(&v.key)]);
+    assert_eq!(code, 0, "{out}{err}");
 }

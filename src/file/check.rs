@@ -15,7 +15,7 @@ impl EncryptedFile {
             r.torn_bytes = self.file.metadata()?.len().saturating_sub(self.valid_backing());
         }
         if h.version == v2::VERSION {
-            return self.verify_v2(h, r);
+            return self.verify_v2(h, key, r);
         }
         let sb = self.layout.stored_block() as usize;
         let mut buf = vec![0u8; 2 * sb];
@@ -48,7 +48,12 @@ impl EncryptedFile {
 
     /// `verify` for a v2 file: proven holes and markers are fine; a stale
     /// last block counts only while a length change is pending.
-    pub(super) fn verify_v2(&self, h: &FileHeader, mut r: VerifyReport) -> Result<VerifyReport, FileError> {
+    pub(super) fn verify_v2(
+        &self,
+        h: &FileHeader,
+        key: &DataKey,
+        mut r: VerifyReport,
+    ) -> Result<VerifyReport, FileError> {
         let keys = self.keys.get().ok_or(FileError::NeedKey)?;
         let sb = self.layout.stored_block() as usize;
         let mut buf = vec![0u8; 2 * sb];
@@ -60,7 +65,7 @@ impl EncryptedFile {
                 continue;
             };
             if !is_last && is_hole(s) {
-                if !(self.st.holes() && self.hole_proven(h, i)?) {
+                if !(self.st.converting() || self.st.holes() && self.hole_proven(h, i)?) {
                     r.bad_blocks.push(i);
                 }
                 continue;
@@ -74,6 +79,10 @@ impl EncryptedFile {
                 continue;
             }
             if v2::open_marker(keys, &self.aad(h, i, is_last), s).is_some_and(|(_, g)| self.st.accepts(g, is_last)) {
+                continue;
+            }
+            if self.st.converting() && open_v1(key, &self.aad(h, i, is_last), &self.aad(h, i, true), s, work).is_some()
+            {
                 continue;
             }
             if self.st.pending()
@@ -248,12 +257,115 @@ impl EncryptedFile {
     /// generation, the state committed), so the next length change starts
     /// from a state with no leftovers. Reads the whole file once.
     pub(super) fn settle(&mut self, key: &DataKey) -> Result<(), FileError> {
-        if !self.inherited || !self.is_v2() {
-            return Ok(());
+        match self.header.as_ref().map(|h| h.version) {
+            // A v1 file is rewritten as v2 at its first update.
+            Some(FORMAT_VERSION) => return self.upgrade_in_place(key),
+            Some(v2::VERSION) if self.st.converting() => return self.convert_blocks(key),
+            Some(v2::VERSION) if self.inherited => {}
+            _ => return Ok(()),
         }
         let found = self.verify(key)?;
         self.repair(key, &found)?;
         self.inherited = false;
+        Ok(())
+    }
+
+    /// Rewrites this v1 file as v2 in place, at its first update (and for
+    /// `kmsfs upgrade` of a file with several hard links): the same file ID
+    /// and wrapped key, so no KMS call. The v2 header goes first, marked
+    /// `CONVERTING` and synced, so that from then on every block reads
+    /// whether it was rewritten yet or not (v1 blocks under the DEK, v1
+    /// holes); then every block is re-sealed in place, each run of v1 holes
+    /// closed by a marker; then the mark is cleared. A crash anywhere leaves
+    /// a file that reads, and its next update finishes the conversion. A
+    /// file with a torn tail stays v1 until `fsck --repair`.
+    pub fn upgrade_in_place(&mut self, key: &DataKey) -> Result<(), FileError> {
+        let Some(old) = self.header.clone() else { return Ok(()) };
+        if old.version != FORMAT_VERSION || !self.size_ok {
+            return Ok(());
+        }
+        self.check_key(key)?;
+        let blocks = self.layout.block_count(self.size);
+        let keys = FileKeys::derive(key, &old.file_id);
+        let mut h =
+            FileHeader::new_v2(old.block_log2, old.header_size, old.volume_id, old.file_id, old.wrapped.clone());
+        let top = blocks.checked_add(ctr_chunk()).filter(|&t| t <= v2::MAX_CTR).ok_or(FileError::TooLarge)?;
+        let st = v2::State { flags: v2::FLAG_CONVERTING | v2::FLAG_HOLES, lgen: 1, ctr_top: top };
+        h.seal_state(&keys, st);
+        let bytes = h.to_bytes()?;
+        // One write inside the first sector, on disk before any v2 block.
+        self.pwrite(Step::State, &bytes, 0)?;
+        self.file.sync_data()?;
+        self.header = Some(std::sync::Arc::new(h));
+        self.header_raw = bytes;
+        self.reset_file_state();
+        let _ = self.keys.set(keys);
+        (self.ctr_next, self.ctr_end) = (blocks, top);
+        self.verified.store(true, Ordering::Relaxed);
+        self.convert_blocks(key)
+    }
+
+    /// Finishes a conversion in place that a crash interrupted (for
+    /// `kmsfs upgrade`; an update does the same on its own).
+    pub fn finish_conversion(&mut self, key: &DataKey) -> Result<(), FileError> {
+        if self.is_v2() && self.st.converting() {
+            self.convert_blocks(key)?;
+            self.file.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// The body of a conversion in place, and how an interrupted one is
+    /// finished: block i is sealed with counter i at generation 1 (the same
+    /// nonce, key and content if a crash makes it run twice, so nothing is
+    /// ever sealed twice under one nonce with other content).
+    pub(super) fn convert_blocks(&mut self, key: &DataKey) -> Result<(), FileError> {
+        let h = self.header.clone().ok_or(FileError::NeedKey)?;
+        self.check_key(key)?;
+        let keys = self.keys.get().ok_or(FileError::NeedKey)?;
+        let blocks = self.layout.block_count(self.size);
+        let sb = self.layout.stored_block() as usize;
+        let mut buf = vec![0u8; 3 * sb];
+        let (stored, rest) = buf.split_at_mut(sb);
+        let (work, out) = rest.split_at_mut(sb);
+        let mut run: Option<u64> = None;
+        for i in 0..blocks {
+            let last = i + 1 == blocks;
+            let len = self.slot_len(i);
+            let s = self.read_slot(i, len, stored)?;
+            if !last && is_hole(s) {
+                run.get_or_insert(i);
+                continue;
+            }
+            let aad = self.aad(&h, i, last);
+            let w = &mut work[..len];
+            w.copy_from_slice(s);
+            let is_v2 = open_in_place_v(keys.block(), &aad, v2::VERSION, w).is_ok();
+            let marker = !is_v2 && v2::open_marker(keys, &aad, s).is_some();
+            if let Some(start) = run.take()
+                && !marker
+            {
+                // The v1 holes before this block get a marker in the slot
+                // just before it (a zero slot: it reads as zeros either way).
+                let m = &mut out[..sb];
+                v2::seal_marker(keys, &self.aad(&h, i - 1, false), start, self.st.lgen, m);
+                self.pwrite(Step::WriteOld, m, self.layout.block_offset(i - 1))?;
+            }
+            if is_v2 || marker {
+                continue;
+            }
+            let n = open_v1(key, &aad, &self.aad(&h, i, true), s, work)
+                .ok_or(FileError::Block { index: i, what: "authentication failed" })?;
+            let o = &mut out[..len];
+            o[NONCE_LEN..NONCE_LEN + n].copy_from_slice(&work[NONCE_LEN..NONCE_LEN + n]);
+            o[NONCE_LEN + n..len - TAG_LEN].fill(0);
+            seal_in_place_v(keys.block(), &aad, v2::VERSION, v2::nonce(self.st.lgen, i), o)?;
+            self.pwrite(Step::WriteOld, o, self.layout.block_offset(i))?;
+        }
+        self.file.sync_data()?;
+        self.st.flags &= !v2::FLAG_CONVERTING;
+        self.write_state()?;
+        self.forget_proofs();
         Ok(())
     }
 

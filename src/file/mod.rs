@@ -458,6 +458,24 @@ fn open_stale_slot(key: &DataKey, aad: &BlockAad<'_>, version: u8, stored: &[u8]
     None
 }
 
+/// Opens `stored` as a v1 block under the DEK, at its flag (`aad`) or as a
+/// v1 stale last block (`last_aad`), as a conversion in place may have left
+/// it; returns the plaintext length (at `work[NONCE_LEN..]`).
+fn open_v1(
+    key: &DataKey,
+    aad: &BlockAad<'_>,
+    last_aad: &BlockAad<'_>,
+    stored: &[u8],
+    work: &mut [u8],
+) -> Option<usize> {
+    let w = &mut work[..stored.len()];
+    w.copy_from_slice(stored);
+    if let Ok(p) = open_in_place(key, aad, w) {
+        return Some(p.len());
+    }
+    open_stale_slot(key, last_aad, FORMAT_VERSION, stored, work)
+}
+
 fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {
     f.read_exact_at(buf, off)
 }

@@ -129,7 +129,7 @@ impl EncryptedFile {
         if !is_last && is_hole(nonce) && is_hole(tag) && is_hole(plain) {
             // A hole: its "ciphertext" already reads as zeros. In v2 only
             // where a marker says the user made it.
-            if h.version != v2::VERSION || (self.st.holes() && self.hole_proven(h, index)?) {
+            if h.version != v2::VERSION || self.st.converting() || (self.st.holes() && self.hole_proven(h, index)?) {
                 return Ok(());
             }
             return Err(FileError::Block { index, what: "zeroed, and no hole marker covers it" });
@@ -194,6 +194,13 @@ impl EncryptedFile {
         if self.st.pending()
             && let Some(n) = open_stale_slot(keys.block(), &self.aad(h, index, true), v2::VERSION, stored, work)
             && self.st.accepts(v2::nonce_parts(stored).0, true)
+        {
+            out[..n].copy_from_slice(&work[NONCE_LEN..NONCE_LEN + n]);
+            out[n..].fill(0);
+            return Ok(());
+        }
+        if self.st.converting()
+            && let Some(n) = open_v1(key, &self.aad(h, index, is_last), &self.aad(h, index, true), stored, work)
         {
             out[..n].copy_from_slice(&work[NONCE_LEN..NONCE_LEN + n]);
             out[n..].fill(0);

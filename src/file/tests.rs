@@ -209,16 +209,12 @@ fn v2_nonces_never_repeat_across_sessions_and_reservations() {
     TEST_CTR_CHUNK.with(|c| c.set(CTR_CHUNK));
 }
 
-/// A v1 file (written through the v1 codec by hand) converts to v2
-/// with the same content, holes kept as holes, same file ID and key.
-#[test]
-fn v1_files_convert_to_v2() {
-    let fx = Fx::new();
-    let h = FileHeader::new(12, 256, VOL, fx.key.file_id, fx.key.wrapped.clone());
-    let mut hh = h.clone();
-    hh.seal(&fx.key.key).unwrap();
-    let mut bytes = hh.to_bytes().unwrap();
-    let data = pattern(5 * B as usize + 77, 3);
+/// Writes `data` as a v1 file (as an older kmsfs did), block 2 a v1 hole;
+/// returns what it reads as.
+fn write_v1_file(fx: &Fx, data: &[u8]) -> Vec<u8> {
+    let mut h = FileHeader::new(12, 256, VOL, fx.key.file_id, fx.key.wrapped.clone());
+    h.seal(&fx.key.key).unwrap();
+    let mut bytes = h.to_bytes().unwrap();
     let blocks = data.len().div_ceil(B as usize);
     for (i, c) in data.chunks(B as usize).enumerate() {
         let aad = BlockAad { file_id: &fx.key.file_id, block_log2: 12, index: i as u64, last: i + 1 == blocks };
@@ -228,9 +224,51 @@ fn v1_files_convert_to_v2() {
         }
         bytes.extend(crate::format::block::seal_block(&fx.key.key, &aad, c).unwrap());
     }
-    let mut want = data.clone();
+    let mut want = data.to_vec();
     want[2 * B as usize..3 * B as usize].fill(0);
     std::fs::write(fx.dir.path().join("f"), &bytes).unwrap();
+    want
+}
+
+/// A v1 file becomes v2 at its first update, in place; a crash at any
+/// step of the conversion leaves a file that reads as before, and the next
+/// update finishes the conversion.
+#[test]
+fn v1_files_convert_in_place_at_their_first_update_and_survive_a_crash() {
+    let fx = Fx::new();
+    let data = pattern(6 * B as usize + 5, 9);
+    for (step, f) in [(None, Fault::Crash), (Some(Step::State), Fault::Crash), (Some(Step::WriteOld), Fault::Crash)] {
+        let want = write_v1_file(&fx, &data);
+        let mut file = fx.open();
+        assert!(!file.is_v2());
+        if let Some(s) = step {
+            fault::arm(s, f);
+            assert!(file.write_at(KeyArg::Existing(&fx.key.key), 7, b"x").is_err(), "{step:?}");
+            assert!(fault::fired());
+            drop(file);
+            file = fx.open();
+            let got = file.read_at(Some(&fx.key.key), 0, 1 << 20).unwrap();
+            assert!(got == want, "{step:?}: reads as before after the crash");
+        }
+        file.write_at(KeyArg::Existing(&fx.key.key), 7, b"x").unwrap();
+        file.commit().unwrap();
+        assert!(file.is_v2() && !file.state().converting(), "{step:?}");
+        drop(file);
+        let file = fx.open();
+        let mut w = want.clone();
+        w[7] = b'x';
+        assert!(file.read_at(Some(&fx.key.key), 0, 1 << 20).unwrap() == w, "{step:?}");
+        assert_eq!(file.verify(&fx.key.key).unwrap(), VerifyReport::default(), "{step:?}");
+    }
+}
+
+/// A v1 file (written through the v1 codec by hand) converts to v2
+/// with the same content, holes kept as holes, same file ID and key.
+#[test]
+fn v1_files_convert_to_v2() {
+    let fx = Fx::new();
+    let data = pattern(5 * B as usize + 77, 3);
+    let want = write_v1_file(&fx, &data);
     let v1 = fx.open();
     assert!(!v1.is_v2());
     assert_eq!(v1.read_at(Some(&fx.key.key), 0, 1 << 20).unwrap(), want);

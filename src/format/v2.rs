@@ -39,7 +39,11 @@ pub const FLAG_PENDING: u8 = 1;
 /// Header state flag: the file has (or had) holes, so zero blocks may be
 /// covered by markers. Without it every zero block is an error.
 pub const FLAG_HOLES: u8 = 2;
-const KNOWN_FLAGS: u8 = FLAG_PENDING | FLAG_HOLES;
+/// Header state flag: a v1 file is being rewritten as v2 in place; blocks
+/// not rewritten yet are v1 blocks under the DEK, and zero slots are v1
+/// holes. Cleared when every block is v2.
+pub const FLAG_CONVERTING: u8 = 4;
+const KNOWN_FLAGS: u8 = FLAG_PENDING | FLAG_HOLES | FLAG_CONVERTING;
 const STATE_LABEL: &[u8; 4] = b"KMSH";
 const MARKER_LABEL: &[u8; 4] = b"KMSM";
 
@@ -86,6 +90,12 @@ impl State {
     /// Whether zero blocks may be holes.
     pub fn holes(&self) -> bool {
         self.flags & FLAG_HOLES != 0
+    }
+
+    /// Whether v1 blocks (and v1 holes) may remain: a conversion in place
+    /// was interrupted.
+    pub fn converting(&self) -> bool {
+        self.flags & FLAG_CONVERTING != 0
     }
 
     /// Whether a block sealed at generation `g` may stand at its place:
@@ -245,7 +255,7 @@ mod tests {
         let s = State { flags: FLAG_PENDING | FLAG_HOLES, lgen: MAX_LGEN, ctr_top: MAX_CTR };
         assert_eq!(State::decode(&s.encode()), Some(s));
         let mut b = s.encode();
-        b[0] |= 4;
+        b[0] |= 8;
         assert_eq!(State::decode(&b), None);
     }
 

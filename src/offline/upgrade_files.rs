@@ -20,8 +20,8 @@ pub struct FilesReport {
     pub upgraded: u64,
     /// Files that were v2 already (or empty), left as they are.
     pub current: u64,
-    /// Files that could not be upgraded, with the reason (a hard-linked
-    /// file, a damaged one, a key that does not unwrap). They stay v1.
+    /// Files that could not be upgraded, with the reason (a damaged one, a
+    /// key that does not unwrap). They stay v1.
     pub skipped: Vec<(String, String)>,
 }
 
@@ -31,8 +31,10 @@ pub struct FilesReport {
 /// so no new KMS key), given the old file's mode, owner, xattrs and times,
 /// fsynced, and renamed over it, so a crash leaves the old file or the new
 /// one (and a temporary file that `fsck --repair` removes). A file with
-/// more than one hard link is skipped: a rename would split the link. Files
-/// already v2 are skipped, so an interrupted run is finished by the next.
+/// more than one hard link is rewritten in place instead
+/// (`EncryptedFile::upgrade_in_place`), since a rename would split the
+/// link. Files already v2 are skipped, and a conversion in place that was
+/// interrupted is finished, so the next run completes an interrupted one.
 pub fn upgrade_files(
     cipherdir: &Path,
     layout: Layout,
@@ -68,15 +70,32 @@ fn upgrade_one_file(
     let f = open_backing(cipherdir, e, false).map_err(|e| e.to_string())?;
     let md = f.metadata().map_err(|e| e.to_string())?;
     let enc = EncryptedFile::open(f, layout, volume_id).map_err(|e| e.to_string())?;
-    if md.len() == 0 || enc.is_v2() {
+    if md.len() == 0 || (enc.is_v2() && !enc.state().converting()) {
         r.current += 1;
         return Ok(());
     }
-    if md.nlink() > 1 {
-        return Err(format!("{} hard links: left as format v1", md.nlink()));
+    if enc.is_v2() {
+        // An interrupted conversion in place: finish it.
+        let (Some(h), Some(ctx)) = (enc.header(), enc.key_context()) else { return Err("no header".into()) };
+        let key = provider.unwrap(&h.wrapped, &ctx).map_err(|e| e.to_string())?;
+        let f = open_backing(cipherdir, e, true).map_err(|e| e.to_string())?;
+        let mut enc = EncryptedFile::open(f, layout, volume_id).map_err(|e| e.to_string())?;
+        enc.finish_conversion(&key).map_err(|e| e.to_string())?;
+        r.upgraded += 1;
+        return Ok(());
     }
     let (Some(h), Some(ctx)) = (enc.header(), enc.key_context()) else { return Err("no header".into()) };
     let key = provider.unwrap(&h.wrapped, &ctx).map_err(|e| e.to_string())?;
+    if md.nlink() > 1 {
+        // A rename would split the link: rewrite the one inode in place
+        // (a crash leaves it readable; the next run finishes it).
+        let f = open_backing(cipherdir, e, true).map_err(|e| e.to_string())?;
+        let mut enc = EncryptedFile::open(f, layout, volume_id).map_err(|e| e.to_string())?;
+        enc.upgrade_in_place(&key).map_err(|e| e.to_string())?;
+        enc.sync(false).map_err(|e| e.to_string())?;
+        r.upgraded += 1;
+        return Ok(());
+    }
     let root = crate::sys::openat(libc::AT_FDCWD, cipherdir.as_os_str(), libc::O_PATH | libc::O_DIRECTORY, 0)
         .map_err(|e| e.to_string())?;
     let parent = e.rel.parent().filter(|p| !p.as_os_str().is_empty()).map(|p| p.as_os_str()).unwrap_or(".".as_ref());
