@@ -109,12 +109,15 @@ fn u48(b: &[u8]) -> u64 {
     b.iter().fold(0u64, |a, &x| a << 8 | u64::from(x))
 }
 
-fn block_aad(fid: &[u8], index: u64, last: bool) -> Vec<u8> {
+/// `"KMSB" || 02 || log2(B) || file ID || index || last || generation`
+/// (the file's lgen for the last block, 0 for the others).
+fn block_aad(fid: &[u8], index: u64, last: bool, lgen: u64) -> Vec<u8> {
     let mut a = b"KMSB".to_vec();
     a.extend_from_slice(&[2, 12]);
     a.extend_from_slice(fid);
     a.extend_from_slice(&index.to_be_bytes());
     a.push(u8::from(last));
+    a.extend_from_slice(&(if last { lgen } else { 0 }).to_be_bytes());
     a
 }
 
@@ -128,9 +131,12 @@ struct Keys {
     kstate: [u8; 32],
 }
 
-fn derive(dek: &[u8; 32], fid: [u8; 16]) -> Keys {
+fn derive(dek: &[u8; 32], fid: [u8; 16], epoch: u16) -> Keys {
     let salt = b"kmsfs-v2-file-keys";
-    Keys { kblock: hkdf32(salt, dek, &[b"block", &fid]), kstate: hkdf32(salt, dek, &[b"state", &fid]) }
+    Keys {
+        kblock: hkdf32(salt, dek, &[b"block", &fid, &epoch.to_be_bytes()]),
+        kstate: hkdf32(salt, dek, &[b"state", &fid]),
+    }
 }
 
 /// Decodes a whole v2 file: `Err` names the first thing that fails.
@@ -159,11 +165,15 @@ fn raw_decode(kek: &[u8; 32], f: &[u8]) -> Result<Vec<u8>, String> {
     aad.extend_from_slice(&fid);
     let dek: [u8; 32] =
         gcm_open(kek, &f[p..p + wlen], &aad).ok_or("wrapped key")?.try_into().map_err(|_| "dek length")?;
-    let k = derive(&dek, fid);
+    // State: flags (1) || lgen (u40) || epoch (u16) || seals (u32).
+    let (flags, lgen, epoch) = (state[0], u48(&state[1..6]), u48(&state[6..8]) as u16);
+    if flags & !7 != 0 || flags & 4 != 0 {
+        return Err("state flags (or a conversion in progress)".into());
+    }
+    let k = derive(&dek, fid, epoch);
     if hmac(&k.kstate, &[b"KMSH", &f[..40], state])[..16] != f[52..68] {
         return Err("header state tag".into());
     }
-    let (flags, lgen, ctr_top) = (state[0], u48(&state[1..7]), u48(&state[7..12]));
     let pending = flags & 1 != 0;
     let body = f.len() - H;
     let (n, r) = (body / SB, body % SB);
@@ -204,11 +214,9 @@ fn raw_decode(kek: &[u8; 32], f: &[u8]) -> Result<Vec<u8>, String> {
             out.extend(std::iter::repeat_n(0u8, s.len() - 28));
             continue;
         }
-        if let Some(p) = gcm_open(&k.kblock, s, &block_aad(&fid, i, last)) {
-            let (g, c) = (u48(&s[..6]), u48(&s[6..12]));
-            if !gen_ok(g, last) || c >= ctr_top {
-                return Err(format!("block {i}: generation"));
-            }
+        // The last block carries lgen (or lgen - 1 while pending).
+        let gens: &[u64] = if last && pending && lgen > 0 { &[lgen, lgen - 1] } else { &[lgen] };
+        if let Some(p) = gens.iter().find_map(|&g| gcm_open(&k.kblock, s, &block_aad(&fid, i, last, g))) {
             out.extend_from_slice(&p);
         } else if marker(i, last).is_some() {
             out.extend(std::iter::repeat_n(0u8, s.len() - 28));
@@ -222,7 +230,7 @@ fn raw_decode(kek: &[u8; 32], f: &[u8]) -> Result<Vec<u8>, String> {
 /// Builds a v2 file from scratch: `plain` in full blocks at generation 1,
 /// counters 0.., with blocks `holes` left as a hole run closed by a marker.
 fn raw_build(kek: &[u8; 32], fid: [u8; 16], dek: [u8; 32], plain: &[u8], hole_run: Option<(u64, u64)>) -> Vec<u8> {
-    let k = derive(&dek, fid);
+    let k = derive(&dek, fid, 0);
     let mut f = Vec::new();
     f.extend_from_slice(b"KMSF");
     f.extend_from_slice(&[2, 12]);
@@ -230,7 +238,7 @@ fn raw_build(kek: &[u8; 32], fid: [u8; 16], dek: [u8; 32], plain: &[u8], hole_ru
     f.extend_from_slice(&VOLUME);
     f.extend_from_slice(&fid);
     let flags = if hole_run.is_some() { 2 } else { 0 };
-    let state = [flags, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0x10, 0]; // lgen 1, ctr_top 4096
+    let state = [flags, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0x10, 0]; // lgen 1, epoch 0, seals 4096
     f.extend_from_slice(&state);
     let tag = hmac(&k.kstate, &[b"KMSH", &f[..40], &state]);
     f.extend_from_slice(&tag[..16]);
@@ -264,9 +272,8 @@ fn raw_build(kek: &[u8; 32], fid: [u8; 16], dek: [u8; 32], plain: &[u8], hole_ru
             }
             _ => {
                 let mut nonce = [0u8; 12];
-                nonce[..6].copy_from_slice(&1u64.to_be_bytes()[2..]);
-                nonce[6..].copy_from_slice(&i.to_be_bytes()[2..]);
-                f.extend_from_slice(&gcm_seal(&k.kblock, &nonce, &block_aad(&fid, i, last), chunk));
+                nonce[4..].copy_from_slice(&i.to_be_bytes()); // any unique nonce
+                f.extend_from_slice(&gcm_seal(&k.kblock, &nonce, &block_aad(&fid, i, last, 1), chunk));
             }
         }
     }

@@ -37,7 +37,7 @@ impl EncryptedFile {
             if open_in_place(key, &self.aad(h, i, is_last), w).is_ok() {
                 continue;
             }
-            if open_stale_slot(key, &self.aad(h, i, true), FORMAT_VERSION, s, work).is_some() {
+            if open_stale_slot(key, &self.aad(h, i, true).bytes(), s, work).is_some() {
                 r.stale_blocks.push(i);
             } else {
                 r.bad_blocks.push(i);
@@ -47,7 +47,8 @@ impl EncryptedFile {
     }
 
     /// `verify` for a v2 file: proven holes and markers are fine; a stale
-    /// last block counts only while a length change is pending.
+    /// last block counts only while a length change is pending; while
+    /// converting, blocks under the previous key are fine too.
     pub(super) fn verify_v2(
         &self,
         h: &FileHeader,
@@ -70,27 +71,21 @@ impl EncryptedFile {
                 }
                 continue;
             }
-            let w = &mut work[..s.len()];
-            w.copy_from_slice(s);
-            if open_in_place_v(keys.block(), &self.aad(h, i, is_last), v2::VERSION, w).is_ok() {
-                if self.check_gen(i, s, is_last).is_err() {
-                    r.bad_blocks.push(i);
+            if let Some((_, stale)) = self.open_v2_slot(h, keys.block(), i, is_last, s, work, true) {
+                if stale {
+                    r.stale_blocks.push(i);
                 }
                 continue;
             }
             if v2::open_marker(keys, &self.aad(h, i, is_last), s).is_some_and(|(_, g)| self.st.accepts(g, is_last)) {
                 continue;
             }
-            if self.st.converting() && open_v1(key, &self.aad(h, i, is_last), &self.aad(h, i, true), s, work).is_some()
-            {
-                continue;
-            }
-            if self.st.pending()
-                && open_stale_slot(keys.block(), &self.aad(h, i, true), v2::VERSION, s, work).is_some()
-                && self.st.accepts(v2::nonce_parts(s).0, true)
-            {
-                r.stale_blocks.push(i);
-            } else {
+            let previous = self.st.converting()
+                && match self.prev_key(h, key) {
+                    Some(prev) => self.open_v2_slot(h, prev, i, is_last, s, work, true).is_some(),
+                    None => open_v1(key, &self.aad(h, i, is_last), &self.aad(h, i, true), s, work).is_some(),
+                };
+            if !previous {
                 r.bad_blocks.push(i);
             }
         }
@@ -114,13 +109,40 @@ impl EncryptedFile {
         if n <= BLOCK_OVERHEAD {
             return None;
         }
-        let (v, bkey) = (h.version, self.bkey(key));
-        // A v2 repair takes a block of any earlier generation (a power loss
-        // may have kept an older last block) and re-seals it as current.
-        let gen_ok = |s: &[u8]| v != v2::VERSION || v2::nonce_parts(s).0 <= self.st.lgen;
+        let bkey = self.bkey(key);
+        if h.version == v2::VERSION {
+            // A v2 repair keeps a data block sealed as the last one at this
+            // or one of the two generations before (a power loss may keep
+            // the commit and lose the update's blocks), a full not-last
+            // block, a marker, or a stale last block; never a bare zero
+            // slot, which no marker after it can prove any more.
+            let gens = (0..3).filter_map(|d| self.st.lgen.checked_sub(d));
+            for g in gens.clone() {
+                let w = &mut work[..n];
+                w.copy_from_slice(stored);
+                if open_in_place_v(bkey, &self.aad_bytes(h, index, true, g), w).is_ok() {
+                    return Some((n - BLOCK_OVERHEAD, g != self.st.lgen));
+                }
+            }
+            let w = &mut work[..n];
+            w.copy_from_slice(stored);
+            if full && open_in_place_v(bkey, &self.aad_bytes(h, index, false, 0), w).is_ok() {
+                return Some((n - BLOCK_OVERHEAD, true));
+            }
+            if let Some(keys) = self.keys.get()
+                && [true, false].iter().any(|&l| v2::open_marker(keys, &self.aad(h, index, l), stored).is_some())
+            {
+                work[..n].fill(0);
+                return Some((n - BLOCK_OVERHEAD, true));
+            }
+            return gens
+                .clone()
+                .find_map(|g| open_stale_slot(bkey, &self.aad_bytes(h, index, true, g), stored, work))
+                .map(|p| (p, true));
+        }
         let attempt = |last: bool, work: &mut [u8]| {
             work[..n].copy_from_slice(stored);
-            open_in_place_v(bkey, &self.aad(h, index, last), v, &mut work[..n]).is_ok() && gen_ok(stored)
+            open_in_place(bkey, &self.aad(h, index, last), &mut work[..n]).is_ok()
         };
         if attempt(true, work) {
             return Some((n - BLOCK_OVERHEAD, false));
@@ -132,13 +154,7 @@ impl EncryptedFile {
             work[..n].fill(0);
             return Some((n - BLOCK_OVERHEAD, true));
         }
-        if let Some(keys) = self.keys.get().filter(|_| v == v2::VERSION)
-            && [true, false].iter().any(|&l| v2::open_marker(keys, &self.aad(h, index, l), stored).is_some())
-        {
-            work[..n].fill(0);
-            return Some((n - BLOCK_OVERHEAD, true));
-        }
-        open_stale_slot(bkey, &self.aad(h, index, true), v, stored, work).filter(|_| gen_ok(stored)).map(|p| (p, true))
+        open_stale_slot(bkey, &self.aad(h, index, true).bytes(), stored, work).map(|p| (p, true))
     }
 
     /// Repairs what a torn write or an interrupted update leaves, for
@@ -162,6 +178,10 @@ impl EncryptedFile {
         let mut buf = vec![0u8; 2 * sb as usize];
         let (stored, work) = buf.split_at_mut(sb as usize);
         let mut keep = None;
+        // A torn tail leaves at most one partial block (its size may even
+        // look valid), so the block before it may be kept. What is cut is
+        // reported; only `fsck --repair` and `settle` (for a crash's
+        // leftovers, see there) call this.
         for i in (slots.saturating_sub(2)..slots).rev() {
             let off = self.layout.block_offset(i);
             let s = &mut stored[..(backing - off).min(sb) as usize];
@@ -197,9 +217,10 @@ impl EncryptedFile {
             match run {
                 Some(start) => self.seal_marker(last, true, start, &mut work[..n + BLOCK_OVERHEAD])?,
                 None => {
-                    let nonce = self.repair_nonce()?;
+                    let nonce = self.repair_nonce(key)?;
                     let w = &mut work[..n + BLOCK_OVERHEAD];
-                    seal_in_place_v(self.bkey(key), &self.aad(&h, last, true), v, nonce, w)?;
+                    let aad = self.aad_bytes(&h, last, true, self.st.lgen);
+                    seal_in_place_v(self.bkey(key), &aad, nonce, w)?;
                 }
             }
             work[n + BLOCK_OVERHEAD..slot_len].fill(0);
@@ -215,10 +236,19 @@ impl EncryptedFile {
         for &i in found.stale_blocks.iter().filter(|&&i| i < last) {
             let off = self.layout.block_offset(i);
             read_exact_at(&self.file, stored, off)?;
-            let Some(n) = open_stale_slot(self.bkey(key), &self.aad(&h, i, true), v, stored, work) else { continue };
+            // (This repair already began a new generation: the stale block
+            // carries one of the two before it.)
+            let stale = match v {
+                v2::VERSION => (1..4)
+                    .filter_map(|d| self.st.lgen.checked_sub(d))
+                    .find_map(|g| open_stale_slot(self.bkey(key), &self.aad_bytes(&h, i, true, g), stored, work)),
+                _ => open_stale_slot(self.bkey(key), &self.aad(&h, i, true).bytes(), stored, work),
+            };
+            let Some(n) = stale else { continue };
             work[NONCE_LEN + n..NONCE_LEN + bs].fill(0);
-            let nonce = self.repair_nonce()?;
-            seal_in_place_v(self.bkey(key), &self.aad(&h, i, false), v, nonce, work)?;
+            let nonce = self.repair_nonce(key)?;
+            let aad = self.aad_bytes(&h, i, false, 0);
+            seal_in_place_v(self.bkey(key), &aad, nonce, work)?;
             self.file.write_all_at(work, off)?;
             r.resealed.push(i);
         }
@@ -265,6 +295,15 @@ impl EncryptedFile {
             _ => return Ok(()),
         }
         let found = self.verify(key)?;
+        // Only what a crash leaves is settled here: stale blocks, and a torn
+        // last block of the change in flight. Other damage is for fsck to
+        // report, never for an update to hide.
+        let torn_last = found.bad_blocks == [self.layout.block_count(self.size).saturating_sub(1)];
+        if let Some(&index) = found.bad_blocks.first()
+            && !(torn_last && self.st.pending())
+        {
+            return Err(FileError::Block { index, what: "damaged (kmsfs fsck reports it; the update is refused)" });
+        }
         self.repair(key, &found)?;
         self.inherited = false;
         Ok(())
@@ -286,11 +325,11 @@ impl EncryptedFile {
         }
         self.check_key(key)?;
         let blocks = self.layout.block_count(self.size);
-        let keys = FileKeys::derive(key, &old.file_id);
+        let keys = FileKeys::derive(key, &old.file_id, 0);
         let mut h =
             FileHeader::new_v2(old.block_log2, old.header_size, old.volume_id, old.file_id, old.wrapped.clone());
-        let top = blocks.checked_add(ctr_chunk()).filter(|&t| t <= v2::MAX_CTR).ok_or(FileError::TooLarge)?;
-        let st = v2::State { flags: v2::FLAG_CONVERTING | v2::FLAG_HOLES, lgen: 1, ctr_top: top };
+        let seals = blocks.checked_add(ctr_chunk()).filter(|&t| t <= seal_budget()).ok_or(FileError::TooLarge)?;
+        let st = v2::State { flags: v2::FLAG_CONVERTING | v2::FLAG_HOLES, lgen: 1, epoch: 0, seals };
         h.seal_state(&keys, st);
         let bytes = h.to_bytes()?;
         // One write inside the first sector, on disk before any v2 block.
@@ -300,7 +339,7 @@ impl EncryptedFile {
         self.header_raw = bytes;
         self.reset_file_state();
         let _ = self.keys.set(keys);
-        (self.ctr_next, self.ctr_end) = (blocks, top);
+        self.seals_left = ctr_chunk();
         self.verified.store(true, Ordering::Relaxed);
         self.convert_blocks(key)
     }
@@ -315,10 +354,33 @@ impl EncryptedFile {
         Ok(())
     }
 
-    /// The body of a conversion in place, and how an interrupted one is
-    /// finished: block i is sealed with counter i at generation 1 (the same
-    /// nonce, key and content if a crash makes it run twice, so nothing is
-    /// ever sealed twice under one nonce with other content).
+    /// Re-keys a v2 file whose seal count reached the budget: the next
+    /// epoch's key, `CONVERTING` set and synced (blocks under the previous
+    /// key still read), every block re-sealed, the mark cleared. A crash
+    /// leaves a file that reads; its next update finishes the re-key.
+    pub(super) fn rekey(&mut self, key: &DataKey) -> Result<(), FileError> {
+        let h = self.header.clone().ok_or(FileError::NeedKey)?;
+        let epoch = self.st.epoch + 1;
+        if epoch > v2::MAX_EPOCH {
+            return Err(FileError::TooLarge);
+        }
+        let blocks = self.layout.block_count(self.size);
+        self.st.epoch = epoch;
+        self.st.seals = blocks;
+        self.st.flags |= v2::FLAG_CONVERTING;
+        self.keys = std::sync::OnceLock::new();
+        self.prev_keys = std::sync::OnceLock::new();
+        let _ = self.keys.set(FileKeys::derive(key, &h.file_id, epoch));
+        self.write_state()?;
+        self.file.sync_data()?;
+        self.seals_left = 0;
+        self.convert_blocks(key)
+    }
+
+    /// The body of a conversion (v1 to v2, or a re-key), and how an
+    /// interrupted one is finished: each block not yet under the current
+    /// key is re-sealed under it (random nonce), and each run of zero slots
+    /// that no marker closes (v1 holes) gets one in its last slot.
     pub(super) fn convert_blocks(&mut self, key: &DataKey) -> Result<(), FileError> {
         let h = self.header.clone().ok_or(FileError::NeedKey)?;
         self.check_key(key)?;
@@ -328,6 +390,7 @@ impl EncryptedFile {
         let mut buf = vec![0u8; 3 * sb];
         let (stored, rest) = buf.split_at_mut(sb);
         let (work, out) = rest.split_at_mut(sb);
+        let mut nonces = [0u8; NONCE_LEN];
         let mut run: Option<u64> = None;
         for i in 0..blocks {
             let last = i + 1 == blocks;
@@ -337,45 +400,43 @@ impl EncryptedFile {
                 run.get_or_insert(i);
                 continue;
             }
-            let aad = self.aad(&h, i, last);
-            let w = &mut work[..len];
-            w.copy_from_slice(s);
-            let is_v2 = open_in_place_v(keys.block(), &aad, v2::VERSION, w).is_ok();
-            let marker = !is_v2 && v2::open_marker(keys, &aad, s).is_some();
+            let current = self.open_v2_slot(&h, keys.block(), i, last, s, work, false).is_some();
+            let marker = !current && v2::open_marker(keys, &self.aad(&h, i, last), s).is_some();
             if let Some(start) = run.take()
                 && !marker
             {
-                // The v1 holes before this block get a marker in the slot
-                // just before it (a zero slot: it reads as zeros either way).
+                // v1 holes before this block get a marker in the slot just
+                // before it (a zero slot: it reads as zeros either way).
                 let m = &mut out[..sb];
                 v2::seal_marker(keys, &self.aad(&h, i - 1, false), start, self.st.lgen, m);
                 self.pwrite(Step::WriteOld, m, self.layout.block_offset(i - 1))?;
             }
-            if is_v2 || marker {
+            if current || marker {
                 continue;
             }
-            let n = open_v1(key, &aad, &self.aad(&h, i, true), s, work)
-                .ok_or(FileError::Block { index: i, what: "authentication failed" })?;
+            let n = match self.prev_key(&h, key) {
+                Some(prev) => self.open_v2_slot(&h, prev, i, last, s, work, true).map(|(n, _)| n),
+                None => open_v1(key, &self.aad(&h, i, last), &self.aad(&h, i, true), s, work),
+            }
+            .ok_or(FileError::Block { index: i, what: "authentication failed" })?;
             let o = &mut out[..len];
             o[NONCE_LEN..NONCE_LEN + n].copy_from_slice(&work[NONCE_LEN..NONCE_LEN + n]);
             o[NONCE_LEN + n..len - TAG_LEN].fill(0);
-            seal_in_place_v(keys.block(), &aad, v2::VERSION, v2::nonce(self.st.lgen, i), o)?;
+            random_fill(&mut nonces).map_err(|_| FileError::Random)?;
+            seal_in_place_v(keys.block(), &self.aad_bytes(&h, i, last, self.st.lgen), nonces, o)?;
             self.pwrite(Step::WriteOld, o, self.layout.block_offset(i))?;
         }
         self.file.sync_data()?;
         self.st.flags &= !v2::FLAG_CONVERTING;
         self.write_state()?;
+        self.prev_keys = std::sync::OnceLock::new();
         self.forget_proofs();
         Ok(())
     }
 
-    /// A nonce for a block `repair` re-seals: random (v1) or the next
-    /// counter at the current generation (v2).
-    pub(super) fn repair_nonce(&mut self) -> Result<[u8; NONCE_LEN], FileError> {
-        if self.is_v2() {
-            let c = self.take_ctrs(1)?;
-            return Ok(v2::nonce(self.st.lgen, c));
-        }
+    /// A nonce for a block `repair` re-seals: random, and counted (v2).
+    pub(super) fn repair_nonce(&mut self, key: &DataKey) -> Result<[u8; NONCE_LEN], FileError> {
+        self.take_seals(key, 1)?;
         let mut n = [0u8; NONCE_LEN];
         random_fill(&mut n).map_err(|_| FileError::Random)?;
         Ok(n)

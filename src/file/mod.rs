@@ -142,8 +142,8 @@ enum Step {
     State,
 }
 
-/// Counters a v2 writer reserves at a time: one header write (and one
-/// fdatasync) per this many sealed blocks, or per write session.
+/// Seals a v2 writer counts in the header at a time: one 28-byte header
+/// write per this many sealed blocks, or per write session.
 const CTR_CHUNK: u64 = 1 << 20;
 
 #[cfg(not(test))]
@@ -151,12 +151,24 @@ fn ctr_chunk() -> u64 {
     CTR_CHUNK
 }
 
-// Tests lower the reservation to cross it often.
+#[cfg(not(test))]
+fn seal_budget() -> u64 {
+    v2::SEAL_BUDGET
+}
+
+// Tests lower the count step and the budget to re-key often.
 #[cfg(test)]
-thread_local! { static TEST_CTR_CHUNK: std::cell::Cell<u64> = const { std::cell::Cell::new(CTR_CHUNK) }; }
+thread_local! {
+    static TEST_CTR_CHUNK: std::cell::Cell<u64> = const { std::cell::Cell::new(CTR_CHUNK) };
+    static TEST_BUDGET: std::cell::Cell<u64> = const { std::cell::Cell::new(v2::SEAL_BUDGET) };
+}
 #[cfg(test)]
 fn ctr_chunk() -> u64 {
     TEST_CTR_CHUNK.with(|c| c.get())
+}
+#[cfg(test)]
+fn seal_budget() -> u64 {
+    TEST_BUDGET.with(|c| c.get())
 }
 
 /// What a v2 slot holds, for the updates that keep holes provable.
@@ -200,11 +212,12 @@ pub struct EncryptedFile {
     inherited: bool,
     /// v2: the header state as this object last wrote or verified it.
     st: v2::State,
-    /// v2: the subkeys, derived once the DEK is known.
+    /// v2: the subkeys of the state's epoch, derived once the DEK is known.
     keys: std::sync::OnceLock<FileKeys>,
-    /// v2: this writer's reserved counters, `ctr_next..ctr_end`.
-    ctr_next: u64,
-    ctr_end: u64,
+    /// v2, while converting: the previous epoch's subkeys (epoch > 0).
+    prev_keys: std::sync::OnceLock<FileKeys>,
+    /// v2: seals this writer counted in the header and has not made yet.
+    seals_left: u64,
     /// v2: a run of hole blocks `start..marker` already proven by its marker.
     proven: std::sync::Mutex<Option<(u64, u64)>>,
 }
@@ -238,8 +251,8 @@ impl EncryptedFile {
             inherited: st.pending(),
             st,
             keys: std::sync::OnceLock::new(),
-            ctr_next: 0,
-            ctr_end: 0,
+            prev_keys: std::sync::OnceLock::new(),
+            seals_left: 0,
             proven: std::sync::Mutex::new(None),
         })
     }
@@ -263,9 +276,10 @@ impl EncryptedFile {
     /// Drops what belonged to the previous header (a new file ID).
     fn reset_file_state(&mut self) {
         self.keys = std::sync::OnceLock::new();
+        self.prev_keys = std::sync::OnceLock::new();
         self.st = self.header.as_ref().and_then(|h| h.state()).unwrap_or_default();
         self.inherited = self.st.pending();
-        (self.ctr_next, self.ctr_end) = (0, 0);
+        self.seals_left = 0;
         self.forget_proofs();
     }
 
@@ -366,7 +380,7 @@ impl EncryptedFile {
         let h = self.header.as_ref().ok_or(FileError::NeedKey)?;
         if !self.verified.load(Ordering::Relaxed) {
             if h.version == v2::VERSION {
-                let keys = self.keys.get_or_init(|| FileKeys::derive(key, &h.file_id));
+                let keys = self.keys.get_or_init(|| FileKeys::derive(key, &h.file_id, self.st.epoch));
                 // The state as stored (which `st` mirrors): another mount
                 // may have changed it since the header was parsed.
                 let raw = self.header_raw.get(STATE_RANGE).ok_or(HeaderError::Truncated)?;
@@ -396,6 +410,26 @@ impl EncryptedFile {
 
     fn aad<'h>(&self, h: &'h FileHeader, index: u64, last: bool) -> BlockAad<'h> {
         BlockAad { file_id: &h.file_id, block_log2: self.layout.block_log2(), index, last }
+    }
+
+    /// The AAD bytes of block `index`: v1's, or v2's with the generation
+    /// (`generation` for the last block, 0 for the others).
+    fn aad_bytes(&self, h: &FileHeader, index: u64, last: bool, generation: u64) -> AadBytes {
+        let a = self.aad(h, index, last);
+        if h.version == v2::VERSION {
+            AadBytes::V2(v2::aad(&a, if last { generation } else { 0 }))
+        } else {
+            AadBytes::V1(a.bytes())
+        }
+    }
+
+    /// v2, converting: the key the blocks not rewritten yet are under (the
+    /// previous epoch's; for epoch 0 the v1 DEK, with v1 AADs).
+    fn prev_key<'a>(&'a self, h: &FileHeader, key: &'a DataKey) -> Option<&'a DataKey> {
+        match self.st.epoch {
+            0 => None,
+            e => Some(self.prev_keys.get_or_init(|| FileKeys::derive(key, &h.file_id, e - 1)).block()),
+        }
     }
 
     fn last_index(&self) -> Option<u64> {
@@ -446,12 +480,12 @@ impl EncryptedFile {
 /// tag may end in zero bytes. Returns the plaintext length; the plaintext is
 /// at `work[NONCE_LEN..]`, which must be as long as `stored`. Only called
 /// after the block failed to open as it should.
-fn open_stale_slot(key: &DataKey, aad: &BlockAad<'_>, version: u8, stored: &[u8], work: &mut [u8]) -> Option<usize> {
+fn open_stale_slot(key: &DataKey, aad: &[u8], stored: &[u8], work: &mut [u8]) -> Option<usize> {
     let z = stored.iter().rposition(|&b| b != 0).map_or(0, |p| p + 1);
     for l in z.max(BLOCK_OVERHEAD + 1)..=(z + TAG_LEN - 1).min(stored.len()) {
         let w = &mut work[..l];
         w.copy_from_slice(&stored[..l]);
-        if open_in_place_v(key, aad, version, w).is_ok() {
+        if open_in_place_v(key, aad, w).is_ok() {
             return Some(l - BLOCK_OVERHEAD);
         }
     }
@@ -473,7 +507,23 @@ fn open_v1(
     if let Ok(p) = open_in_place(key, aad, w) {
         return Some(p.len());
     }
-    open_stale_slot(key, last_aad, FORMAT_VERSION, stored, work)
+    open_stale_slot(key, &last_aad.bytes(), stored, work)
+}
+
+/// A block's AAD: v1's 31 bytes or v2's 39.
+enum AadBytes {
+    V1([u8; crate::format::block::AAD_LEN]),
+    V2([u8; v2::AAD_LEN]),
+}
+
+impl std::ops::Deref for AadBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::V1(a) => a,
+            Self::V2(a) => a,
+        }
+    }
 }
 
 fn read_exact_at(f: &File, buf: &mut [u8], off: u64) -> std::io::Result<()> {

@@ -134,24 +134,44 @@ impl EncryptedFile {
             }
             return Err(FileError::Block { index, what: "zeroed, and no hole marker covers it" });
         }
-        let v = h.version;
-        if open_detached_v(self.bkey(key), &self.aad(h, index, is_last), v, nonce, tag, plain).is_ok() {
-            if v == v2::VERSION {
-                self.check_gen(index, nonce, is_last)?;
-            }
+        let aad = self.aad_bytes(h, index, is_last, self.st.lgen);
+        if open_detached_v(self.bkey(key), &aad, nonce, tag, plain).is_ok() {
             return Ok(());
         }
         self.open_fallback(h, key, index, is_last, plain)
     }
 
-    /// A v2 block that authenticated must also come from a generation the
-    /// header allows at its place, with a counter the header reserved.
-    pub(super) fn check_gen(&self, index: u64, nonce: &[u8], last: bool) -> Result<(), FileError> {
-        let (g, c) = v2::nonce_parts(nonce);
-        if self.st.accepts(g, last) && c < self.st.ctr_top {
-            return Ok(());
+    /// Opens `stored` (one slot as read) as a v2 block under `k` in every
+    /// form the state allows at its place: the last block at the current
+    /// generation or, while a change is pending, the one before; with
+    /// `stale`, also as a stale last block of either. Returns the plaintext
+    /// length (at `work[NONCE_LEN..]`) and whether it was a stale block.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn open_v2_slot(
+        &self,
+        h: &FileHeader,
+        k: &DataKey,
+        index: u64,
+        last: bool,
+        stored: &[u8],
+        work: &mut [u8],
+        stale: bool,
+    ) -> Option<(usize, bool)> {
+        let gens: Vec<u64> = if last { self.st.last_gens().collect() } else { vec![0] };
+        for &g in &gens {
+            let w = &mut work[..stored.len()];
+            w.copy_from_slice(stored);
+            if let Ok(p) = open_in_place_v(k, &self.aad_bytes(h, index, last, g), w) {
+                return Some((p.len(), false));
+            }
         }
-        Err(FileError::Block { index, what: "from another state of the file (rolled back or spliced)" })
+        if !(stale && self.st.pending()) {
+            return None;
+        }
+        self.st
+            .last_gens()
+            .find_map(|g| open_stale_slot(k, &self.aad_bytes(h, index, true, g), stored, work))
+            .map(|n| (n, true))
     }
 
     /// Reads slot `index` (`len` stored bytes) into `buf`.
@@ -191,22 +211,21 @@ impl EncryptedFile {
             out.fill(0);
             return Ok(());
         }
-        if self.st.pending()
-            && let Some(n) = open_stale_slot(keys.block(), &self.aad(h, index, true), v2::VERSION, stored, work)
-            && self.st.accepts(v2::nonce_parts(stored).0, true)
-        {
-            out[..n].copy_from_slice(&work[NONCE_LEN..NONCE_LEN + n]);
-            out[n..].fill(0);
-            return Ok(());
-        }
-        if self.st.converting()
-            && let Some(n) = open_v1(key, &self.aad(h, index, is_last), &self.aad(h, index, true), stored, work)
-        {
-            out[..n].copy_from_slice(&work[NONCE_LEN..NONCE_LEN + n]);
-            out[n..].fill(0);
-            return Ok(());
-        }
-        Err(FileError::Block { index, what: "authentication failed" })
+        let found =
+            self.open_v2_slot(h, keys.block(), index, is_last, stored, work, true).map(|(n, _)| n).or_else(|| {
+                // Converting: a block not rewritten yet, under the previous key.
+                if !self.st.converting() {
+                    return None;
+                }
+                match self.prev_key(h, key) {
+                    Some(prev) => self.open_v2_slot(h, prev, index, is_last, stored, work, true).map(|(n, _)| n),
+                    None => open_v1(key, &self.aad(h, index, is_last), &self.aad(h, index, true), stored, work),
+                }
+            });
+        let n = found.ok_or(FileError::Block { index, what: "authentication failed" })?;
+        out[..n].copy_from_slice(&work[NONCE_LEN..NONCE_LEN + n]);
+        out[n..].fill(0);
+        Ok(())
     }
 
     /// Whether zero block `index` lies in a run of holes that a marker
@@ -299,7 +318,7 @@ impl EncryptedFile {
         let (stored, work) = scratch.get(2 * len).split_at_mut(len);
         read_exact_at(&self.file, stored, self.layout.block_offset(index))
             .map_err(|_| FileError::Block { index, what: "missing (file truncated)" })?;
-        let n = open_stale_slot(key, &self.aad(h, index, true), FORMAT_VERSION, stored, work)
+        let n = open_stale_slot(key, &self.aad(h, index, true).bytes(), stored, work)
             .ok_or(FileError::Block { index, what: "authentication failed" })?;
         out[..n].copy_from_slice(&work[NONCE_LEN..NONCE_LEN + n]);
         out[n..].fill(0);

@@ -160,53 +160,70 @@ fn check_after_crash(fx: &Fx, old: &[u8], new: &[u8], torn_in_place: bool, what:
     assert!(failed <= allowed, "{what}: {failed} blocks below the old size fail");
 }
 
-/// Format v2 nonces: with the counter reservation lowered to 4, many
-/// write sessions (each a new `EncryptedFile`, as after a remount),
-/// rewrites of one block and appends never seal two blocks under one
-/// (generation, counter) pair, every counter lies below the header's
-/// reservation, and a failed or crashed state write hands out nothing
-/// twice. Every nonce ever written is collected from the backing file
-/// after each write.
+/// Format v2's seal budget, lowered to 40 seals (counted 4 at a time):
+/// writes across sessions (each a new `EncryptedFile`, as after a
+/// remount), appends and a failing state write re-key the file each time
+/// the count would pass the budget. The epoch grows, the count never
+/// passes the budget, every block is under the current epoch's key, and
+/// the content is intact. A crash in the middle of a re-key leaves a file
+/// that reads, and the next update finishes it.
 #[test]
-fn v2_nonces_never_repeat_across_sessions_and_reservations() {
+fn v2_files_are_re_keyed_before_a_key_passes_its_seal_budget() {
     TEST_CTR_CHUNK.with(|c| c.set(4));
+    TEST_BUDGET.with(|c| c.set(40));
     let fx = Fx::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut f = fx.file(&pattern(3 * B as usize, 1));
-    let collect = |seen: &mut std::collections::HashSet<[u8; 12]>, f: &EncryptedFile, fresh: &[u64]| {
-        let top = f.state().ctr_top;
-        for &i in fresh {
-            let mut n = [0u8; 12];
-            f.backing().read_exact_at(&mut n, 256 + i * (B + 28)).unwrap();
-            assert!(v2::nonce_parts(&n).1 < top, "counter below the reservation");
-            assert!(seen.insert(n), "nonce {n:?} sealed twice (block {i})");
-        }
-    };
-    collect(&mut seen, &f, &[0, 1, 2]);
-    let mut reserved = f.state().ctr_top;
-    for session in 0..60u64 {
+    let mut model = pattern(3 * B as usize, 1);
+    let mut f = fx.file(&model);
+    let mut epochs = 0;
+    let mut crashed_rekeys = 0;
+    for session in 0..120u64 {
         if session % 3 == 0 {
-            f = fx.open(); // a new session: a new reservation
+            f = fx.open(); // a new session
         }
-        let i = session % 4;
         let k = &fx.key.key;
+        let before = f.state().epoch;
         let armed = session % 7 == 3;
         if armed {
-            // A state write that fails: the next one must not reuse.
-            fault::arm(Step::State, Fault::Fail);
+            // A crash inside whatever the write does (a re-key included).
+            fault::arm(Step::WriteOld, Fault::Crash);
         }
-        let r = f.write_at(KeyArg::Existing(k), i * B + 10, &pattern(100 + session as usize, session as u8));
+        let off = (session % 5) * B + 10;
+        let d = pattern(100 + session as usize, session as u8);
+        let r = f.write_at(KeyArg::Existing(k), off, &d);
         if armed && fault::fired() {
             assert!(r.is_err());
+            if f.state().epoch > before {
+                crashed_rekeys += 1;
+            }
+            drop(f);
+            f = fx.open();
+            let got = f.read_at(Some(k), 0, 1 << 20).unwrap();
+            assert!(got.len() >= model.len().min(got.len()), "session {session}: reads after the crash");
+            // The interrupted write may or may not have landed: take what is there.
+            model = got;
             continue;
         }
         r.unwrap();
-        collect(&mut seen, &f, &[i]);
-        assert!(f.state().ctr_top >= reserved);
-        reserved = f.state().ctr_top;
+        let end = off as usize + d.len();
+        if model.len() < end {
+            model.resize(end, 0);
+        }
+        model[off as usize..end].copy_from_slice(&d);
+        let st = f.state();
+        assert!(st.seals <= 40, "session {session}: {} seals counted under one key", st.seals);
+        assert!(!st.converting());
+        epochs = epochs.max(st.epoch);
+        assert!(f.read_at(Some(k), 0, 1 << 20).unwrap() == model, "session {session}");
     }
-    assert!(reserved > 60, "reservations crossed many times: top {reserved}");
+    f.commit().unwrap();
+    drop(f);
+    let f = fx.open();
+    assert!(f.read_at(Some(&fx.key.key), 0, 1 << 20).unwrap() == model);
+    assert_eq!(f.verify(&fx.key.key).unwrap(), VerifyReport::default());
+    assert!(epochs >= 5, "re-keyed {epochs} times");
+    eprintln!("{epochs} re-keys, {crashed_rekeys} of the crashes inside one");
     TEST_CTR_CHUNK.with(|c| c.set(CTR_CHUNK));
+    TEST_BUDGET.with(|c| c.set(crate::format::v2::SEAL_BUDGET));
 }
 
 /// Writes `data` as a v1 file (as an older kmsfs did), block 2 a v1 hole;

@@ -19,8 +19,8 @@ impl EncryptedFile {
                     f.file_id,
                     f.wrapped.clone(),
                 );
-                let keys = FileKeys::derive(&f.key, &f.file_id);
-                let st = v2::State { flags: 0, lgen: 1, ctr_top: ctr_chunk() };
+                let keys = FileKeys::derive(&f.key, &f.file_id, 0);
+                let st = v2::State { flags: 0, lgen: 1, epoch: 0, seals: ctr_chunk() };
                 h.seal_state(&keys, st);
                 let bytes = h.to_bytes()?;
                 self.file.write_all_at(&bytes, 0)?;
@@ -28,7 +28,7 @@ impl EncryptedFile {
                 self.header_raw = bytes;
                 self.reset_file_state();
                 let _ = self.keys.set(keys);
-                (self.ctr_next, self.ctr_end) = (0, st.ctr_top);
+                self.seals_left = st.seals;
                 self.verified.store(true, Ordering::Relaxed);
                 self.size_ok = true;
                 Ok(())
@@ -44,8 +44,7 @@ impl EncryptedFile {
     /// Seals blocks `first..` in `region` for a file of `new_size` bytes. A
     /// block that `src` (data, offset) covers whole is sealed straight from
     /// it; any other block's plaintext must already sit in its slot. v2
-    /// blocks take the nonces (current generation, `ctr`, `ctr + 1`, ...);
-    /// the caller reserved them with `take_ctrs`.
+    /// blocks are counted first ([`Self::take_seals`]).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn seal(
         &self,
@@ -54,10 +53,9 @@ impl EncryptedFile {
         region: &mut [u8],
         new_size: u64,
         src: Option<(&[u8], u64)>,
-        ctr: u64,
     ) -> Result<(), FileError> {
         let h = self.header.as_ref().ok_or(FileError::NeedKey)?;
-        let (v, key) = (h.version, self.bkey(key));
+        let key = self.bkey(key);
         let new_last = (new_size - 1) >> self.layout.block_log2();
         let bs = self.layout.block_size();
         let stride = bs as usize + BLOCK_OVERHEAD;
@@ -65,50 +63,43 @@ impl EncryptedFile {
         let mut nonces = [0u8; NONCE_LEN * 32];
         for (k, chunk) in region.chunks_mut(stride).enumerate() {
             let slot = k % 32;
-            let nn = if v == v2::VERSION {
-                v2::nonce(self.st.lgen, ctr + k as u64)
-            } else {
-                if slot == 0 {
-                    random_fill(&mut nonces).map_err(|_| FileError::Random)?;
-                }
-                let mut nn = [0u8; NONCE_LEN];
-                nn.copy_from_slice(&nonces[slot * NONCE_LEN..(slot + 1) * NONCE_LEN]);
-                nn
-            };
+            if slot == 0 {
+                random_fill(&mut nonces).map_err(|_| FileError::Random)?;
+            }
+            let mut nn = [0u8; NONCE_LEN];
+            nn.copy_from_slice(&nonces[slot * NONCE_LEN..(slot + 1) * NONCE_LEN]);
             let i = first + k as u64;
-            let aad = self.aad(h, i, i == new_last);
+            let aad = self.aad_bytes(h, i, i == new_last, self.st.lgen);
             let plen = chunk.len() - BLOCK_OVERHEAD;
             let whole = src.and_then(|(data, off)| {
                 let at = (i * bs).checked_sub(off)? as usize;
                 data.get(at..at + plen)
             });
             match whole {
-                Some(plain) => seal_to_v(key, &aad, v, nn, plain, chunk)?,
-                None => seal_in_place_v(key, &aad, v, nn, chunk)?,
+                Some(plain) => seal_to_v(key, &aad, nn, plain, chunk)?,
+                None => seal_in_place_v(key, &aad, nn, chunk)?,
             }
         }
         Ok(())
     }
 
-    /// Reserves `n` v2 nonce counters and returns the first. A writer takes
-    /// counters from its own reservation; a new one starts at the header's
-    /// top, which is written and synced before any of them is used, so no
-    /// crash or power loss can hand a counter out twice. 0 for v1.
-    pub(super) fn take_ctrs(&mut self, n: u64) -> Result<u64, FileError> {
-        if !self.is_v2() {
-            return Ok(0);
+    /// Counts `n` v2 seals before they are made. A writer counts in steps
+    /// of 2^20 in the header (one 28-byte write, no sync: the count is a
+    /// budget, and nonces are random). When the count would pass the seal
+    /// budget, the file is first re-keyed ([`Self::rekey`]). Nothing for v1.
+    pub(super) fn take_seals(&mut self, key: &DataKey, n: u64) -> Result<(), FileError> {
+        if !self.is_v2() || self.seals_left >= n {
+            self.seals_left = self.seals_left.saturating_sub(n);
+            return Ok(());
         }
-        if self.ctr_next + n > self.ctr_end {
-            let base = self.st.ctr_top;
-            let top = base.checked_add(n.max(ctr_chunk())).filter(|&t| t <= v2::MAX_CTR).ok_or(FileError::TooLarge)?;
-            self.st.ctr_top = top;
-            self.write_state()?;
-            self.file.sync_data()?;
-            (self.ctr_next, self.ctr_end) = (base, top);
+        let step = n.max(ctr_chunk());
+        if self.st.seals + step > seal_budget() {
+            self.rekey(key)?;
         }
-        let c = self.ctr_next;
-        self.ctr_next += n;
-        Ok(c)
+        self.st.seals = (self.st.seals + step).min(u32::MAX as u64);
+        self.write_state()?;
+        self.seals_left = step - n;
+        Ok(())
     }
 
     /// Writes the v2 header state (`st`) and its tag: one pwrite of 28
@@ -285,7 +276,7 @@ impl EncryptedFile {
                 self.begin_length_change(plan.gap.is_some())?;
             }
         }
-        let ctr = self.take_ctrs(last - first + 2)?;
+        self.take_seals(k, last - first + 2)?;
         let mut len = 0usize;
         for i in first..=last {
             len += self.layout.plain_len(new_size, i) as usize + BLOCK_OVERHEAD;
@@ -341,7 +332,7 @@ impl EncryptedFile {
                 slot[n..].fill(0);
                 match plan.old_last_run {
                     Some(start) => self.seal_marker(ol, false, start, &mut resealed[..sb])?,
-                    None => self.seal(k, ol, &mut resealed[..sb], new_size, None, ctr + last - first + 1)?,
+                    None => self.seal(k, ol, &mut resealed[..sb], new_size, None)?,
                 }
                 saved_len = olen;
             } else if saved_len == 0 {
@@ -351,7 +342,7 @@ impl EncryptedFile {
                 saved_len = olen;
             }
         }
-        self.seal(k, first, region, new_size, Some((data, off)), ctr)?;
+        self.seal(k, first, region, new_size, Some((data, off)))?;
         let off_first = self.layout.block_offset(first);
         let mut mark = [0u8; 0].to_vec();
         if let Some((at, start)) = plan.left {
@@ -437,9 +428,9 @@ impl EncryptedFile {
             return;
         }
         if self.is_v2() && self.st != old {
-            // Counters stay reserved: never hand one out twice.
-            let top = self.st.ctr_top;
-            self.st = v2::State { ctr_top: top, ..old };
+            // Seals made stay counted.
+            let (seals, epoch) = (self.st.seals, self.st.epoch);
+            self.st = v2::State { seals, epoch, ..old };
             let _ = self.write_state();
         }
     }
@@ -558,7 +549,7 @@ impl EncryptedFile {
         if v == v2::VERSION {
             self.begin_length_change(false)?;
         }
-        let ctr = self.take_ctrs(1)?;
+        self.take_seals(k, 1)?;
         let mut scratch = Scratch::take();
         let (saved, work) = scratch.get(2 * sb).split_at_mut(sb);
         match self.read_block(&h, k, nl, &mut work[NONCE_LEN..NONCE_LEN + bs], Some(&mut *saved)) {
@@ -568,21 +559,17 @@ impl EncryptedFile {
             Err(e) if !self.size_ok && Some(nl) == self.last_index() => {
                 let w = &mut work[..olen];
                 w.copy_from_slice(&saved[..olen]);
-                open_in_place_v(self.bkey(k), &self.aad(&h, nl, false), v, w).map_err(|_| e)?;
+                open_in_place_v(self.bkey(k), &self.aad_bytes(&h, nl, false, 0), w).map_err(|_| e)?;
             }
             Err(e) => return Err(e),
         }
         match run {
             Some(start) => self.seal_marker(nl, true, start, &mut work[..q + BLOCK_OVERHEAD])?,
             None => {
-                let nonce = if v == v2::VERSION {
-                    v2::nonce(self.st.lgen, ctr)
-                } else {
-                    let mut n = [0u8; NONCE_LEN];
-                    random_fill(&mut n).map_err(|_| FileError::Random)?;
-                    n
-                };
-                seal_in_place_v(self.bkey(k), &self.aad(&h, nl, true), v, nonce, &mut work[..q + BLOCK_OVERHEAD])?;
+                let mut nonce = [0u8; NONCE_LEN];
+                random_fill(&mut nonce).map_err(|_| FileError::Random)?;
+                let aad = self.aad_bytes(&h, nl, true, self.st.lgen);
+                seal_in_place_v(self.bkey(k), &aad, nonce, &mut work[..q + BLOCK_OVERHEAD])?;
             }
         }
         work[q + BLOCK_OVERHEAD..olen].fill(0);

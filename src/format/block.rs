@@ -77,17 +77,11 @@ pub fn seal_in_place(
     nonce: [u8; NONCE_LEN],
     out: &mut [u8],
 ) -> Result<(), CodecError> {
-    seal_in_place_v(key, aad, FORMAT_VERSION, nonce, out)
+    seal_in_place_v(key, &aad.bytes(), nonce, out)
 }
 
-/// [`seal_in_place`] for a block of file format `version`.
-pub fn seal_in_place_v(
-    key: &DataKey,
-    aad: &BlockAad<'_>,
-    version: u8,
-    nonce: [u8; NONCE_LEN],
-    out: &mut [u8],
-) -> Result<(), CodecError> {
+/// [`seal_in_place`] with the AAD as bytes (v2's is longer: `format::v2::aad`).
+pub fn seal_in_place_v(key: &DataKey, aad: &[u8], nonce: [u8; NONCE_LEN], out: &mut [u8]) -> Result<(), CodecError> {
     let n = out.len();
     if n < BLOCK_OVERHEAD {
         return Err(CodecError::Length(n));
@@ -97,7 +91,7 @@ pub fn seal_in_place_v(
         .aead()
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad.bytes_v(version)),
+            Aad::from(aad),
             &mut out[NONCE_LEN..n - TAG_LEN],
         )
         .map_err(|_| CodecError::Auth)?;
@@ -107,23 +101,18 @@ pub fn seal_in_place_v(
 
 /// Opens a sealed block in place and returns the plaintext slice within it.
 pub fn open_in_place<'b>(key: &DataKey, aad: &BlockAad<'_>, sealed: &'b mut [u8]) -> Result<&'b mut [u8], CodecError> {
-    open_in_place_v(key, aad, FORMAT_VERSION, sealed)
+    open_in_place_v(key, &aad.bytes(), sealed)
 }
 
-/// [`open_in_place`] for a block of file format `version`.
-pub fn open_in_place_v<'b>(
-    key: &DataKey,
-    aad: &BlockAad<'_>,
-    version: u8,
-    sealed: &'b mut [u8],
-) -> Result<&'b mut [u8], CodecError> {
+/// [`open_in_place`] with the AAD as bytes.
+pub fn open_in_place_v<'b>(key: &DataKey, aad: &[u8], sealed: &'b mut [u8]) -> Result<&'b mut [u8], CodecError> {
     let n = sealed.len();
     if n < BLOCK_OVERHEAD {
         return Err(CodecError::Length(n));
     }
     let (nonce, rest) = sealed.split_at_mut(NONCE_LEN);
     let (ct, tag) = rest.split_at_mut(n - BLOCK_OVERHEAD);
-    open_detached_v(key, aad, version, nonce, tag, ct)?;
+    open_detached_v(key, aad, nonce, tag, ct)?;
     Ok(ct)
 }
 
@@ -138,14 +127,13 @@ pub fn seal_to(
     plain: &[u8],
     out: &mut [u8],
 ) -> Result<(), CodecError> {
-    seal_to_v(key, aad, FORMAT_VERSION, nonce, plain, out)
+    seal_to_v(key, &aad.bytes(), nonce, plain, out)
 }
 
-/// [`seal_to`] for a block of file format `version`.
+/// [`seal_to`] with the AAD as bytes.
 pub fn seal_to_v(
     key: &DataKey,
-    aad: &BlockAad<'_>,
-    version: u8,
+    aad: &[u8],
     nonce: [u8; NONCE_LEN],
     plain: &[u8],
     out: &mut [u8],
@@ -154,7 +142,7 @@ pub fn seal_to_v(
         return Err(CodecError::Length(out.len()));
     }
     out[NONCE_LEN..NONCE_LEN + plain.len()].copy_from_slice(plain);
-    seal_in_place_v(key, aad, version, nonce, out)
+    seal_in_place_v(key, aad, nonce, out)
 }
 
 /// Opens a block given as its stored nonce and tag and its ciphertext in
@@ -168,14 +156,13 @@ pub fn open_detached(
     tag: &[u8],
     inout: &mut [u8],
 ) -> Result<(), CodecError> {
-    open_detached_v(key, aad, FORMAT_VERSION, nonce, tag, inout)
+    open_detached_v(key, &aad.bytes(), nonce, tag, inout)
 }
 
-/// [`open_detached`] for a block of file format `version`.
+/// [`open_detached`] with the AAD as bytes.
 pub fn open_detached_v(
     key: &DataKey,
-    aad: &BlockAad<'_>,
-    version: u8,
+    aad: &[u8],
     nonce: &[u8],
     tag: &[u8],
     inout: &mut [u8],
@@ -184,13 +171,7 @@ pub fn open_detached_v(
         return Err(CodecError::Length(nonce.len() + inout.len() + tag.len()));
     };
     key.aead()
-        .open_in_place_separate_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad.bytes_v(version)),
-            tag,
-            inout,
-            0..,
-        )
+        .open_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), tag, inout, 0..)
         .map(|_| ())
         .map_err(|_| CodecError::Auth)
 }

@@ -292,7 +292,7 @@ impl FileHeader {
     /// Checks the tag under the file's DEK (v2: through its subkeys).
     pub fn verify(&self, key: &DataKey) -> Result<(), HeaderError> {
         if self.version == v2::VERSION {
-            return self.verify_state(&v2::FileKeys::derive(key, &self.file_id));
+            return self.verify_state(&v2::FileKeys::derive(key, &self.file_id, 0));
         }
         let mut buf = self.tag;
         key.aead()

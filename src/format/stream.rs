@@ -12,9 +12,9 @@ use super::layout::Layout;
 use super::v2::{self, FileKeys};
 use super::{BLOCK_OVERHEAD, Id, NONCE_LEN};
 
-/// Counters a streamed file reserves in its header: 2^32 blocks (16 TiB at
-/// 4 KiB), leaving room for later writers to reserve above.
-const STREAM_CTR_TOP: u64 = 1 << 32;
+/// Seals a streamed file counts in its header, written before the data:
+/// the stream is capped at this many blocks (8 TiB at 4 KiB blocks).
+const STREAM_SEALS: u64 = v2::SEAL_BUDGET;
 
 /// What went wrong: I/O, or bad input (with a reason naming the block).
 #[derive(Debug, thiserror::Error)]
@@ -56,9 +56,9 @@ pub fn encrypt(
     wrapped: WrappedKey,
 ) -> Result<u64, StreamError> {
     let bad = |e: &dyn std::fmt::Display| StreamError::Corrupt(e.to_string());
-    let keys = FileKeys::derive(key, &file_id);
+    let keys = FileKeys::derive(key, &file_id, 0);
     let mut h = FileHeader::new_v2(layout.block_log2(), layout.header_size() as u16, volume_id, file_id, wrapped);
-    let st = v2::State { flags: 0, lgen: 1, ctr_top: STREAM_CTR_TOP };
+    let st = v2::State { flags: 0, lgen: 1, epoch: 0, seals: STREAM_SEALS };
     h.seal_state(&keys, st);
     output.write_all(&h.to_bytes().map_err(|e| bad(&e))?)?;
     let bs = layout.block_size() as usize;
@@ -73,12 +73,14 @@ pub fn encrypt(
     loop {
         let m = if n == bs { read_full(input, &mut next[NONCE_LEN..NONCE_LEN + bs])? } else { 0 };
         let last = m == 0;
-        if index >= STREAM_CTR_TOP {
+        if index >= STREAM_SEALS {
             return Err(StreamError::Corrupt("input too large for one file".into()));
         }
         let aad = BlockAad { file_id: &file_id, block_log2: layout.block_log2(), index, last };
         let sealed = &mut cur[..n + BLOCK_OVERHEAD];
-        seal_in_place_v(keys.block(), &aad, v2::VERSION, v2::nonce(1, index), sealed).map_err(|e| bad(&e))?;
+        let mut nonce = [0u8; NONCE_LEN];
+        super::random_fill(&mut nonce).map_err(|e| bad(&e))?;
+        seal_in_place_v(keys.block(), &v2::aad(&aad, st.lgen), nonce, sealed).map_err(|e| bad(&e))?;
         output.write_all(sealed)?;
         total += n as u64;
         if last {
@@ -105,13 +107,16 @@ pub fn decrypt(
     output: &mut dyn Write,
 ) -> Result<u64, StreamError> {
     let bad = |s: String| StreamError::Corrupt(s);
-    let keys = (h.version == v2::VERSION).then(|| FileKeys::derive(key, &h.file_id));
+    let st = h.state().unwrap_or_default();
+    if st.converting() {
+        return Err(bad("a conversion to format v2 was interrupted: run kmsfs upgrade, or write the file once".into()));
+    }
+    let keys = (h.version == v2::VERSION).then(|| FileKeys::derive(key, &h.file_id, st.epoch));
     match &keys {
         Some(k) => h.verify_state(k),
         None => h.verify(key),
     }
     .map_err(|e| bad(e.to_string()))?;
-    let st = h.state().unwrap_or_default();
     let layout = Layout::new(h.header_size, h.block_log2).ok_or_else(|| bad("bad geometry".into()))?;
     let bs = layout.block_size() as usize;
     let zero_block = vec![0u8; bs];
@@ -149,14 +154,21 @@ pub fn decrypt(
             if let Some((s, _)) = zeros {
                 return Err(bad(format!("block {s}: zeroed, and no hole marker covers it")));
             }
-            let (g, c) = v2::nonce_parts(&chunk[..NONCE_LEN]);
-            let plain = open_in_place_v(keys.block(), &aad, v2::VERSION, chunk)
-                .map_err(|_| bad(format!("block {index}: authentication failed")))?;
-            if !st.accepts(g, last) || c >= st.ctr_top {
-                return Err(bad(format!("block {index}: from another state of the file (rolled back or spliced)")));
+            // The last block carries the length generation (or, while a
+            // change is pending, the one before); the others carry 0.
+            let gens: Vec<u64> = if last { st.last_gens().collect() } else { vec![0] };
+            let kept = chunk.to_vec();
+            let mut opened = None;
+            for g in gens {
+                chunk.copy_from_slice(&kept);
+                if let Ok(p) = open_in_place_v(keys.block(), &v2::aad(&aad, g), chunk) {
+                    opened = Some(p.len());
+                    break;
+                }
             }
-            output.write_all(plain)?;
-            total += plain.len() as u64;
+            let plen = opened.ok_or_else(|| bad(format!("block {index}: authentication failed")))?;
+            output.write_all(&chunk[NONCE_LEN..NONCE_LEN + plen])?;
+            total += plen as u64;
         }
         Ok(())
     })?;

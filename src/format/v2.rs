@@ -1,22 +1,23 @@
 //! Format v2: what a v2 file adds to v1's header and blocks.
 //!
-//! - **Per-file subkeys.** Blocks are sealed under `K_block` and the header
-//!   state and hole markers are authenticated under `K_state`, both derived
-//!   from the DEK and the file ID with HKDF-SHA256. The DEK itself seals
-//!   nothing, so no key ever sees random nonces.
-//! - **Counter nonces.** A block's 12-byte nonce is `lgen (u48) || ctr
-//!   (u48)`: the file's length generation when it was sealed and a counter
-//!   that never repeats under the file's key (the header reserves counters
-//!   before they are used). Unique by construction, not by chance.
-//! - **Header state** (bytes 40..68): flags, the length generation and the
-//!   counter reservation, under an HMAC. Every change of the file's length
-//!   bumps the generation and the last block is sealed with it, so an
-//!   earlier last block never authenticates as the current one.
+//! - **Per-file subkeys.** Blocks are sealed under `K_block(epoch)`; the
+//!   header state and hole markers are authenticated under `K_state`; both
+//!   are derived from the DEK and the file ID with HKDF-SHA256.
+//! - **A seal budget.** Block nonces are random (96 bits). The header counts
+//!   the seals made under the current epoch's key, and before the count
+//!   would pass [`SEAL_BUDGET`] (2^31, under NIST's 2^32 for random nonces)
+//!   the file is re-keyed: every block re-sealed under the next epoch. An
+//!   attacker who rolls the count back can make a key seal more than
+//!   counted, but nonces stay random, so nothing ever repeats by design.
+//! - **Header state** (bytes 40..68): flags, the length generation, the
+//!   epoch and the seal count, under an HMAC. Every change of the file's
+//!   length bumps the generation, and the last block's AAD carries it, so
+//!   an earlier last block never authenticates as the current one.
 //! - **Hole markers.** A hole is a run of all-zero stored blocks closed by a
-//!   marker: a stored block whose nonce slot names where the run starts and
+//!   marker: a stored block whose first bytes name where the run starts and
 //!   whose tag is an HMAC. A zero block that no marker covers is an attack.
 //!
-//! docs/FORMAT.md describes every byte; `tests/vectors.rs` rebuilds them
+//! docs/FORMAT.md describes every byte; `tests/vectors_v2.rs` rebuilds them
 //! from the raw primitives.
 
 use aws_lc_rs::{hkdf, hmac};
@@ -29,44 +30,53 @@ use super::{DEK_LEN, Id, NONCE_LEN, TAG_LEN};
 pub const VERSION: u8 = 2;
 /// HKDF salt of the per-file subkeys.
 pub const KDF_SALT: &[u8] = b"kmsfs-v2-file-keys";
-/// Largest length generation and counter: 48 bits each (in the nonce).
-pub const MAX_LGEN: u64 = (1 << 48) - 1;
-/// Largest counter reservation: the header holds it in 40 bits.
-pub const MAX_CTR: u64 = (1 << 40) - 1;
+/// Largest length generation: 40 bits in the header.
+pub const MAX_LGEN: u64 = (1 << 40) - 1;
+/// Largest epoch: 16 bits in the header.
+pub const MAX_EPOCH: u64 = u16::MAX as u64;
+/// Seals one epoch's key may make before the file is re-keyed: 2^31, half
+/// of NIST SP 800-38D's 2^32 for random 96-bit nonces, leaving room for
+/// counts a crash or an attacker rolled back.
+pub const SEAL_BUDGET: u64 = 1 << 31;
 /// Header state flag: an update that changes the length is in flight, so
 /// the state before it (generation `lgen - 1`) still reads.
 pub const FLAG_PENDING: u8 = 1;
 /// Header state flag: the file has (or had) holes, so zero blocks may be
 /// covered by markers. Without it every zero block is an error.
 pub const FLAG_HOLES: u8 = 2;
-/// Header state flag: a v1 file is being rewritten as v2 in place; blocks
-/// not rewritten yet are v1 blocks under the DEK, and zero slots are v1
-/// holes. Cleared when every block is v2.
+/// Header state flag: the blocks are being re-sealed under this epoch's
+/// key (a re-key, or a v1 file converted in place); blocks not rewritten
+/// yet are under the previous key (the previous epoch's, or for epoch 0
+/// the v1 DEK, where zero slots are v1 holes). Cleared when all are done.
 pub const FLAG_CONVERTING: u8 = 4;
 const KNOWN_FLAGS: u8 = FLAG_PENDING | FLAG_HOLES | FLAG_CONVERTING;
 const STATE_LABEL: &[u8; 4] = b"KMSH";
 const MARKER_LABEL: &[u8; 4] = b"KMSM";
+/// Length of a v2 block AAD: v1's 31 bytes and the generation (u64).
+pub const AAD_LEN: usize = super::block::AAD_LEN + 8;
 
 /// The mutable part of a v2 header, stored in the 12 bytes v1 used for the
 /// header nonce.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct State {
-    /// [`FLAG_PENDING`], [`FLAG_HOLES`].
+    /// [`FLAG_PENDING`], [`FLAG_HOLES`], [`FLAG_CONVERTING`].
     pub flags: u8,
     /// Length generation: bumped by every change of the file's length.
     pub lgen: u64,
-    /// Counters below this are reserved (used or skipped); the next
-    /// reservation starts here.
-    pub ctr_top: u64,
+    /// Which `K_block` seals the blocks.
+    pub epoch: u64,
+    /// Seals counted (reserved) under this epoch's key.
+    pub seals: u64,
 }
 
 impl State {
-    /// `flags (1) || lgen (u48 BE) || ctr_top (u40 BE)`.
+    /// `flags (1) || lgen (u40 BE) || epoch (u16 BE) || seals (u32 BE)`.
     pub fn encode(&self) -> [u8; NONCE_LEN] {
         let mut b = [0u8; NONCE_LEN];
         b[0] = self.flags;
-        b[1..7].copy_from_slice(&self.lgen.to_be_bytes()[2..]);
-        b[7..12].copy_from_slice(&self.ctr_top.to_be_bytes()[3..]);
+        b[1..6].copy_from_slice(&self.lgen.to_be_bytes()[3..]);
+        b[6..8].copy_from_slice(&self.epoch.to_be_bytes()[6..]);
+        b[8..12].copy_from_slice(&self.seals.to_be_bytes()[4..]);
         b
     }
 
@@ -75,11 +85,8 @@ impl State {
         if b[0] & !KNOWN_FLAGS != 0 {
             return None;
         }
-        let mut l = [0u8; 8];
-        l[2..].copy_from_slice(&b[1..7]);
-        let mut c = [0u8; 8];
-        c[3..].copy_from_slice(&b[7..12]);
-        Some(Self { flags: b[0], lgen: u64::from_be_bytes(l), ctr_top: u64::from_be_bytes(c) })
+        let be = |s: &[u8]| s.iter().fold(0u64, |a, &x| a << 8 | u64::from(x));
+        Some(Self { flags: b[0], lgen: be(&b[1..6]), epoch: be(&b[6..8]), seals: be(&b[8..12]) })
     }
 
     /// Whether the state before the in-flight length change still reads.
@@ -92,38 +99,51 @@ impl State {
         self.flags & FLAG_HOLES != 0
     }
 
-    /// Whether v1 blocks (and v1 holes) may remain: a conversion in place
-    /// was interrupted.
+    /// Whether blocks under the previous key may remain.
     pub fn converting(&self) -> bool {
         self.flags & FLAG_CONVERTING != 0
     }
 
-    /// Whether a block sealed at generation `g` may stand at its place:
-    /// the last block must carry the current generation (or, while an
-    /// update is pending, the one before); no block may come from a later
-    /// generation than the header's.
+    /// The generations a last block may carry: the current one, and while
+    /// a length change is pending the one before.
+    pub fn last_gens(&self) -> impl Iterator<Item = u64> {
+        let prev = (self.pending() && self.lgen > 0).then(|| self.lgen - 1);
+        std::iter::once(self.lgen).chain(prev)
+    }
+
+    /// Whether a marker of generation `g` may stand at its place: the last
+    /// slot must carry a generation [`Self::last_gens`] allows; no slot may
+    /// come from a later generation than the header's.
     pub fn accepts(&self, g: u64, last: bool) -> bool {
         if last { g == self.lgen || (self.pending() && g + 1 == self.lgen) } else { g <= self.lgen }
     }
 }
 
-/// A block nonce: `lgen (u48 BE) || ctr (u48 BE)`.
-pub fn nonce(lgen: u64, ctr: u64) -> [u8; NONCE_LEN] {
+/// A v2 block's AAD: v1's fields with version 2, then the generation:
+/// `generation` (the file's `lgen`) for the last block, 0 for every other.
+pub fn aad(at: &BlockAad<'_>, generation: u64) -> [u8; AAD_LEN] {
+    let mut a = [0u8; AAD_LEN];
+    a[..super::block::AAD_LEN].copy_from_slice(&at.bytes_v(VERSION));
+    let g = if at.last { generation } else { 0 };
+    a[super::block::AAD_LEN..].copy_from_slice(&g.to_be_bytes());
+    a
+}
+
+/// A 12-byte marker prefix: `run_start (u48 BE) || lgen (u48 BE)`.
+pub fn marker_prefix(run_start: u64, lgen: u64) -> [u8; NONCE_LEN] {
     let mut n = [0u8; NONCE_LEN];
-    n[..6].copy_from_slice(&lgen.to_be_bytes()[2..]);
-    n[6..].copy_from_slice(&ctr.to_be_bytes()[2..]);
+    n[..6].copy_from_slice(&run_start.to_be_bytes()[2..]);
+    n[6..].copy_from_slice(&lgen.to_be_bytes()[2..]);
     n
 }
 
-/// The (generation, counter) a nonce carries.
-pub fn nonce_parts(n: &[u8]) -> (u64, u64) {
-    let mut l = [0u8; 8];
-    let mut c = [0u8; 8];
-    if n.len() >= NONCE_LEN {
-        l[2..].copy_from_slice(&n[..6]);
-        c[2..].copy_from_slice(&n[6..12]);
+/// The (run start, generation) a marker prefix carries.
+pub fn prefix_parts(n: &[u8]) -> (u64, u64) {
+    let be = |s: &[u8]| s.iter().fold(0u64, |a, &x| a << 8 | u64::from(x));
+    if n.len() < NONCE_LEN {
+        return (u64::MAX, u64::MAX);
     }
-    (u64::from_be_bytes(l), u64::from_be_bytes(c))
+    (be(&n[..6]), be(&n[6..12]))
 }
 
 struct Len32;
@@ -148,21 +168,22 @@ impl std::fmt::Debug for FileKeys {
 }
 
 impl FileKeys {
-    /// `K_x = HKDF-SHA256(salt = "kmsfs-v2-file-keys", IKM = DEK,
-    /// info = x || file ID)` for x in `"block"`, `"state"`.
-    pub fn derive(dek: &DataKey, file_id: &Id) -> Self {
+    /// `K_block = HKDF-SHA256(salt = "kmsfs-v2-file-keys", IKM = DEK,
+    /// info = "block" || file ID || epoch (u16 BE))` and `K_state` the same
+    /// with info = "state" || file ID.
+    pub fn derive(dek: &DataKey, file_id: &Id, epoch: u64) -> Self {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, KDF_SALT).extract(dek.expose_secret());
         let mut out = zeroize::Zeroizing::new([0u8; DEK_LEN]);
-        let expand = |label: &[u8], out: &mut [u8; DEK_LEN]| {
-            let info = [label, &file_id[..]];
+        let expand = |info: &[&[u8]], out: &mut [u8; DEK_LEN]| {
             // A 32-byte output is far below HKDF's limit, so neither call fails.
-            if let Ok(okm) = prk.expand(&info, Len32) {
+            if let Ok(okm) = prk.expand(info, Len32) {
                 let _ = okm.fill(out);
             }
         };
-        expand(b"block", &mut out);
+        let e = (epoch as u16).to_be_bytes();
+        expand(&[b"block", &file_id[..], &e], &mut out);
         let block = DataKey::from_bytes(&mut out);
-        expand(b"state", &mut out);
+        expand(&[b"state", &file_id[..]], &mut out);
         let state = hmac::Key::new(hmac::HMAC_SHA256, &out[..]);
         Self { block, state }
     }
@@ -203,12 +224,6 @@ fn truncate(t: hmac::Tag) -> [u8; TAG_LEN] {
     out
 }
 
-/// A marker's 12-byte prefix: `run_start (u48 BE) || lgen (u48 BE)`, the
-/// same shape as a block nonce, so the generation checks apply alike.
-pub fn marker_prefix(run_start: u64, lgen: u64) -> [u8; NONCE_LEN] {
-    nonce(run_start, lgen)
-}
-
 /// Checks that `stored` (one slot as read: prefix, `plen` bytes, tag) is a
 /// marker at `index`; returns (run start, generation). Constant-time tag
 /// comparison.
@@ -223,7 +238,7 @@ pub fn open_marker(keys: &FileKeys, at: &BlockAad<'_>, stored: &[u8]) -> Option<
         return None;
     }
     let prefix: [u8; NONCE_LEN] = prefix.try_into().ok()?;
-    let (run_start, lgen) = nonce_parts(&prefix);
+    let (run_start, lgen) = prefix_parts(&prefix);
     if run_start > at.index {
         return None;
     }
@@ -252,7 +267,12 @@ mod tests {
 
     #[test]
     fn state_round_trips_and_refuses_unknown_flags() {
-        let s = State { flags: FLAG_PENDING | FLAG_HOLES, lgen: MAX_LGEN, ctr_top: MAX_CTR };
+        let s = State {
+            flags: FLAG_PENDING | FLAG_HOLES | FLAG_CONVERTING,
+            lgen: MAX_LGEN,
+            epoch: MAX_EPOCH,
+            seals: u32::MAX as u64,
+        };
         assert_eq!(State::decode(&s.encode()), Some(s));
         let mut b = s.encode();
         b[0] |= 8;
@@ -261,16 +281,18 @@ mod tests {
 
     #[test]
     fn generation_rules() {
-        let s = State { flags: 0, lgen: 5, ctr_top: 10 };
+        let s = State { flags: 0, lgen: 5, ..State::default() };
         assert!(s.accepts(5, true) && !s.accepts(4, true) && !s.accepts(6, true));
         assert!(s.accepts(0, false) && s.accepts(5, false) && !s.accepts(6, false));
+        assert_eq!(s.last_gens().collect::<Vec<_>>(), [5]);
         let p = State { flags: FLAG_PENDING, ..s };
         assert!(p.accepts(4, true) && p.accepts(5, true) && !p.accepts(3, true));
+        assert_eq!(p.last_gens().collect::<Vec<_>>(), [5, 4]);
     }
 
     #[test]
     fn markers_bind_index_flag_length_and_start() {
-        let k = FileKeys::derive(&DataKey::from_bytes(&mut [7; 32]), &[1; 16]);
+        let k = FileKeys::derive(&DataKey::from_bytes(&mut [7; 32]), &[1; 16], 0);
         let at = BlockAad { file_id: &[1; 16], block_log2: 12, index: 9, last: false };
         let mut m = vec![0u8; 100 + 28];
         seal_marker(&k, &at, 3, 2, &mut m);
