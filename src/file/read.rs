@@ -239,8 +239,10 @@ impl EncryptedFile {
         }
         match self.find_marker(h, index)? {
             Some((s, m)) if s <= index => {
+                // Only the slots the scan saw zero (index..m) are proven: a
+                // slot before `index` may hold data between it and the marker.
                 if let Ok(mut g) = self.proven.lock() {
-                    *g = Some((s, m));
+                    *g = Some((index, m));
                 }
                 Ok(true)
             }

@@ -627,8 +627,10 @@ impl EncryptedFile {
             Slot::Data => (b - 1, b - 1),
         };
         if !self.st.holes() {
+            // On disk before any block relies on it (power loss).
             self.st.flags |= v2::FLAG_HOLES;
             self.write_state()?;
+            self.file.sync_data()?;
         }
         let mut buf = vec![0u8; self.slot_len(marker_at)];
         self.seal_marker(marker_at, Some(marker_at) == self.last_index(), start, &mut buf)?;
