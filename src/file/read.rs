@@ -157,8 +157,9 @@ impl EncryptedFile {
         work: &mut [u8],
         stale: bool,
     ) -> Option<(usize, bool)> {
-        let gens: Vec<u64> = if last { self.st.last_gens().collect() } else { vec![0] };
-        for &g in &gens {
+        // A block that is not the last carries generation 0 whatever `g` is
+        // (`v2::aad`): one try.
+        for g in self.st.last_gens().take(if last { 2 } else { 1 }) {
             let w = &mut work[..stored.len()];
             w.copy_from_slice(stored);
             if let Ok(p) = open_in_place_v(k, &self.aad_bytes(h, index, last, g), w) {

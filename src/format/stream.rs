@@ -156,16 +156,16 @@ pub fn decrypt(
             }
             // The last block carries the length generation (or, while a
             // change is pending, the one before); the others carry 0.
-            let gens: Vec<u64> = if last { st.last_gens().collect() } else { vec![0] };
-            let kept = chunk.to_vec();
-            let mut opened = None;
-            for g in gens {
-                chunk.copy_from_slice(&kept);
-                if let Ok(p) = open_in_place_v(keys.block(), &v2::aad(&aad, g), chunk) {
-                    opened = Some(p.len());
-                    break;
-                }
-            }
+            let opened = if last && st.pending() {
+                // Two generations to try, once per file: keep the bytes.
+                let kept = chunk.to_vec();
+                st.last_gens().find_map(|g| {
+                    chunk.copy_from_slice(&kept);
+                    open_in_place_v(keys.block(), &v2::aad(&aad, g), chunk).ok().map(|p| p.len())
+                })
+            } else {
+                open_in_place_v(keys.block(), &v2::aad(&aad, st.lgen), chunk).ok().map(|p| p.len())
+            };
             let plen = opened.ok_or_else(|| bad(format!("block {index}: authentication failed")))?;
             output.write_all(&chunk[NONCE_LEN..NONCE_LEN + plen])?;
             total += plen as u64;

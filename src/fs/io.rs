@@ -126,6 +126,10 @@ impl EncFs {
             let g = rlock(&n.open);
             let o = g.as_ref().ok_or(FsError::BadHandle)?;
             o.enc.sync(datasync).map_err(|e| self.file_error(n.ino, e))?;
+            // Nothing pending (the usual case): no write lock, no refresh.
+            if !o.enc.state().pending() && !self.shared {
+                return Ok(());
+            }
         }
         // The data is on disk: a pending length change (format v2) ends.
         let mut g = wlock(&n.open);
