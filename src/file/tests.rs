@@ -279,27 +279,23 @@ fn v1_files_convert_in_place_at_their_first_update_and_survive_a_crash() {
     }
 }
 
-/// A v1 file (written through the v1 codec by hand) converts to v2
-/// with the same content, holes kept as holes, same file ID and key.
+/// A v1 file (written through the v1 codec by hand) converts to v2 in
+/// place (as `kmsfs upgrade` does) with the same content, its v1 hole a v2
+/// hole, the same file ID and key.
 #[test]
 fn v1_files_convert_to_v2() {
     let fx = Fx::new();
     let data = pattern(5 * B as usize + 77, 3);
     let want = write_v1_file(&fx, &data);
-    let v1 = fx.open();
+    let mut v1 = fx.open();
     assert!(!v1.is_v2());
     assert_eq!(v1.read_at(Some(&fx.key.key), 0, 1 << 20).unwrap(), want);
-    let out = fx.dir.path().join("g");
-    let o = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&out).unwrap();
-    let mut seen = 0;
-    let v2f = v1.convert_to_v2(&fx.key.key, o, |n| seen = n).unwrap();
-    assert_eq!(seen, want.len() as u64);
-    assert!(v2f.is_v2());
-    assert_eq!(v2f.header().unwrap().file_id, fx.key.file_id);
-    drop(v2f);
-    let o = std::fs::OpenOptions::new().read(true).write(true).open(&out).unwrap();
-    let f = EncryptedFile::open(o, Layout::new(256, 12).unwrap(), VOL).unwrap();
-    assert!(f.is_v2());
+    v1.upgrade_in_place(&fx.key.key).unwrap();
+    assert!(v1.is_v2());
+    assert_eq!(v1.header().unwrap().file_id, fx.key.file_id);
+    drop(v1);
+    let f = fx.open();
+    assert!(f.is_v2() && !f.state().converting());
     assert_eq!(f.read_at(Some(&fx.key.key), 0, 1 << 20).unwrap(), want);
     assert_eq!(f.verify(&fx.key.key).unwrap(), VerifyReport::default());
 }
